@@ -1,0 +1,7 @@
+"""skSAE: sparse autoencoders for mechanistic interpretability, with a scikit-learn face."""
+
+__version__ = "0.1.0"
+
+from ._estimator import SparseAutoencoder, TrainingDivergedError  # noqa: E402
+
+__all__ = ["SparseAutoencoder", "TrainingDivergedError", "__version__"]

@@ -1,0 +1,726 @@
+"""`SparseAutoencoder`: the scikit-learn estimator around the torch modules.
+
+This module is sklearn glue: parameters, validation, the fit/partial_fit loops, the
+NumPy <-> torch hand-over and pickling. The maths lives in `_architectures`.
+
+Shape suffixes: N rows of X, B minibatch rows, H rows of a chunk, D n_features,
+F n_components.
+"""
+
+import copy
+import math
+import sys
+import warnings
+from contextlib import contextmanager
+from numbers import Integral, Real
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.utils import check_array, check_random_state
+from sklearn.utils.validation import check_is_fitted, validate_data
+from tqdm.auto import tqdm
+
+from . import __version__
+from ._architectures import ARCHITECTURES
+from ._sklearn_compat import Interval, StrOptions, _fit_context
+from ._utils import is_streamed, is_torch_tensor, resolve_device, to_numpy, torch_generator
+from .cache import iter_chunks
+from .metrics import ExplainedVarianceAccumulator
+
+# Steps between the loop's only host/device synchronisations: a finiteness check of
+# the loss and weights (to stop a diverging run) and the progress-bar refresh.
+_CHECK_EVERY = 32
+# Rows used to estimate the input scale and mean at initialisation.
+_INIT_SAMPLE_ROWS = 65_536
+# Bytes of one chunk read from disk, and of one block of codes at inference.
+_CHUNK_BYTES = 64 * 2**20
+
+
+class TrainingDivergedError(ValueError):
+    """Training produced a non-finite loss or weights; the last finite weights are kept."""
+
+
+class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Sparse autoencoder: an overcomplete, sparse dictionary of activation vectors.
+
+    Learns ``codes = act(X @ W_enc_ + b_enc_)`` and ``X_hat = codes @ components_ + b_dec_``
+    by minimising the squared reconstruction error plus a sparsity pressure, with Adam
+    in torch on a GPU when present and on the CPU otherwise.
+
+    Parameters
+    ----------
+    n_components : int, default=None
+        Number of latents (dictionary size). ``None`` means
+        ``round(expansion_factor * n_features_in_)``.
+    expansion_factor : float, default=8
+        Dictionary size relative to the input width, used when ``n_components=None``.
+    architecture : {"topk", "relu"}, default="topk"
+        ``"topk"`` keeps the ``k`` largest pre-activations of each row (Gao et al. 2024);
+        ``"relu"`` uses ReLU codes with an L1 penalty (Bricken et al. 2023).
+    k : int, default=32
+        Active latents per row. Only used when ``architecture="topk"``.
+    l1_coefficient : float, default=1.0
+        Weight of the L1 penalty on the codes, measured in the normalised units the
+        model trains in (see Notes). Only used when ``architecture="relu"``.
+    learning_rate : float, default=1e-3
+        Adam step size.
+    batch_size : int, default=4096
+        Rows per optimisation step (``min(batch_size, n_samples)``).
+    max_iter : int, default=10
+        Passes over ``X`` made by `fit`.
+    device : str, default="auto"
+        Torch device for training and inference: ``"auto"`` (CUDA when available),
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``. Resolved at each call, so a model
+        moves between devices by `set_params` without refitting.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the initialisation and the shuffling. Same seed, same device: same model.
+    verbose : int or bool, default=0
+        Show a progress bar (on stdout) with the loss, L0 and variance explained.
+    warm_start : bool, default=False
+        When true, `fit` continues from the current weights (and optimizer state) instead
+        of starting again.
+    sparse_output : bool, default=False
+        When true, `transform` returns a `scipy.sparse.csr_matrix`.
+
+    Attributes
+    ----------
+    W_enc_ : ndarray of shape (n_features_in_, n_components)
+        Encoder weights.
+    b_enc_ : ndarray of shape (n_components,)
+        Encoder bias.
+    components_ : ndarray of shape (n_components, n_features_in_)
+        Decoder directions, one unit-norm row per latent.
+    b_dec_ : ndarray of shape (n_features_in_,)
+        Decoder bias: the reconstruction of an all-zero code.
+    input_scale_ : float
+        Factor the inputs were multiplied by in training so that their mean squared norm
+        equals ``n_features_in_``. Already folded into the attributes above.
+    latent_frequency_ : ndarray of shape (n_components,)
+        Fraction of the rows of the last training pass on which each latent fired.
+        Latents at 0 are dead.
+    loss_curve_ : list of float
+        Mean training loss of each pass, in normalised units.
+    n_iter_ : int
+        Passes over the data made so far.
+    n_steps_ : int
+        Optimisation steps made so far.
+    n_features_in_ : int
+        Number of features seen during `fit`.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Names of features seen during `fit`, when ``X`` has string column names.
+
+    See Also
+    --------
+    sklearn.decomposition.MiniBatchDictionaryLearning : Sparse coding with a fixed solver.
+
+    Notes
+    -----
+    Training normalisation: inputs are multiplied by ``input_scale_`` so that their mean
+    squared norm is ``n_features_in_``; the loss is the squared error summed over
+    features and averaged over rows, plus ``l1_coefficient`` times the summed codes
+    (ReLU). After training the scale is folded into the biases and the codes, so
+    `transform`, `inverse_transform` and every attribute are in the units of ``X``.
+
+    Decoder rows are kept at unit norm: the gradient component along each row is
+    removed before the Adam step, and the rows are renormalised after it.
+
+    ``X`` may be a NumPy array, a torch tensor on any device, an `h5py.Dataset` or a
+    `numpy.memmap`; the last two are read in chunks (blocks in random order, rows
+    shuffled within each), never loaded whole. Unpickled models continue
+    `partial_fit` with a fresh Adam state.
+
+    References
+    ----------
+    Bricken et al. (2023), "Towards Monosemanticity", Transformer Circuits Thread.
+    Gao et al. (2024), "Scaling and evaluating sparse autoencoders", arXiv:2406.04093.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skSAE import SparseAutoencoder
+    >>> X = np.random.default_rng(0).normal(size=(256, 16))
+    >>> sae = SparseAutoencoder(n_components=64, k=4, max_iter=2, random_state=0).fit(X)
+    >>> codes = sae.transform(X)
+    >>> codes.shape, bool(((codes > 0).sum(axis=1) <= 4).all())
+    ((256, 64), True)
+    >>> sae.inverse_transform(codes).shape
+    (256, 16)
+    """
+
+    _parameter_constraints: dict = {
+        "n_components": [Interval(Integral, 1, None, closed="left"), None],
+        "expansion_factor": [Interval(Real, 0, None, closed="neither")],
+        "architecture": [StrOptions(set(ARCHITECTURES))],
+        "k": [Interval(Integral, 1, None, closed="left")],
+        "l1_coefficient": [Interval(Real, 0, None, closed="left")],
+        "learning_rate": [Interval(Real, 0, None, closed="neither")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "device": [str],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+        "warm_start": ["boolean"],
+        "sparse_output": ["boolean"],
+    }
+
+    def __init__(
+        self,
+        n_components=None,
+        *,
+        expansion_factor=8,
+        architecture="topk",
+        k=32,
+        l1_coefficient=1.0,
+        learning_rate=1e-3,
+        batch_size=4096,
+        max_iter=10,
+        device="auto",
+        random_state=None,
+        verbose=0,
+        warm_start=False,
+        sparse_output=False,
+    ):
+        self.n_components = n_components
+        self.expansion_factor = expansion_factor
+        self.architecture = architecture
+        self.k = k
+        self.l1_coefficient = l1_coefficient
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.max_iter = max_iter
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+        self.warm_start = warm_start
+        self.sparse_output = sparse_output
+
+    # ------------------------------------------------------------------ fitting
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Train the autoencoder for `max_iter` passes over ``X``.
+
+        Parameters
+        ----------
+        X : array-like, torch.Tensor, h5py.Dataset or numpy.memmap of shape (n_samples, n_features)
+            Activations, one row per token.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        self : SparseAutoencoder
+            The fitted estimator.
+
+        Raises
+        ------
+        TrainingDivergedError
+            A `ValueError` raised when the loss or the weights become NaN/inf; the
+            weights of the last finite check are kept.
+        """
+        continuing = self.warm_start and self._is_fitted()
+        with self._restore_state_on_error():
+            device = resolve_device(self.device)
+            data = self._validated(X, reset=not continuing, device=device)
+            if not continuing or self._architecture_fitted != self.architecture:
+                self._initialize(data, device)
+            self._train(data, n_epochs=self.max_iter, device=device)
+        return self
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None):
+        """Make one pass over ``X``, initialising the model on the first call.
+
+        Use it to train on data that never fits in memory, one block at a time (see
+        `skSAE.cache.iter_chunks`). Later calls keep the input scale, the random state
+        and the Adam state of the earlier ones.
+
+        Parameters
+        ----------
+        X : array-like, torch.Tensor, h5py.Dataset or numpy.memmap of shape (n_samples, n_features)
+            A block of activations.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        self : SparseAutoencoder
+            The updated estimator.
+        """
+        first_call = not self._is_fitted()
+        with self._restore_state_on_error():
+            device = resolve_device(self.device)
+            data = self._validated(X, reset=first_call, device=device)
+            if first_call:
+                self._initialize(data, device)
+            self._train(data, n_epochs=1, device=device)
+        return self
+
+    def _is_fitted(self):
+        return hasattr(self, "components_")
+
+    def _check_params(self, n_features):
+        """Cross-parameter rules; returns the dictionary size."""
+        if self.n_components is not None:
+            n_components = self.n_components
+        else:
+            n_components = max(1, round(self.expansion_factor * n_features))
+        if self.architecture == "topk" and self.k > n_components:
+            raise ValueError(
+                f"k={self.k} must be <= n_components={n_components} for architecture='topk'; "
+                "lower k or raise n_components (or expansion_factor)."
+            )
+        return n_components
+
+    def _module_options(self):
+        """The estimator parameters the current architecture's module takes."""
+        if self.architecture == "topk":
+            return {"k": self.k}
+        return {"l1_coefficient": self.l1_coefficient}
+
+    def _initialize(self, data, device):
+        """Fresh random state, input scale, module and optimizer."""
+        n_components = self._check_params(self.n_features_in_)
+        self._random_state = check_random_state(self.random_state)
+        self._generator = torch_generator(self._random_state)
+        sample_BD = data.sample(_INIT_SAMPLE_ROWS, self._random_state).to(device)
+        mean_squared_norm = float(sample_BD.double().square().sum(dim=1).mean())
+        # Mean squared norm = n_features after scaling (Conerly et al. 2024), so that
+        # l1_coefficient and learning_rate mean the same at any activation scale.
+        self.input_scale_ = math.sqrt(self.n_features_in_ / mean_squared_norm) if (
+            mean_squared_norm > 0
+        ) else 1.0
+        module_class = ARCHITECTURES[self.architecture]
+        module = module_class(self.n_features_in_, n_components, **self._module_options())
+        module.to(device)
+        module.initialize(self._generator, (sample_BD * self.input_scale_).mean(dim=0))
+        self._module = module
+        self._optimizer = None
+        self._architecture_fitted = self.architecture
+        self.loss_curve_ = []
+        self.n_iter_ = 0
+        self.n_steps_ = 0
+
+    def _training_module(self, device):
+        """The module and optimizer, rebuilt from the NumPy state after unpickling."""
+        module = getattr(self, "_module", None)
+        if module is None:
+            n_components = self.components_.shape[0]
+            module = ARCHITECTURES[self.architecture](
+                self.n_features_in_, n_components, **self._module_options()
+            )
+            module.load_folded_state(self._numpy_state_as_tensors(), self.input_scale_)
+            self._module = module
+            self._optimizer = None
+        for name, value in self._module_options().items():
+            setattr(module, name, value)
+        if next(module.parameters()).device != device:
+            module.to(device)
+            self._optimizer = None  # Adam's moments live on the old device
+        if self._optimizer is None:
+            self._optimizer = torch.optim.Adam(module.parameters(), lr=self.learning_rate)
+        for group in self._optimizer.param_groups:
+            group["lr"] = self.learning_rate
+        if getattr(self, "_generator", None) is None:
+            self._generator = torch_generator(self._random_state)
+        return module, self._optimizer
+
+    def _train(self, data, n_epochs, device):
+        module, optimizer = self._training_module(device)
+        scale = self.input_scale_
+        batch_size = min(self.batch_size, data.n_rows)
+        steps_per_epoch = math.ceil(data.n_rows / batch_size)
+        progress = tqdm(
+            total=n_epochs * steps_per_epoch,
+            disable=not self.verbose,
+            file=sys.stdout,
+            desc=f"SparseAutoencoder({self.architecture})",
+            unit="step",
+        )
+        last_good = module.folded_state(1.0)
+        last_good_step = self.n_steps_
+        try:
+            for _ in range(n_epochs):
+                stats = _EpochStats(module.W_dec_FD.shape[0], device)
+                for x_BD in data.batches(batch_size, self._generator, self._random_state, device):
+                    x_BD = x_BD * scale
+                    terms = module.loss(x_BD)
+                    optimizer.zero_grad(set_to_none=True)
+                    terms.loss.backward()
+                    module.remove_parallel_decoder_grad()
+                    optimizer.step()
+                    module.normalize_decoder()
+                    stats.update(x_BD, terms)
+                    self.n_steps_ += 1
+                    progress.update(1)
+                    if self.n_steps_ % _CHECK_EVERY == 0:
+                        summary = stats.summary(module)
+                        if not summary["finite"]:
+                            self._diverged(module, last_good, last_good_step)
+                        last_good = module.folded_state(1.0)
+                        last_good_step = self.n_steps_
+                        progress.set_postfix(_postfix(summary), refresh=False)
+                summary = stats.summary(module)
+                if not summary["finite"]:
+                    self._diverged(module, last_good, last_good_step)
+                last_good = module.folded_state(1.0)
+                last_good_step = self.n_steps_
+                progress.set_postfix(_postfix(summary), refresh=False)
+                self.loss_curve_.append(summary["loss"])
+                self.latent_frequency_ = to_numpy(stats.fires_F) / stats.n_rows
+                self.n_iter_ += 1
+        finally:
+            progress.close()
+        self._export(module)
+
+    def _diverged(self, module, last_good, last_good_step):
+        module.load_state_dict(last_good)
+        self._optimizer = None
+        self._export(module)
+        raise TrainingDivergedError(
+            f"Training diverged at step {self.n_steps_}: the loss or the weights became "
+            f"NaN or infinite. The weights of step {last_good_step} (the last finite check) "
+            f"were kept. Lower learning_rate (now {self.learning_rate}) and refit, or check "
+            "X for extreme values."
+        )
+
+    def _export(self, module):
+        """Copy the module's weights, in the user's units, to the NumPy attributes."""
+        state = module.folded_state(self.input_scale_)
+        self.W_enc_ = to_numpy(state["W_enc_DF"])
+        self.b_enc_ = to_numpy(state["b_enc_F"])
+        self.components_ = to_numpy(state["W_dec_FD"])
+        self.b_dec_ = to_numpy(state["b_dec_D"])
+
+    def _numpy_state_as_tensors(self):
+        return {
+            "W_enc_DF": torch.from_numpy(self.W_enc_),
+            "b_enc_F": torch.from_numpy(self.b_enc_),
+            "W_dec_FD": torch.from_numpy(self.components_),
+            "b_dec_D": torch.from_numpy(self.b_dec_),
+        }
+
+    @contextmanager
+    def _restore_state_on_error(self):
+        """Leave the estimator as it was if a call fails (bad data, interrupt).
+
+        A diverged run is the exception: it deliberately keeps its last finite weights.
+        """
+        saved = copy.copy(self.__dict__)
+        try:
+            yield
+        except TrainingDivergedError:
+            raise
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            # Training mutates the module in place: rebuild it from the restored arrays.
+            self._module = None
+            self._optimizer = None
+            raise
+
+    # ---------------------------------------------------------------- inference
+
+    def _inference_module(self, device):
+        """A module holding the fitted weights in the user's units (scale folded in)."""
+        module = ARCHITECTURES[self.architecture](
+            self.n_features_in_, self.components_.shape[0], **self._module_options()
+        )
+        module.load_folded_state(self._numpy_state_as_tensors(), 1.0)
+        return module.to(device)
+
+    def transform(self, X):
+        """Latent codes of ``X``: ``act(X @ W_enc_ + b_enc_)``, row by row.
+
+        Parameters
+        ----------
+        X : array-like, torch.Tensor, h5py.Dataset or numpy.memmap of shape (n_samples, n_features)
+            Activations.
+
+        Returns
+        -------
+        codes : ndarray or scipy.sparse.csr_matrix of shape (n_samples, n_components)
+            Float32 codes; sparse when ``sparse_output=True``.
+        """
+        check_is_fitted(self)
+        device = resolve_device(self.device)
+        data = self._validated(X, reset=False, device=device)
+        module = self._inference_module(device)
+        n_components = self.components_.shape[0]
+        blocks = []
+        with torch.inference_mode():
+            for x_HD in data.blocks(max(1, _CHUNK_BYTES // (4 * n_components)), device):
+                codes_HF = module.encode(x_HD)
+                blocks.append(
+                    _to_csr(codes_HF) if self.sparse_output else to_numpy(codes_HF)
+                )
+        if self.sparse_output:
+            return sp.vstack(blocks, format="csr", dtype=np.float32)
+        return np.concatenate(blocks, axis=0)
+
+    def inverse_transform(self, X):
+        """Reconstruct inputs from codes: ``X @ components_ + b_dec_``.
+
+        Parameters
+        ----------
+        X : array-like or scipy.sparse matrix of shape (n_samples, n_components)
+            Codes, e.g. from `transform`.
+
+        Returns
+        -------
+        X_hat : ndarray of shape (n_samples, n_features_in_)
+            Float32 reconstructions in the units of the training data.
+        """
+        check_is_fitted(self)
+        codes = check_array(X, accept_sparse="csr", dtype=np.float32)
+        n_components = self.components_.shape[0]
+        if codes.shape[1] != n_components:
+            raise ValueError(
+                f"codes have {codes.shape[1]} columns, but this SparseAutoencoder has "
+                f"n_components={n_components}."
+            )
+        return np.asarray(codes @ self.components_ + self.b_dec_, dtype=np.float32)
+
+    def score(self, X, y=None):
+        """Fraction of the variance of ``X`` explained by the reconstruction.
+
+        Equal to ``sklearn.metrics.r2_score(X, X_hat, multioutput="variance_weighted")``
+        with ``X_hat = inverse_transform(transform(X))``, computed in one streamed pass.
+
+        Parameters
+        ----------
+        X : array-like, torch.Tensor, h5py.Dataset or numpy.memmap of shape (n_samples, n_features)
+            Activations.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        score : float
+            1.0 is a perfect reconstruction, 0.0 no better than the mean of ``X``.
+        """
+        check_is_fitted(self)
+        device = resolve_device(self.device)
+        data = self._validated(X, reset=False, device=device)
+        module = self._inference_module(device)
+        accumulator = ExplainedVarianceAccumulator(shift=self.b_dec_)
+        n_components = self.components_.shape[0]
+        with torch.inference_mode():
+            for x_HD in data.blocks(max(1, _CHUNK_BYTES // (4 * n_components)), device):
+                x_hat_HD = module.decode(module.encode(x_HD))
+                accumulator.update(to_numpy(x_HD), to_numpy(x_hat_HD))
+        return accumulator.result()
+
+    # ------------------------------------------------------------- data & misc
+
+    def _validated(self, X, *, reset, device):
+        """Check ``X`` and wrap it as an `_InMemoryData` or a `_StreamedData`."""
+        if is_streamed(X):
+            return _StreamedData(self, X, reset=reset)
+        if is_torch_tensor(X):
+            X = X.detach()
+            if X.device.type != "cpu":
+                return _InMemoryData(_validated_device_tensor(self, X, reset=reset), device)
+            X = X.to(torch.float32).numpy() if X.dtype.is_floating_point else X.numpy()
+        X = validate_data(self, X, reset=reset, dtype=np.float32)
+        return _InMemoryData(torch.from_numpy(X), device)
+
+    @property
+    def _n_features_out(self):
+        return self.components_.shape[0]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float32"]
+        return tags
+
+    def __getstate__(self):
+        state = {
+            key: value
+            for key, value in self.__dict__.items()
+            if key not in ("_module", "_optimizer", "_generator")
+        }
+        state["_sksae_version"] = __version__
+        return state
+
+    def __setstate__(self, state):
+        version = state.pop("_sksae_version", None)
+        if version != __version__:
+            warnings.warn(
+                f"This SparseAutoencoder was saved with skSAE {version} and is loaded with "
+                f"skSAE {__version__}; check its outputs.",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.__dict__.update(state)
+
+
+def _postfix(summary):
+    return {
+        "loss": f"{summary['loss']:.4g}",
+        "L0": f"{summary['l0']:.1f}",
+        "var_expl": f"{summary['explained_variance']:.3f}",
+    }
+
+
+def _to_csr(codes_HF):
+    """A CSR matrix of a block of codes, built from its non-zeros only."""
+    codes = to_numpy(codes_HF)
+    return sp.csr_matrix(codes)
+
+
+class _EpochStats:
+    """Device-side running sums of one pass; read (one sync) only at checks."""
+
+    def __init__(self, n_components, device):
+        self.fires_F = torch.zeros(n_components, device=device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.squared_error = torch.zeros((), dtype=torch.float64, device=device)
+        self.x_sum_D = None
+        self.x_squares = torch.zeros((), dtype=torch.float64, device=device)
+        self.n_rows = 0
+
+    def update(self, x_BD, terms):
+        n_rows = x_BD.shape[0]
+        self.fires_F += (terms.codes_BF > 0).sum(dim=0)
+        self.loss_sum += terms.loss.detach() * n_rows
+        self.squared_error += terms.squared_error
+        x_sum_D = x_BD.sum(dim=0, dtype=torch.float64)
+        self.x_sum_D = x_sum_D if self.x_sum_D is None else self.x_sum_D + x_sum_D
+        self.x_squares += x_BD.square().sum(dtype=torch.float64)
+        self.n_rows += n_rows
+
+    def summary(self, module):
+        """Python floats of the pass so far, with a finiteness flag (one sync)."""
+        finite = torch.isfinite(self.loss_sum)
+        for parameter in module.parameters():
+            finite = finite & torch.isfinite(parameter).all()
+        total = self.x_squares - self.x_sum_D.square().sum() / self.n_rows
+        values = torch.stack(
+            [
+                finite.double(),
+                self.loss_sum / self.n_rows,
+                self.fires_F.sum().double() / self.n_rows,
+                1 - self.squared_error / total.clamp_min(1e-30),
+            ]
+        ).tolist()
+        return {
+            "finite": bool(values[0]),
+            "loss": values[1],
+            "l0": values[2],
+            "explained_variance": values[3],
+        }
+
+
+class _InMemoryData:
+    """A validated float32 tensor, batched by a random permutation of all rows.
+
+    Parameters
+    ----------
+    X_ND : torch.Tensor of shape (N, D)
+        Validated data, on the CPU or on ``device``.
+    device : torch.device
+        Where batches are computed. CPU data is moved there whole when it fits in a
+        quarter of the free accelerator memory, else batch by batch.
+    """
+
+    def __init__(self, X_ND, device):
+        if X_ND.device != device and device.type == "cuda":
+            free_bytes, _ = torch.cuda.mem_get_info(device)
+            if X_ND.element_size() * X_ND.nelement() < free_bytes // 4:
+                X_ND = X_ND.to(device)
+        self.X_ND = X_ND
+        self.n_rows = X_ND.shape[0]
+
+    def sample(self, n_rows, random_state):
+        """Up to ``n_rows`` distinct random rows (all rows when there are fewer)."""
+        if self.n_rows <= n_rows:
+            return self.X_ND
+        rows = np.sort(random_state.choice(self.n_rows, n_rows, replace=False))
+        return self.X_ND[torch.from_numpy(rows).to(self.X_ND.device)]
+
+    def batches(self, batch_size, generator, random_state, device):
+        """One shuffled pass, as batches of ``batch_size`` rows (the last may be short)."""
+        order_N = torch.randperm(self.n_rows, generator=generator).to(self.X_ND.device)
+        for start in range(0, self.n_rows, batch_size):
+            x_BD = self.X_ND.index_select(0, order_N[start : start + batch_size])
+            yield x_BD.to(device, non_blocking=True)
+
+    def blocks(self, block_rows, device):
+        """The rows in order, in blocks of ``block_rows``."""
+        for start in range(0, self.n_rows, block_rows):
+            yield self.X_ND[start : start + block_rows].to(device, non_blocking=True)
+
+
+class _StreamedData:
+    """An `h5py.Dataset` or `numpy.memmap`, read and validated one chunk at a time."""
+
+    def __init__(self, estimator, X, *, reset):
+        if len(X.shape) != 2:
+            raise ValueError(
+                f"Expected a 2D array, got a {len(X.shape)}D {type(X).__name__} of shape "
+                f"{X.shape}; reshape it to (n_samples, n_features)."
+            )
+        if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
+            raise ValueError(
+                f"X has dtype {X.dtype}; expected a numeric (float or integer) array."
+            )
+        # Validates the shape (empty X, feature count) on a two-row slice only.
+        validate_data(estimator, np.asarray(X[:2]), reset=reset, dtype=np.float32)
+        self.X = X
+        self.n_rows = X.shape[0]
+        self.n_features = X.shape[1]
+        self.chunk_rows = max(1, _CHUNK_BYTES // (4 * self.n_features))
+
+    def _checked(self, start, block):
+        try:
+            block = check_array(block, dtype=np.float32, ensure_all_finite=True)
+        except ValueError as exc:
+            stop = start + block.shape[0]
+            raise ValueError(f"{exc} (rows {start}:{stop} of the {type(self.X).__name__})") from exc
+        return torch.from_numpy(block)
+
+    def sample(self, n_rows, random_state):
+        """A contiguous block of up to ``n_rows`` rows at a random offset."""
+        start = int(random_state.randint(max(1, self.n_rows - n_rows + 1)))
+        return self._checked(start, np.asarray(self.X[start : start + n_rows]))
+
+    def batches(self, batch_size, generator, random_state, device):
+        """One pass: chunks in random order, rows shuffled within; full batches across chunks."""
+        leftover_BD = None
+        for start, block in iter_chunks(
+            self.X, self.chunk_rows, shuffle=True, random_state=random_state
+        ):
+            x_HD = self._checked(start, block)
+            x_HD = x_HD[torch.randperm(x_HD.shape[0], generator=generator)]
+            if leftover_BD is not None:
+                x_HD = torch.cat([leftover_BD, x_HD])
+            n_full = x_HD.shape[0] // batch_size * batch_size
+            for offset in range(0, n_full, batch_size):
+                yield x_HD[offset : offset + batch_size].to(device, non_blocking=True)
+            leftover_BD = x_HD[n_full:] if n_full < x_HD.shape[0] else None
+        if leftover_BD is not None:
+            yield leftover_BD.to(device, non_blocking=True)
+
+    def blocks(self, block_rows, device):
+        """The rows in order, in blocks of at most ``block_rows``."""
+        for start, block in iter_chunks(self.X, min(block_rows, self.chunk_rows)):
+            yield self._checked(start, block).to(device)
+
+
+def _validated_device_tensor(estimator, X, *, reset):
+    """Validate a tensor on an accelerator without copying it to the host."""
+    if X.ndim != 2:
+        raise ValueError(
+            f"Expected a 2D tensor, got {X.ndim}D of shape {tuple(X.shape)}; reshape it to "
+            "(n_samples, n_features)."
+        )
+    if X.dtype.is_complex or X.dtype == torch.bool:
+        raise ValueError(f"X has dtype {X.dtype}; expected a real floating or integer tensor.")
+    validate_data(estimator, X[:2].float().cpu().numpy(), reset=reset, dtype=np.float32)
+    X = X.to(torch.float32)
+    if not bool(torch.isfinite(X).all()):
+        raise ValueError("Input X contains NaN or infinity.")
+    return X

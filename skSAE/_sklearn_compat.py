@@ -1,0 +1,9 @@
+"""The only module that imports private scikit-learn names.
+
+A change in scikit-learn's private API then needs one fix, here.
+"""
+
+from sklearn.base import _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
+
+__all__ = ["Interval", "StrOptions", "_fit_context"]
