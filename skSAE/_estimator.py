@@ -60,7 +60,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         ``"topk"`` keeps the ``k`` largest pre-activations of each row (Gao et al. 2024);
         ``"relu"`` uses ReLU codes with an L1 penalty (Bricken et al. 2023).
     k : int, default=32
-        Active latents per row. Only used when ``architecture="topk"``.
+        Active latents per row (at most; all latents when ``k >= n_components``).
+        Only used when ``architecture="topk"``.
     l1_coefficient : float, default=1.0
         Weight of the L1 penalty on the codes, measured in the normalised units the
         model trains in (see Notes). Only used when ``architecture="relu"``.
@@ -261,28 +262,22 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     def _is_fitted(self):
         return hasattr(self, "components_")
 
-    def _check_params(self, n_features):
-        """Cross-parameter rules; returns the dictionary size."""
+    def _n_components(self, n_features):
+        """The dictionary size: `n_components`, or `expansion_factor` times the width."""
         if self.n_components is not None:
-            n_components = self.n_components
-        else:
-            n_components = max(1, round(self.expansion_factor * n_features))
-        if self.architecture == "topk" and self.k > n_components:
-            raise ValueError(
-                f"k={self.k} must be <= n_components={n_components} for architecture='topk'; "
-                "lower k or raise n_components (or expansion_factor)."
-            )
-        return n_components
+            return self.n_components
+        return max(1, round(self.expansion_factor * n_features))
 
-    def _module_options(self):
-        """The estimator parameters the current architecture's module takes."""
-        if self.architecture == "topk":
-            return {"k": self.k}
+    def _module_options(self, architecture, n_components):
+        """The estimator parameters that ``architecture``'s module takes."""
+        if architecture == "topk":
+            # The k largest of fewer than k values are all of them.
+            return {"k": min(self.k, n_components)}
         return {"l1_coefficient": self.l1_coefficient}
 
     def _initialize(self, data, device):
         """Fresh random state, input scale, module and optimizer."""
-        n_components = self._check_params(self.n_features_in_)
+        n_components = self._n_components(self.n_features_in_)
         self._random_state = check_random_state(self.random_state)
         self._generator = torch_generator(self._random_state)
         sample_BD = data.sample(_INIT_SAMPLE_ROWS, self._random_state).to(device)
@@ -293,12 +288,13 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             mean_squared_norm > 0
         ) else 1.0
         module_class = ARCHITECTURES[self.architecture]
-        module = module_class(self.n_features_in_, n_components, **self._module_options())
+        module = module_class(
+            self.n_features_in_, n_components, **self._module_options(self.architecture, n_components)
+        )
         module.to(device)
         module.initialize(self._generator, (sample_BD * self.input_scale_).mean(dim=0))
         self._module = module
         self._optimizer = None
-        self._architecture_fitted = self.architecture
         self.loss_curve_ = []
         self.n_iter_ = 0
         self.n_steps_ = 0
@@ -306,15 +302,14 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     def _training_module(self, device):
         """The module and optimizer, rebuilt from the NumPy state after unpickling."""
         module = getattr(self, "_module", None)
-        if module is None:
-            n_components = self.components_.shape[0]
-            module = ARCHITECTURES[self.architecture](
-                self.n_features_in_, n_components, **self._module_options()
-            )
+        n_components = self.components_.shape[0] if module is None else module.W_dec_FD.shape[0]
+        options = self._module_options(self.architecture, n_components)
+        if module is None or type(module) is not ARCHITECTURES[self.architecture]:
+            module = ARCHITECTURES[self.architecture](self.n_features_in_, n_components, **options)
             module.load_folded_state(self._numpy_state_as_tensors(), self.input_scale_)
             self._module = module
             self._optimizer = None
-        for name, value in self._module_options().items():
+        for name, value in options.items():
             setattr(module, name, value)
         if next(module.parameters()).device != device:
             module.to(device)
@@ -393,6 +388,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.b_enc_ = to_numpy(state["b_enc_F"])
         self.components_ = to_numpy(state["W_dec_FD"])
         self.b_dec_ = to_numpy(state["b_dec_D"])
+        self._architecture_fitted = self.architecture
 
     def _numpy_state_as_tensors(self):
         return {
@@ -425,8 +421,11 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
 
     def _inference_module(self, device):
         """A module holding the fitted weights in the user's units (scale folded in)."""
-        module = ARCHITECTURES[self.architecture](
-            self.n_features_in_, self.components_.shape[0], **self._module_options()
+        n_components = self.components_.shape[0]
+        module = ARCHITECTURES[self._architecture_fitted](
+            self.n_features_in_,
+            n_components,
+            **self._module_options(self._architecture_fitted, n_components),
         )
         module.load_folded_state(self._numpy_state_as_tensors(), 1.0)
         return module.to(device)
@@ -525,7 +524,10 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                 return _InMemoryData(_validated_device_tensor(self, X, reset=reset), device)
             X = X.to(torch.float32).numpy() if X.dtype.is_floating_point else X.numpy()
         X = validate_data(self, X, reset=reset, dtype=np.float32)
-        return _InMemoryData(torch.from_numpy(X), device)
+        with warnings.catch_warnings():
+            # Read-only arrays (pandas, joblib memmaps) warn; rows are only ever read.
+            warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
+            return _InMemoryData(torch.from_numpy(X), device)
 
     @property
     def _n_features_out(self):

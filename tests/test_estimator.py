@@ -1,0 +1,357 @@
+"""Behaviour of SparseAutoencoder: training quality, sklearn integration, inputs, errors."""
+
+import re
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from conftest import make_sparse_dataset, mean_max_cosine
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.metrics import r2_score
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+import skSAE._estimator as estimator_module
+from skSAE import SparseAutoencoder, TrainingDivergedError
+from skSAE.cache import iter_chunks
+
+FAST = dict(n_components=16, k=4, max_iter=2, batch_size=64, random_state=0)
+
+
+# ----------------------------------------------------------------- training quality
+
+
+# A random dictionary of 64 unit vectors in 32 dimensions matches the true directions
+# with a mean max cosine similarity of about 0.38 (measured in the test below), so
+# 0.9 is far above chance: nearly every true direction has a learned twin.
+@pytest.mark.parametrize(
+    ("architecture", "options", "min_cosine", "min_variance"),
+    [("topk", {"k": 4}, 0.9, 0.75), ("relu", {"l1_coefficient": 1.0}, 0.85, 0.75)],
+)
+def test_fit_recovers_ground_truth_directions(
+    sparse_dataset, architecture, options, min_cosine, min_variance
+):
+    X, directions = sparse_dataset
+    chance = mean_max_cosine(directions, np.random.default_rng(1).normal(size=(64, 32)))
+    sae = SparseAutoencoder(
+        n_components=64, architecture=architecture, max_iter=30, batch_size=512,
+        learning_rate=3e-3, random_state=0, **options,
+    ).fit(X)
+    assert chance < 0.45
+    assert mean_max_cosine(directions, sae.components_) > min_cosine
+    assert sae.score(X) > min_variance
+
+
+def test_fit_loss_decreases(sparse_dataset):
+    X, _ = sparse_dataset
+    sae = SparseAutoencoder(n_components=64, k=4, max_iter=5, batch_size=512,
+                            learning_rate=3e-3, random_state=0)
+    sae.fit(X)
+    assert len(sae.loss_curve_) == 5
+    assert all(np.diff(sae.loss_curve_) < 0)
+    assert sae.loss_curve_[-1] < 0.7 * sae.loss_curve_[0]
+    assert sae.n_iter_ == 5
+    assert sae.n_steps_ == 5 * 16
+
+
+def test_topk_codes_have_at_most_k_nonzeros(small_X):
+    sae = SparseAutoencoder(**FAST).fit(small_X)
+    assert ((sae.transform(small_X) != 0).sum(axis=1) <= 4).all()
+
+
+def test_k_above_n_components_keeps_every_latent(small_X):
+    sae = SparseAutoencoder(n_components=4, k=10, max_iter=1, random_state=0).fit(small_X)
+    codes = sae.transform(small_X)
+    np.testing.assert_array_equal(codes, np.maximum(small_X @ sae.W_enc_ + sae.b_enc_, 0))
+
+
+def test_relu_codes_follow_public_formula(small_X):
+    sae = SparseAutoencoder(architecture="relu", **FAST).fit(small_X)
+    expected = np.maximum(small_X @ sae.W_enc_ + sae.b_enc_, 0)
+    np.testing.assert_allclose(sae.transform(small_X), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_components_have_unit_norm(small_X):
+    sae = SparseAutoencoder(**FAST).fit(small_X)
+    np.testing.assert_allclose(np.linalg.norm(sae.components_, axis=1), 1.0, rtol=1e-5)
+
+
+def test_latent_frequency_counts_firing_rows(small_X):
+    # A negligible learning rate leaves the weights as they were when the codes were
+    # counted, so the training frequency must equal the one measured by transform.
+    sae = SparseAutoencoder(
+        n_components=16, architecture="relu", max_iter=1, batch_size=64, learning_rate=1e-12,
+        random_state=0,
+    ).fit(small_X)
+    expected = (sae.transform(small_X) > 0).mean(axis=0)
+    np.testing.assert_allclose(sae.latent_frequency_, expected, atol=1.5 / 200)
+    assert 0 < sae.latent_frequency_.sum() <= 16
+
+
+def test_folded_normalisation_matches_training_reconstruction(small_X):
+    sae = SparseAutoencoder(architecture="relu", **FAST).fit(small_X * 100.0)
+    module = sae._module
+    with torch.no_grad():
+        x_BD = torch.from_numpy(small_X * 100.0) * sae.input_scale_
+        x_hat_training = module.decode(module.encode(x_BD)).numpy() / sae.input_scale_
+    x_hat = sae.inverse_transform(sae.transform(small_X * 100.0))
+    np.testing.assert_allclose(x_hat, x_hat_training, rtol=1e-4, atol=1e-3)
+
+
+def test_input_scale_normalises_mean_squared_norm(small_X):
+    sae = SparseAutoencoder(**FAST).fit(small_X * 7.0)
+    scaled = small_X * 7.0 * sae.input_scale_
+    np.testing.assert_allclose(np.square(scaled).sum(axis=1).mean(), 8.0, rtol=1e-4)
+
+
+def test_score_equals_sklearn_variance_weighted_r2(small_X):
+    X = small_X + np.arange(8, dtype=np.float32) * 10  # offsets test the shifted sums
+    sae = SparseAutoencoder(**FAST).fit(X)
+    X_hat = sae.inverse_transform(sae.transform(X))
+    expected = r2_score(X, X_hat, multioutput="variance_weighted")
+    assert sae.score(X) == pytest.approx(expected, abs=1e-5)
+
+
+def test_inverse_transform_of_zeros_is_decoder_bias(small_X):
+    sae = SparseAutoencoder(**FAST).fit(small_X)
+    np.testing.assert_array_equal(sae.inverse_transform(np.zeros((3, 16))), np.tile(sae.b_dec_, (3, 1)))
+
+
+def test_sparse_output_equals_dense(small_X):
+    dense = SparseAutoencoder(**FAST).fit(small_X)
+    sparse = clone(dense).set_params(sparse_output=True).fit(small_X)
+    codes = sparse.transform(small_X)
+    assert sp.issparse(codes) and codes.format == "csr" and codes.dtype == np.float32
+    np.testing.assert_array_equal(codes.toarray(), dense.transform(small_X))
+    np.testing.assert_allclose(
+        sparse.inverse_transform(codes), dense.inverse_transform(dense.transform(small_X)),
+        rtol=1e-5, atol=1e-6,
+    )
+
+
+# --------------------------------------------------------------- sklearn integration
+
+
+def test_same_seed_gives_bitwise_equal_model(small_X):
+    first = SparseAutoencoder(**FAST).fit(small_X)
+    second = SparseAutoencoder(**FAST).fit(small_X)
+    np.testing.assert_array_equal(first.components_, second.components_)
+    np.testing.assert_array_equal(first.W_enc_, second.W_enc_)
+
+
+def test_different_seed_gives_different_model(small_X):
+    first = SparseAutoencoder(**FAST).fit(small_X)
+    other = SparseAutoencoder(**{**FAST, "random_state": 1}).fit(small_X)
+    assert not np.array_equal(first.components_, other.components_)
+
+
+def test_fit_twice_equals_fit_once(small_X):
+    sae = SparseAutoencoder(**FAST)
+    once = sae.fit(small_X).components_.copy()
+    np.testing.assert_array_equal(sae.fit(small_X).components_, once)
+
+
+def test_clone_is_unfitted_with_same_params(small_X):
+    sae = SparseAutoencoder(**FAST).fit(small_X)
+    copy = clone(sae)
+    assert copy.get_params() == sae.get_params()
+    with pytest.raises(NotFittedError):
+        copy.transform(small_X)
+
+
+def test_pipeline_with_standard_scaler(small_X):
+    pipe = Pipeline([("scale", StandardScaler()), ("sae", SparseAutoencoder(**FAST))])
+    codes = pipe.fit_transform(small_X)
+    assert codes.shape == (200, 16)
+    np.testing.assert_array_equal(codes, pipe.transform(small_X))
+    assert list(pipe.get_feature_names_out()[:2]) == ["sparseautoencoder0", "sparseautoencoder1"]
+
+
+def test_grid_search_over_l1_coefficient_with_default_score(sparse_dataset):
+    X, _ = sparse_dataset
+    search = GridSearchCV(
+        SparseAutoencoder(n_components=64, architecture="relu", max_iter=3, batch_size=512,
+                          learning_rate=3e-3, random_state=0),
+        {"l1_coefficient": [0.1, 10.0]},
+        cv=2,
+    ).fit(X[:2048])
+    # A heavier penalty explains less variance, so the default score prefers 0.1.
+    assert search.best_params_ == {"l1_coefficient": 0.1}
+    scores = search.cv_results_["mean_test_score"]
+    assert scores[0] > scores[1]
+
+
+def test_set_output_pandas_names_latents(small_X):
+    sae = SparseAutoencoder(**FAST).set_output(transform="pandas").fit(small_X)
+    frame = sae.transform(small_X)
+    assert isinstance(frame, pd.DataFrame)
+    assert list(frame.columns[:2]) == ["sparseautoencoder0", "sparseautoencoder1"]
+
+
+def test_feature_names_in_from_dataframe(small_X):
+    frame = pd.DataFrame(small_X, columns=[f"dim{i}" for i in range(8)])
+    sae = SparseAutoencoder(**FAST).fit(frame)
+    assert list(sae.feature_names_in_) == list(frame.columns)
+
+
+def test_partial_fit_counts_one_pass_per_call(small_X):
+    sae = SparseAutoencoder(**FAST)
+    for _, block in iter_chunks(small_X, 50):
+        sae.partial_fit(block)
+    assert sae.n_iter_ == 4
+    assert sae.n_steps_ == 4  # 50 rows, batch_size 64: one step per block
+    assert len(sae.loss_curve_) == 4
+
+
+def test_partial_fit_keeps_input_scale_of_first_call(small_X):
+    sae = SparseAutoencoder(**FAST).partial_fit(small_X)
+    scale = sae.input_scale_
+    sae.partial_fit(small_X * 10)
+    assert sae.input_scale_ == scale
+
+
+def test_warm_start_continues_training(small_X):
+    sae = SparseAutoencoder(**FAST, warm_start=True).fit(small_X)
+    sae.fit(small_X)
+    assert sae.n_iter_ == 4
+    cold = SparseAutoencoder(**{**FAST, "max_iter": 4}).fit(small_X)
+    # Same seed and a continued optimizer: two fits of two passes equal one of four.
+    np.testing.assert_allclose(sae.components_, cold.components_, rtol=1e-5, atol=1e-6)
+
+
+def test_verbose_prints_progress_with_metrics(small_X, capsys):
+    SparseAutoencoder(**{**FAST, "verbose": 1}).fit(small_X)
+    out = capsys.readouterr().out
+    assert "loss=" in out and "L0=" in out and "var_expl=" in out
+
+
+# ------------------------------------------------------------------ input kinds
+
+
+def test_torch_tensor_input_equals_numpy(small_X):
+    sae = SparseAutoencoder(**FAST).fit(small_X)
+    from_tensor = SparseAutoencoder(**FAST).fit(torch.from_numpy(small_X).double())
+    np.testing.assert_array_equal(from_tensor.components_, sae.components_)
+    np.testing.assert_array_equal(sae.transform(torch.from_numpy(small_X)), sae.transform(small_X))
+
+
+def test_h5py_dataset_is_streamed_in_chunks(tmp_path, monkeypatch, small_X):
+    path = tmp_path / "acts.h5"
+    with h5py.File(path, "w") as file:
+        file.create_dataset("activations", data=small_X, chunks=(32, 8))
+    monkeypatch.setattr(estimator_module, "_CHUNK_BYTES", 4 * 8 * 48)  # 48-row chunks
+    monkeypatch.setattr(estimator_module, "_INIT_SAMPLE_ROWS", 64)
+    reads = []
+    original = estimator_module._StreamedData._checked
+
+    def recording_checked(self, start, block):
+        reads.append(block.shape[0])
+        return original(self, start, block)
+
+    monkeypatch.setattr(estimator_module._StreamedData, "_checked", recording_checked)
+    with h5py.File(path, "r") as file:
+        dataset = file["activations"]
+        sae = SparseAutoencoder(**FAST).fit(dataset)
+        codes = sae.transform(dataset)
+        score = sae.score(dataset)
+    assert max(reads) <= 64
+    assert sae.n_features_in_ == 8
+    assert sae.n_steps_ == 2 * 4  # 200 rows in full batches of 64 carried across chunks
+    np.testing.assert_array_equal(codes, sae.transform(small_X))
+    assert score == pytest.approx(sae.score(small_X), abs=1e-6)
+
+
+def test_memmap_is_streamed(tmp_path, small_X):
+    path = tmp_path / "acts.dat"
+    memmap = np.memmap(path, dtype=np.float32, mode="w+", shape=small_X.shape)
+    memmap[:] = small_X
+    memmap.flush()
+    readonly = np.memmap(path, dtype=np.float32, mode="r", shape=small_X.shape)
+    sae = SparseAutoencoder(**FAST).fit(readonly)
+    np.testing.assert_array_equal(sae.transform(readonly), sae.transform(small_X))
+
+
+# ------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_fit_rejects_non_finite(small_X, bad):
+    X = small_X.copy()
+    X[3, 2] = bad
+    with pytest.raises(ValueError, match="NaN|infinity"):
+        SparseAutoencoder(**FAST).fit(X)
+
+
+def test_transform_rejects_wrong_width(small_X):
+    sae = SparseAutoencoder(**FAST).fit(small_X)
+    with pytest.raises(ValueError, match="X has 5 features, but SparseAutoencoder is expecting 8"):
+        sae.transform(small_X[:, :5])
+
+
+def test_inverse_transform_rejects_wrong_width(small_X):
+    sae = SparseAutoencoder(**FAST).fit(small_X)
+    with pytest.raises(ValueError, match="n_components=16"):
+        sae.inverse_transform(np.zeros((2, 7)))
+
+
+@pytest.mark.parametrize(
+    ("X", "message"),
+    [
+        (np.zeros((0, 8)), "0 sample"),
+        (np.zeros(8), "Expected a 2-dimensional|Expected 2D"),
+        (np.array([["a", "b"], ["c", "d"]]), "could not convert|dtype"),
+    ],
+    ids=["empty", "1-D", "strings"],
+)
+def test_fit_rejects_malformed_input(X, message):
+    with pytest.raises(ValueError, match=message):
+        SparseAutoencoder(**FAST).fit(X)
+
+
+def test_transform_before_fit_raises_not_fitted(small_X):
+    with pytest.raises(NotFittedError):
+        SparseAutoencoder().transform(small_X)
+
+
+def test_unavailable_device_suggests_cpu(small_X):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device exists here")
+    with pytest.raises(ValueError, match=re.escape("set_params(device='cpu')")):
+        SparseAutoencoder(**{**FAST, "device": "cuda"}).fit(small_X)
+
+
+def test_nan_in_h5py_chunk_names_rows_and_keeps_model(tmp_path, small_X):
+    good = SparseAutoencoder(**FAST).fit(small_X)
+    components = good.components_.copy()
+    X = small_X.copy()
+    X[150] = np.nan
+    with h5py.File(tmp_path / "bad.h5", "w") as file:
+        file["x"] = X
+    with h5py.File(tmp_path / "bad.h5", "r") as file, pytest.raises(ValueError, match=r"rows 0:200"):
+        good.fit(file["x"])
+    np.testing.assert_array_equal(good.components_, components)
+    assert good.n_iter_ == 2
+
+
+def test_failed_partial_fit_leaves_model_usable(small_X):
+    sae = SparseAutoencoder(**FAST).fit(small_X)
+    before = sae.transform(small_X)
+    with pytest.raises(ValueError, match="features"):
+        sae.partial_fit(small_X[:, :3])
+    np.testing.assert_array_equal(sae.transform(small_X), before)
+    sae.partial_fit(small_X)  # still trainable
+    assert sae.n_iter_ == 3
+
+
+def test_divergence_raises_and_keeps_last_finite_weights(small_X):
+    sae = SparseAutoencoder(architecture="relu", **{**FAST, "learning_rate": 1e30})
+    with pytest.raises(TrainingDivergedError, match="learning_rate"):
+        sae.fit(small_X * 1e18)
+    for name in ("W_enc_", "b_enc_", "components_", "b_dec_"):
+        assert np.isfinite(getattr(sae, name)).all()
+    assert np.isfinite(sae.transform(small_X)).all()

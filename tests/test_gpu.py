@@ -1,0 +1,46 @@
+"""CUDA paths; skipped (by conftest) when no CUDA device is present."""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from skSAE import SparseAutoencoder
+
+pytestmark = pytest.mark.gpu
+
+FAST = dict(n_components=64, k=8, max_iter=3, batch_size=128, random_state=0)
+
+
+def test_cpu_and_cuda_transform_agree(small_X):
+    sae = SparseAutoencoder(device="cuda", **FAST).fit(small_X)
+    on_cuda = sae.transform(small_X)
+    on_cpu = sae.set_params(device="cpu").transform(small_X)
+    np.testing.assert_allclose(on_cuda, on_cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_tensor_input_stays_on_device(small_X):
+    X = torch.from_numpy(small_X).cuda()
+    sae = SparseAutoencoder(device="cuda", **FAST).fit(X)
+    assert sae.transform(X).shape == (200, 64)
+    assert sae.score(X) == pytest.approx(sae.score(small_X), abs=1e-4)
+
+
+def test_cuda_model_loads_on_cpu_only_machine(tmp_path, small_X):
+    sae = SparseAutoencoder(device="cuda", **FAST).fit(small_X)
+    (tmp_path / "sae.pkl").write_bytes(pickle.dumps(sae))
+    np.save(tmp_path / "X.npy", small_X)
+    np.save(tmp_path / "codes.npy", sae.set_params(device="cpu").transform(small_X))
+    script = (
+        "import pickle, numpy as np, sys;"
+        f"sae = pickle.loads(open({str(tmp_path / 'sae.pkl')!r}, 'rb').read());"
+        "sae.set_params(device='auto');"
+        f"codes = sae.transform(np.load({str(tmp_path / 'X.npy')!r}));"
+        f"np.testing.assert_array_equal(codes, np.load({str(tmp_path / 'codes.npy')!r}))"
+    )
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env)

@@ -1,0 +1,83 @@
+"""Property tests: invariants that hold for any data shape and hyperparameters."""
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from skSAE import SparseAutoencoder
+
+
+@st.composite
+def fitted_cases(draw):
+    n_samples = draw(st.integers(2, 40))
+    n_features = draw(st.integers(1, 12))
+    n_components = draw(st.integers(1, 24))
+    architecture = draw(st.sampled_from(["topk", "relu"]))
+    k = draw(st.integers(1, 8))
+    seed = draw(st.integers(0, 2**16))
+    X = np.random.default_rng(seed).normal(size=(n_samples, n_features)) * draw(
+        st.sampled_from([1e-3, 1.0, 1e3])
+    )
+    params = dict(n_components=n_components, architecture=architecture, k=k, max_iter=1,
+                  batch_size=16, random_state=seed)
+    return params, X
+
+
+def fit(case):
+    params, X = case
+    return SparseAutoencoder(**params).fit(X), X
+
+
+@given(fitted_cases())
+def test_shapes_and_dtypes(case):
+    sae, X = fit(case)
+    codes = sae.transform(X)
+    n_components = sae.components_.shape[0]
+    assert codes.shape == (X.shape[0], n_components) and codes.dtype == np.float32
+    X_hat = sae.inverse_transform(codes)
+    assert X_hat.shape == X.shape and X_hat.dtype == np.float32
+    assert sae.W_enc_.shape == (X.shape[1], n_components)
+    assert sae.components_.shape == (n_components, X.shape[1])
+    assert np.isfinite(codes).all() and np.isfinite(X_hat).all()
+
+
+@given(fitted_cases())
+def test_sparsity_constraints(case):
+    sae, X = fit(case)
+    codes = sae.transform(X)
+    assert (codes >= 0).all()  # ReLU and TopK codes are non-negative
+    if sae.architecture == "topk":
+        assert ((codes != 0).sum(axis=1) <= sae.k).all()
+
+
+@given(fitted_cases(), st.data())
+def test_rows_are_encoded_independently(case, data):
+    sae, X = fit(case)
+    row = data.draw(st.integers(0, X.shape[0] - 1))
+    np.testing.assert_allclose(
+        sae.transform(X[row : row + 1])[0], sae.transform(X)[row], rtol=1e-5, atol=1e-6
+    )
+
+
+@given(fitted_cases())
+def test_transform_is_deterministic(case):
+    sae, X = fit(case)
+    np.testing.assert_array_equal(sae.transform(X), sae.transform(X))
+
+
+@given(fitted_cases())
+def test_inverse_transform_of_zero_codes_is_decoder_bias(case):
+    sae, X = fit(case)
+    zeros = np.zeros((3, sae.components_.shape[0]))
+    np.testing.assert_array_equal(sae.inverse_transform(zeros), np.tile(sae.b_dec_, (3, 1)))
+
+
+@given(st.integers(0, 2**16), st.sampled_from(["topk", "relu"]))
+def test_same_seed_same_model(seed, architecture):
+    X = np.random.default_rng(seed).normal(size=(30, 4))
+    params = dict(n_components=8, k=2, architecture=architecture, max_iter=1, batch_size=8,
+                  random_state=seed)
+    first = SparseAutoencoder(**params).fit(X)
+    second = SparseAutoencoder(**params).fit(X)
+    np.testing.assert_array_equal(first.components_, second.components_)
+    np.testing.assert_array_equal(first.b_enc_, second.b_enc_)
