@@ -284,12 +284,14 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         mean_squared_norm = float(sample_BD.double().square().sum(dim=1).mean())
         # Mean squared norm = n_features after scaling (Conerly et al. 2024), so that
         # l1_coefficient and learning_rate mean the same at any activation scale.
-        self.input_scale_ = math.sqrt(self.n_features_in_ / mean_squared_norm) if (
-            mean_squared_norm > 0
-        ) else 1.0
+        self.input_scale_ = (
+            math.sqrt(self.n_features_in_ / mean_squared_norm) if (mean_squared_norm > 0) else 1.0
+        )
         module_class = ARCHITECTURES[self.architecture]
         module = module_class(
-            self.n_features_in_, n_components, **self._module_options(self.architecture, n_components)
+            self.n_features_in_,
+            n_components,
+            **self._module_options(self.architecture, n_components),
         )
         module.to(device)
         module.initialize(self._generator, (sample_BD * self.input_scale_).mean(dim=0))
@@ -452,9 +454,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         with torch.inference_mode():
             for x_HD in data.blocks(max(1, _CHUNK_BYTES // (4 * n_components)), device):
                 codes_HF = module.encode(x_HD)
-                blocks.append(
-                    _to_csr(codes_HF) if self.sparse_output else to_numpy(codes_HF)
-                )
+                blocks.append(_to_csr(codes_HF) if self.sparse_output else to_numpy(codes_HF))
         if self.sparse_output:
             return sp.vstack(blocks, format="csr", dtype=np.float32)
         return np.concatenate(blocks, axis=0)
@@ -666,9 +666,7 @@ class _StreamedData:
                 f"{X.shape}; reshape it to (n_samples, n_features)."
             )
         if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
-            raise ValueError(
-                f"X has dtype {X.dtype}; expected a numeric (float or integer) array."
-            )
+            raise ValueError(f"X has dtype {X.dtype}; expected a numeric (float or integer) array.")
         # Validates the shape (empty X, feature count) on a two-row slice only.
         validate_data(estimator, np.asarray(X[:2]), reset=reset, dtype=np.float32)
         self.X = X

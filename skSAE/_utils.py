@@ -46,7 +46,9 @@ def resolve_device(device):
             "use set_params(device='cpu') or device='auto'."
         )
     elif resolved.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device={device!r} is not supported; expected 'auto', 'cpu', 'cuda' or 'mps'.")
+        raise ValueError(
+            f"device={device!r} is not supported; expected 'auto', 'cpu', 'cuda' or 'mps'."
+        )
     return resolved
 
 

@@ -22,8 +22,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-def make_sparse_dataset(n_samples=8192, n_features=32, n_true=64, p_active=4 / 64, noise=0.01,
-                        offset=0.3, seed=0):
+def make_sparse_dataset(
+    n_samples=8192, n_features=32, n_true=64, p_active=4 / 64, noise=0.01, offset=0.3, seed=0
+):
     """Sparse combinations of random unit directions plus Gaussian noise and an offset.
 
     Returns

@@ -12,8 +12,9 @@ from skSAE.cache import iter_chunks
 @given(st.integers(1, 60), st.integers(1, 30), st.booleans())
 def test_iter_chunks_visits_every_row_once(n_rows, chunk_rows, shuffle):
     data = np.arange(n_rows * 2).reshape(n_rows, 2)
-    blocks = list(iter_chunks(data, chunk_rows, shuffle=shuffle,
-                              random_state=np.random.RandomState(0)))
+    blocks = list(
+        iter_chunks(data, chunk_rows, shuffle=shuffle, random_state=np.random.RandomState(0))
+    )
     assert all(block.shape[0] <= chunk_rows for _, block in blocks)
     rows = np.concatenate([block for _, block in sorted(blocks, key=lambda pair: pair[0])])
     np.testing.assert_array_equal(rows, data)

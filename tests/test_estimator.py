@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import make_sparse_dataset, mean_max_cosine
+from conftest import mean_max_cosine
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import r2_score
@@ -39,8 +39,13 @@ def test_fit_recovers_ground_truth_directions(
     X, directions = sparse_dataset
     chance = mean_max_cosine(directions, np.random.default_rng(1).normal(size=(64, 32)))
     sae = SparseAutoencoder(
-        n_components=64, architecture=architecture, max_iter=30, batch_size=512,
-        learning_rate=3e-3, random_state=0, **options,
+        n_components=64,
+        architecture=architecture,
+        max_iter=30,
+        batch_size=512,
+        learning_rate=3e-3,
+        random_state=0,
+        **options,
     ).fit(X)
     assert chance < 0.45
     assert mean_max_cosine(directions, sae.components_) > min_cosine
@@ -49,8 +54,9 @@ def test_fit_recovers_ground_truth_directions(
 
 def test_fit_loss_decreases(sparse_dataset):
     X, _ = sparse_dataset
-    sae = SparseAutoencoder(n_components=64, k=4, max_iter=5, batch_size=512,
-                            learning_rate=3e-3, random_state=0)
+    sae = SparseAutoencoder(
+        n_components=64, k=4, max_iter=5, batch_size=512, learning_rate=3e-3, random_state=0
+    )
     sae.fit(X)
     assert len(sae.loss_curve_) == 5
     assert all(np.diff(sae.loss_curve_) < 0)
@@ -85,7 +91,11 @@ def test_latent_frequency_counts_firing_rows(small_X):
     # A negligible learning rate leaves the weights as they were when the codes were
     # counted, so the training frequency must equal the one measured by transform.
     sae = SparseAutoencoder(
-        n_components=16, architecture="relu", max_iter=1, batch_size=64, learning_rate=1e-12,
+        n_components=16,
+        architecture="relu",
+        max_iter=1,
+        batch_size=64,
+        learning_rate=1e-12,
         random_state=0,
     ).fit(small_X)
     expected = (sae.transform(small_X) > 0).mean(axis=0)
@@ -119,7 +129,9 @@ def test_score_equals_sklearn_variance_weighted_r2(small_X):
 
 def test_inverse_transform_of_zeros_is_decoder_bias(small_X):
     sae = SparseAutoencoder(**FAST).fit(small_X)
-    np.testing.assert_array_equal(sae.inverse_transform(np.zeros((3, 16))), np.tile(sae.b_dec_, (3, 1)))
+    np.testing.assert_array_equal(
+        sae.inverse_transform(np.zeros((3, 16))), np.tile(sae.b_dec_, (3, 1))
+    )
 
 
 def test_sparse_output_equals_dense(small_X):
@@ -129,8 +141,10 @@ def test_sparse_output_equals_dense(small_X):
     assert sp.issparse(codes) and codes.format == "csr" and codes.dtype == np.float32
     np.testing.assert_array_equal(codes.toarray(), dense.transform(small_X))
     np.testing.assert_allclose(
-        sparse.inverse_transform(codes), dense.inverse_transform(dense.transform(small_X)),
-        rtol=1e-5, atol=1e-6,
+        sparse.inverse_transform(codes),
+        dense.inverse_transform(dense.transform(small_X)),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -175,8 +189,14 @@ def test_pipeline_with_standard_scaler(small_X):
 def test_grid_search_over_l1_coefficient_with_default_score(sparse_dataset):
     X, _ = sparse_dataset
     search = GridSearchCV(
-        SparseAutoencoder(n_components=64, architecture="relu", max_iter=3, batch_size=512,
-                          learning_rate=3e-3, random_state=0),
+        SparseAutoencoder(
+            n_components=64,
+            architecture="relu",
+            max_iter=3,
+            batch_size=512,
+            learning_rate=3e-3,
+            random_state=0,
+        ),
         {"l1_coefficient": [0.1, 10.0]},
         cv=2,
     ).fit(X[:2048])
@@ -332,7 +352,10 @@ def test_nan_in_h5py_chunk_names_rows_and_keeps_model(tmp_path, small_X):
     X[150] = np.nan
     with h5py.File(tmp_path / "bad.h5", "w") as file:
         file["x"] = X
-    with h5py.File(tmp_path / "bad.h5", "r") as file, pytest.raises(ValueError, match=r"rows 0:200"):
+    with (
+        h5py.File(tmp_path / "bad.h5", "r") as file,
+        pytest.raises(ValueError, match=r"rows 0:200"),
+    ):
         good.fit(file["x"])
     np.testing.assert_array_equal(good.components_, components)
     assert good.n_iter_ == 2

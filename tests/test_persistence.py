@@ -25,8 +25,9 @@ def test_joblib_round_trip_transforms_identically(tmp_path, small_X, architectur
 def test_pickled_state_holds_no_torch_objects(small_X):
     state = SparseAutoencoder(**FAST).fit(small_X).__getstate__()
     for value in state.values():
-        assert not isinstance(value, (torch.Tensor, torch.nn.Module, torch.optim.Optimizer,
-                                      torch.Generator))
+        assert not isinstance(
+            value, (torch.Tensor, torch.nn.Module, torch.optim.Optimizer, torch.Generator)
+        )
     assert state["_sksae_version"] == skSAE.__version__
 
 

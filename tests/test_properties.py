@@ -18,8 +18,14 @@ def fitted_cases(draw):
     X = np.random.default_rng(seed).normal(size=(n_samples, n_features)) * draw(
         st.sampled_from([1e-3, 1.0, 1e3])
     )
-    params = dict(n_components=n_components, architecture=architecture, k=k, max_iter=1,
-                  batch_size=16, random_state=seed)
+    params = dict(
+        n_components=n_components,
+        architecture=architecture,
+        k=k,
+        max_iter=1,
+        batch_size=16,
+        random_state=seed,
+    )
     return params, X
 
 
@@ -75,8 +81,9 @@ def test_inverse_transform_of_zero_codes_is_decoder_bias(case):
 @given(st.integers(0, 2**16), st.sampled_from(["topk", "relu"]))
 def test_same_seed_same_model(seed, architecture):
     X = np.random.default_rng(seed).normal(size=(30, 4))
-    params = dict(n_components=8, k=2, architecture=architecture, max_iter=1, batch_size=8,
-                  random_state=seed)
+    params = dict(
+        n_components=8, k=2, architecture=architecture, max_iter=1, batch_size=8, random_state=seed
+    )
     first = SparseAutoencoder(**params).fit(X)
     second = SparseAutoencoder(**params).fit(X)
     np.testing.assert_array_equal(first.components_, second.components_)
