@@ -56,3 +56,73 @@ def sparse_dataset():
 @pytest.fixture
 def small_X():
     return np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
+
+
+CHARS = list("abcdefghijklmnopqrstuvwxyz .,'")
+
+
+def make_char_tokenizer(add_bos=False):
+    """A character-level tokenizer over lowercase text; optionally prepends <bos>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<pad>", "<bos>", "<eos>", *CHARS])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    if add_bos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", 1)]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+    )
+
+
+def make_tiny_model(family):
+    """A 3-block random causal LM of the given family, built offline from a config."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        if family == "gpt2":
+            config = GPT2Config(
+                n_layer=3,
+                n_embd=16,
+                n_head=2,
+                vocab_size=64,
+                n_positions=64,
+                bos_token_id=1,
+                eos_token_id=2,
+            )
+            model = GPT2LMHeadModel(config)
+        else:
+            config = LlamaConfig(
+                num_hidden_layers=3,
+                hidden_size=16,
+                intermediate_size=32,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                vocab_size=64,
+                max_position_embeddings=64,
+                bos_token_id=1,
+                eos_token_id=2,
+            )
+            model = LlamaForCausalLM(config)
+    return model.eval()
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
+def tiny_model_dir(request, tmp_path_factory):
+    """A saved tiny model and tokenizer folder, loadable by path."""
+    folder = tmp_path_factory.mktemp(request.param)
+    make_tiny_model(request.param).save_pretrained(folder)
+    make_char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+TEXTS = [
+    "the quick brown fox jumps over the lazy dog.",
+    "to be, or not to be, that is the question.",
+    "a",
+    "sparse autoencoders find directions in activation space, one latent at a time.",
+]

@@ -44,3 +44,24 @@ def test_cuda_model_loads_on_cpu_only_machine(tmp_path, small_X):
     )
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     subprocess.run([sys.executable, "-c", script], check=True, env=env)
+
+
+def test_training_loop_syncs_only_at_checks(monkeypatch, small_X):
+    import warnings
+
+    import skSAE._estimator as estimator_module
+
+    monkeypatch.setattr(estimator_module, "_CHECK_EVERY", 1000)
+    X = np.tile(small_X, (20, 1))  # 4000 rows: 125 steps of 32 rows in one pass
+    sae = SparseAutoencoder(device="cuda", n_components=64, k=8, max_iter=1, batch_size=32)
+    sae.fit(X[:64])  # warm-up: CUDA context, kernels
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sae.partial_fit(X)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    # Setup and the end-of-pass summary may sync a few times; 125 steps must not.
+    assert len(syncs) < 20, [str(w.message) for w in syncs[:5]]

@@ -1,0 +1,712 @@
+"""`ActivationExtractor`: text in, activations of a transformers model out (and back in).
+
+transformers is imported lazily, when a model is first loaded.
+
+Shape suffixes::
+
+    N rows of X (tokens, flattened)   B minibatch rows (contexts)   S sequence positions
+    D n_features (d_model)            V vocabulary
+"""
+
+import hashlib
+import os
+import sys
+import time
+from contextlib import contextmanager
+from numbers import Integral
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin
+from tqdm.auto import tqdm
+
+from . import __version__
+from ._sklearn_compat import Interval, StrOptions
+from ._utils import resolve_device
+
+HOOKS = ("resid_post", "attn_out", "mlp_out")
+_ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Documents tokenised per call to the tokenizer (bounds memory for any corpus size).
+_DOCUMENTS_PER_GROUP = 256
+
+
+class Extraction(NamedTuple):
+    """Activations of every kept token, with where each row came from."""
+
+    activations: np.ndarray
+    """Float32 array of shape (n_tokens, d_model)."""
+    token_ids: np.ndarray
+    """Int64 array of shape (n_tokens,): the token at each row."""
+    doc_index: np.ndarray
+    """Int64 array of shape (n_tokens,): index of the text each row came from."""
+    position: np.ndarray
+    """Int64 array of shape (n_tokens,): index of the token within its text's tokens."""
+
+
+class SplicedLosses(NamedTuple):
+    """Next-token cross-entropies of a clean run and of spliced runs on the same tokens."""
+
+    clean: float
+    """Mean cross-entropy (nats per predicted token) of the unmodified model."""
+    spliced: dict
+    """Name of each replacement to its mean cross-entropy."""
+    kl: dict
+    """Name of each replacement to the mean KL divergence KL(clean || spliced) per token."""
+
+
+class _Batch(NamedTuple):
+    input_ids_BS: torch.Tensor
+    attention_mask_BS: torch.Tensor
+    keep_BS: torch.Tensor
+    doc_BS: torch.Tensor
+    position_BS: torch.Tensor
+    documents_done: int
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook to skip the layers after the hooked one."""
+
+
+class ActivationExtractor(TransformerMixin, BaseEstimator):
+    """Activations of a transformers model at one hook point, one row per kept token.
+
+    Parameters
+    ----------
+    model : str, path or transformers.PreTrainedModel, default=None
+        A folder or hub name that `transformers` loads (offline when the hub is
+        unreachable), a ``.gguf`` file, or an already loaded model. A ``.gguf`` file is
+        converted once to a safetensors folder under `cache_dir` and reloaded from there.
+    tokenizer : str, path or tokenizer, default=None
+        Defaults to the model's own.
+    hook : str, default="resid_post"
+        ``"resid_post"`` (output of block `layer`, the residual stream), ``"attn_out"``
+        or ``"mlp_out"`` (outputs of that block's attention or MLP), or the dotted path of
+        any module (e.g. ``"model.layers.3.mlp"``), in which case `layer` is ignored.
+    layer : int, default=6
+        Index of the block, from 0.
+    context_size : int, default=128
+        Tokens per context, special tokens included. Longer texts are cut into
+        consecutive contexts.
+    batch_size : int, default=8
+        Contexts per forward pass.
+    device : str, default="auto"
+        Torch device of the model: ``"auto"`` picks CUDA when available.
+    dtype : {"float32", "bfloat16", "float16"}, default="float32"
+        Dtype the model runs in; activations are returned as float32.
+    exclude_special_tokens : bool, default=True
+        Drop rows of special tokens (BOS, EOS, CLS, SEP) and padding.
+    drop_first_position : bool, default=True
+        Drop the first position of every context. Causal models park attention there
+        (an "attention sink"): on SmolLM2-135M its residual norm is 7x the median at
+        block 6 and ~140x at block 15, which would dominate an SAE's loss.
+    cache_dir : str, default=None
+        Where converted ``.gguf`` models are kept; defaults to ``$SKSAE_CACHE`` or
+        ``~/.cache/skSAE``.
+    verbose : int or bool, default=0
+        Progress bar (stdout) with tokens per second.
+
+    Attributes
+    ----------
+    model_ : transformers.PreTrainedModel
+        The loaded model (after the first extraction). Not pickled when `model` is a path.
+    tokenizer_ : transformers tokenizer
+        The loaded tokenizer.
+    tokens_per_second_ : float
+        Kept tokens per second of the last extraction.
+
+    Notes
+    -----
+    Output rows are tokens, not texts: ``transform`` changes the number of rows, on
+    purpose (it is the point of the transformer). ``y`` must be None.
+
+    The forward pass stops right after the hooked module, so later layers (and the
+    unembedding) cost nothing during extraction.
+
+    Splicing (`cross_entropy`, `spliced_losses`, `skSAE.metrics.loss_recovered`) replaces
+    the activation at exactly the positions that `extract` returns rows for; the others
+    (the first position, special tokens) keep their clean values, so an SAE is only ever
+    asked to reconstruct what it was trained on, and baselines use the same positions.
+
+    Examples
+    --------
+    >>> from skSAE import ActivationExtractor
+    >>> extractor = ActivationExtractor("path/to/model", layer=3)
+    >>> extractor.get_params()["hook"]
+    'resid_post'
+    """
+
+    _parameter_constraints: dict = {
+        "model": [str, os.PathLike, object, None],
+        "tokenizer": [str, os.PathLike, object, None],
+        "hook": [str],
+        "layer": [Interval(Integral, 0, None, closed="left")],
+        "context_size": [Interval(Integral, 2, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "device": [str],
+        "dtype": [StrOptions(set(_DTYPES))],
+        "exclude_special_tokens": ["boolean"],
+        "drop_first_position": ["boolean"],
+        "cache_dir": [str, os.PathLike, None],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        model=None,
+        *,
+        tokenizer=None,
+        hook="resid_post",
+        layer=6,
+        context_size=128,
+        batch_size=8,
+        device="auto",
+        dtype="float32",
+        exclude_special_tokens=True,
+        drop_first_position=True,
+        cache_dir=None,
+        verbose=0,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.hook = hook
+        self.layer = layer
+        self.context_size = context_size
+        self.batch_size = batch_size
+        self.device = device
+        self.dtype = dtype
+        self.exclude_special_tokens = exclude_special_tokens
+        self.drop_first_position = drop_first_position
+        self.cache_dir = cache_dir
+        self.verbose = verbose
+
+    def __sklearn_clone__(self):
+        # Share a loaded model instead of deep-copying its weights.
+        return type(self)(**self.get_params(deep=False))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.string = True
+        tags.requires_fit = False
+        tags.transformer_tags.preserves_dtype = []
+        return tags
+
+    def fit(self, X=None, y=None):
+        """Check the parameters; the model is loaded lazily, at the first extraction.
+
+        Parameters
+        ----------
+        X : list of str, default=None
+            Ignored.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        self : ActivationExtractor
+        """
+        self._validate_params()
+        _check_y(y)
+        return self
+
+    def transform(self, X):
+        """Activations of every kept token of every text.
+
+        Parameters
+        ----------
+        X : list of str
+            Texts.
+
+        Returns
+        -------
+        activations : ndarray of shape (n_tokens, d_model)
+            Float32 activations at the hook, rows in text order.
+        """
+        return self.extract(X).activations
+
+    def fit_transform(self, X, y=None):
+        """Same as `transform` (there is nothing to fit)."""
+        return self.fit(X, y).transform(X)
+
+    # -------------------------------------------------------------- extraction
+
+    def extract(self, texts, store=None):
+        """Activations with their token ids and (text, position) of origin.
+
+        Parameters
+        ----------
+        texts : list of str
+            Texts.
+        store : str or path, default=None
+            An HDF5 file to stream the rows into instead of returning them. An
+            unfinished file made by the same extractor is resumed where it stopped.
+
+        Returns
+        -------
+        extraction : Extraction or skSAE.cache.ActivationCache
+            In-memory arrays, or the store (when `store` is given).
+        """
+        texts = _check_texts(texts)
+        if store is not None:
+            from .cache import ActivationCache
+
+            return ActivationCache.write(self, texts, store)
+        parts = list(self._iter_extract(texts))
+        if not parts:
+            raise ValueError(
+                "No token was kept: the texts are too short once special tokens and "
+                "the first position of each context are dropped."
+            )
+        return Extraction(*(np.concatenate(column) for column in zip(*parts)))
+
+    def _iter_extract(self, texts, first_document=0):
+        """Yield (activations, token_ids, doc_index, position) arrays batch by batch.
+
+        After each yield, ``self._documents_done`` is the number of leading texts whose
+        rows have all been yielded.
+        """
+        model, _ = self._load()
+        device = next(model.parameters()).device
+        module = self._hook_module()
+        captured = []
+
+        def capture(module, args, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+            raise _StopForward
+
+        handle = module.register_forward_hook(capture)
+        n_kept = 0
+        started = time.perf_counter()
+        progress = tqdm(disable=not self.verbose, file=sys.stdout, unit="tok", desc="extracting")
+        try:
+            with torch.inference_mode():
+                for batch in self._batches(texts, device, first_document):
+                    captured.clear()
+                    try:
+                        model(input_ids=batch.input_ids_BS, attention_mask=batch.attention_mask_BS)
+                    except _StopForward:
+                        pass
+                    if not captured:
+                        raise RuntimeError(
+                            f"hook {self.hook!r} did not run during the forward pass."
+                        )
+                    keep_BS = batch.keep_BS
+                    acts_ND = captured[0][keep_BS].to("cpu", torch.float32).numpy()
+                    n_kept += acts_ND.shape[0]
+                    progress.update(acts_ND.shape[0])
+                    self._documents_done = batch.documents_done
+                    yield (
+                        acts_ND,
+                        batch.input_ids_BS[keep_BS].cpu().numpy(),
+                        batch.doc_BS[keep_BS].cpu().numpy(),
+                        batch.position_BS[keep_BS].cpu().numpy(),
+                    )
+        finally:
+            handle.remove()
+            progress.close()
+            elapsed = time.perf_counter() - started
+            self.tokens_per_second_ = n_kept / elapsed if elapsed > 0 else float("nan")
+
+    # ------------------------------------------------------------------ splice
+
+    @contextmanager
+    def splice(self, replacement, positions=None):
+        """Run the model with the hooked activation replaced by ``replacement(activation)``.
+
+        Parameters
+        ----------
+        replacement : callable
+            Maps the hooked activation, a tensor of shape (batch, seq, d_model), to a
+            tensor of the same shape: an SAE's reconstruction, zeros, the mean, or the
+            activation plus a scaled decoder direction (steering).
+        positions : callable, default=None
+            Returns a boolean mask of shape (batch, seq) of the positions to replace;
+            the rest keep their clean values. ``None`` replaces every position.
+
+        Yields
+        ------
+        model : transformers.PreTrainedModel
+            The loaded model, spliced until the block exits.
+        """
+        model, _ = self._load()
+        module = self._hook_module()
+
+        def replace(module, args, output):
+            hidden_BSD = output[0] if isinstance(output, tuple) else output
+            new_BSD = replacement(hidden_BSD).to(hidden_BSD.dtype)
+            if new_BSD.shape != hidden_BSD.shape:
+                raise ValueError(
+                    f"replacement returned shape {tuple(new_BSD.shape)}, expected "
+                    f"{tuple(hidden_BSD.shape)}."
+                )
+            if positions is not None:
+                new_BSD = torch.where(positions()[..., None], new_BSD, hidden_BSD)
+            return (new_BSD, *output[1:]) if isinstance(output, tuple) else new_BSD
+
+        handle = module.register_forward_hook(replace)
+        try:
+            yield model
+        finally:
+            handle.remove()
+
+    def spliced_losses(self, texts, replacements):
+        """Cross-entropy of the clean model and of each splice, on the same tokens.
+
+        Parameters
+        ----------
+        texts : list of str
+            Texts; each is cut into contexts as in `extract`.
+        replacements : dict of str to callable
+            Each maps the hooked activation to its replacement (see `splice`); it is
+            applied at the positions `extract` keeps.
+
+        Returns
+        -------
+        losses : SplicedLosses
+            Mean next-token cross-entropy over every non-padding prediction, and the
+            mean KL divergence of each spliced model from the clean one.
+        """
+        texts = _check_texts(texts)
+        model, _ = self._load()
+        if model.get_output_embeddings() is None:
+            raise ValueError(
+                f"{type(model).__name__} has no language-model head, so cross-entropy "
+                "is undefined; load the model with a causal LM head."
+            )
+        device = next(model.parameters()).device
+        current = {}
+        sums = {name: 0.0 for name in replacements}
+        kl_sums = {name: 0.0 for name in replacements}
+        clean_sum = 0.0
+        n_predictions = 0
+        with torch.inference_mode():
+            for batch in self._batches(texts, device):
+                current["keep_BS"] = batch.keep_BS
+                labels_BS = batch.input_ids_BS.masked_fill(batch.attention_mask_BS == 0, -100)
+                clean_BSV = self._logits(model, batch)
+                clean_sum += _cross_entropy_sum(clean_BSV, labels_BS)
+                n_predictions += int((labels_BS[:, 1:] != -100).sum())
+                for name, replacement in replacements.items():
+                    with self.splice(replacement, positions=lambda: current["keep_BS"]):
+                        spliced_BSV = self._logits(model, batch)
+                    sums[name] += _cross_entropy_sum(spliced_BSV, labels_BS)
+                    kl_sums[name] += _kl_sum(clean_BSV, spliced_BSV, labels_BS)
+        if n_predictions == 0:
+            raise ValueError("The texts give no next-token prediction (each needs 2 tokens).")
+        return SplicedLosses(
+            clean=clean_sum / n_predictions,
+            spliced={name: total / n_predictions for name, total in sums.items()},
+            kl={name: total / n_predictions for name, total in kl_sums.items()},
+        )
+
+    def cross_entropy(self, texts, replacement=None):
+        """Mean next-token cross-entropy on ``texts``, optionally spliced.
+
+        Parameters
+        ----------
+        texts : list of str
+            Texts.
+        replacement : callable, default=None
+            See `splice`; applied at the positions `extract` keeps.
+
+        Returns
+        -------
+        cross_entropy : float
+            Nats per predicted token.
+        """
+        if replacement is None:
+            return self.spliced_losses(texts, {}).clean
+        return self.spliced_losses(texts, {"spliced": replacement}).spliced["spliced"]
+
+    @staticmethod
+    def _logits(model, batch):
+        output = model(input_ids=batch.input_ids_BS, attention_mask=batch.attention_mask_BS)
+        return output.logits.float()
+
+    # ------------------------------------------------------------ tokenisation
+
+    def _batches(self, texts, device, first_document=0):
+        """Contexts of ``context_size`` tokens, padded into batches of ``batch_size``."""
+        _, tokenizer = self._load()
+        prefix, suffix = _special_template(tokenizer)
+        content = self.context_size - len(prefix) - len(suffix)
+        if content < 1:
+            raise ValueError(
+                f"context_size={self.context_size} leaves no room for text next to the "
+                f"{len(prefix) + len(suffix)} special tokens the tokenizer adds."
+            )
+        special_ids = set(tokenizer.all_special_ids)
+        pad_id = tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        pending = []
+        for group_start in range(first_document, len(texts), _DOCUMENTS_PER_GROUP):
+            group = texts[group_start : group_start + _DOCUMENTS_PER_GROUP]
+            encoded = tokenizer(group, add_special_tokens=False)["input_ids"]
+            for offset, ids in enumerate(encoded):
+                doc = group_start + offset
+                for start in range(0, max(len(ids), 1), content):
+                    piece = ids[start : start + content]
+                    if not piece:
+                        continue
+                    pending.append((doc, start, prefix + piece + suffix, len(prefix), len(suffix)))
+                    if len(pending) == self.batch_size:
+                        yield self._collate(pending, special_ids, pad_id, device)
+                        pending = []
+        if pending:
+            yield self._collate(pending, special_ids, pad_id, device)
+
+    def _collate(self, contexts, special_ids, pad_id, device):
+        """Pad contexts into one batch with its keep mask and row provenance."""
+        width = max(len(ids) for _, _, ids, _, _ in contexts)
+        shape = (len(contexts), width)
+        input_ids = np.full(shape, pad_id, dtype=np.int64)
+        attention = np.zeros(shape, dtype=np.int64)
+        keep = np.zeros(shape, dtype=bool)
+        doc = np.full(shape, -1, dtype=np.int64)
+        position = np.full(shape, -1, dtype=np.int64)
+        for row, (doc_index, start, ids, n_prefix, n_suffix) in enumerate(contexts):
+            length = len(ids)
+            input_ids[row, :length] = ids
+            attention[row, :length] = 1
+            doc[row, :length] = doc_index
+            position[row, n_prefix : length - n_suffix] = start + np.arange(
+                length - n_prefix - n_suffix
+            )
+            kept = np.ones(length, dtype=bool)
+            if self.exclude_special_tokens:
+                kept[:n_prefix] = False
+                kept[length - n_suffix :] = False
+                kept &= ~np.isin(ids, list(special_ids))
+            if self.drop_first_position:
+                kept[0] = False
+            keep[row, :length] = kept
+        return _Batch(
+            torch.from_numpy(input_ids).to(device),
+            torch.from_numpy(attention).to(device),
+            torch.from_numpy(keep).to(device),
+            torch.from_numpy(doc).to(device),
+            torch.from_numpy(position).to(device),
+            # Contexts come in document order: every earlier document is complete.
+            documents_done=contexts[-1][0],
+        )
+
+    # ----------------------------------------------------------------- loading
+
+    def _load(self):
+        """The model and tokenizer, loaded once and kept in ``model_``/``tokenizer_``."""
+        if getattr(self, "model_", None) is not None:
+            return self.model_, self.tokenizer_
+        self._validate_params()
+        if self.model is None:
+            raise ValueError(
+                "model=None: pass a folder or hub name, a .gguf file or a loaded "
+                "transformers model, e.g. ActivationExtractor(skSAE.corpora.smollm2_path())."
+            )
+        device = resolve_device(self.device)
+        dtype = _DTYPES[self.dtype]
+        model, tokenizer = _load_model(self.model, self.tokenizer, dtype, self.cache_dir)
+        model.to(device)
+        model.eval()
+        self.model_ = model
+        self.tokenizer_ = tokenizer
+        return model, tokenizer
+
+    def _hook_module(self):
+        """The module whose output is read or replaced, checked against the model."""
+        model, _ = self._load()
+        if self.hook not in HOOKS:
+            modules = dict(model.named_modules())
+            if self.hook in modules and self.hook != "":
+                return modules[self.hook]
+            raise ValueError(
+                f"hook={self.hook!r} is neither one of {list(HOOKS)} nor a module of "
+                f"{type(model).__name__}; module paths look like "
+                f"{_example_paths(model)}."
+            )
+        blocks = _find_blocks(model)
+        if self.layer >= len(blocks):
+            raise ValueError(
+                f"layer={self.layer} is out of range: {type(model).__name__} has "
+                f"{len(blocks)} blocks, so layer must be in 0..{len(blocks) - 1}."
+            )
+        block = blocks[self.layer]
+        if self.hook == "resid_post":
+            return block
+        names = _ATTENTION_NAMES if self.hook == "attn_out" else _MLP_NAMES
+        children = dict(block.named_children())
+        for name in names:
+            if name in children:
+                return children[name]
+        available = [hook for hook in HOOKS if hook == "resid_post" or _has_child(block, hook)]
+        raise ValueError(
+            f"hook={self.hook!r} is not available for {type(block).__name__}; valid hooks "
+            f"are {available}, or a module path such as {_example_paths(model)}."
+        )
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if not _is_model_object(self.model):
+            state.pop("model_", None)
+            state.pop("tokenizer_", None)
+        state["_sksae_version"] = __version__
+        return state
+
+    def __setstate__(self, state):
+        state.pop("_sksae_version", None)
+        self.__dict__.update(state)
+
+
+def _has_child(block, hook):
+    names = _ATTENTION_NAMES if hook == "attn_out" else _MLP_NAMES
+    return any(name in dict(block.named_children()) for name in names)
+
+
+def _example_paths(model):
+    paths = [name for name, _ in model.named_modules() if name.count(".") == 3][:2]
+    return paths or [name for name, _ in model.named_modules() if name][:2]
+
+
+def _find_blocks(model):
+    """The model's list of transformer blocks: the first ModuleList of num_hidden_layers."""
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise ValueError(
+        f"Could not find the list of {n_layers} blocks in {type(model).__name__}; pass "
+        "hook='<module path>' instead."
+    )
+
+
+def _is_model_object(model):
+    return isinstance(model, torch.nn.Module)
+
+
+def _check_texts(texts):
+    if isinstance(texts, str):
+        raise ValueError("Expected a list of texts, got a single str; wrap it in a list.")
+    try:
+        texts = list(texts)
+    except TypeError as exc:
+        raise ValueError(f"Expected a list of texts, got {type(texts).__name__}.") from exc
+    if not texts:
+        raise ValueError("Expected at least one text, got an empty list.")
+    bad = [type(text).__name__ for text in texts if not isinstance(text, str)]
+    if bad:
+        raise ValueError(f"Expected every text to be a str, got {bad[0]} among them.")
+    return texts
+
+
+def _check_y(y):
+    if y is not None:
+        raise ValueError("ActivationExtractor takes no y: its rows are tokens, not texts.")
+
+
+def _special_template(tokenizer):
+    """Special token ids the tokenizer puts before and after a text."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start]), list(full[start + len(plain) :])
+    return [], []
+
+
+def _cross_entropy_sum(logits_BSV, labels_BS):
+    return float(
+        torch.nn.functional.cross_entropy(
+            logits_BSV[:, :-1].flatten(0, 1),
+            labels_BS[:, 1:].flatten(),
+            reduction="sum",
+            ignore_index=-100,
+        )
+    )
+
+
+def _kl_sum(clean_BSV, spliced_BSV, labels_BS):
+    valid_BS = labels_BS[:, 1:] != -100
+    clean_log_BSV = torch.log_softmax(clean_BSV[:, :-1], dim=-1)
+    spliced_log_BSV = torch.log_softmax(spliced_BSV[:, :-1], dim=-1)
+    kl_BS = (clean_log_BSV.exp() * (clean_log_BSV - spliced_log_BSV)).sum(dim=-1)
+    return float(kl_BS[valid_BS].sum())
+
+
+# -------------------------------------------------------------------- loading
+
+
+def default_cache_dir():
+    """Folder for converted models: ``$SKSAE_CACHE`` or ``~/.cache/skSAE``."""
+    return Path(os.environ.get("SKSAE_CACHE", Path.home() / ".cache" / "skSAE"))
+
+
+def _load_model(model, tokenizer, dtype, cache_dir):
+    from transformers import AutoTokenizer
+
+    if _is_model_object(model):
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
+        elif isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        return model.to(dtype), tokenizer
+    path = Path(model)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"model={str(model)!r}: no such .gguf file.")
+        path = _converted_gguf(path, Path(cache_dir) if cache_dir else default_cache_dir())
+    loaded = _auto_model(str(path), dtype)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    return loaded, tokenizer
+
+
+def _auto_model(name, dtype, **kwargs):
+    """A causal LM where the config names one, else the bare model (e.g. BERT)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(name, **kwargs)
+    except OSError as exc:
+        raise ValueError(
+            f"model={name!r} could not be loaded: not a local model folder, and the hub "
+            f"is unreachable or has no such model ({exc})."
+        ) from exc
+    architectures = config.architectures or []
+    causal = any(arch.endswith(("ForCausalLM", "LMHeadModel")) for arch in architectures)
+    auto = AutoModelForCausalLM if causal else AutoModel
+    return auto.from_pretrained(name, dtype=dtype, **kwargs)
+
+
+def _converted_gguf(gguf_path, cache_dir):
+    """A safetensors copy of a GGUF model: parsed once (~15 s), then reloaded in < 1 s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    target = cache_dir / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    folder, name = str(gguf_path.parent), gguf_path.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # transformers refuses to save a model that still carries the GGUF quantizer marker;
+    # the weights are already dequantised, so dropping it changes nothing.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    if target.exists():  # converted meanwhile by another process
+        import shutil
+
+        shutil.rmtree(partial, ignore_errors=True)
+    else:
+        partial.replace(target)
+    return target

@@ -1,0 +1,313 @@
+"""ActivationExtractor on tiny random GPT-2 and Llama models, offline."""
+
+import pickle
+
+import h5py
+import joblib
+import numpy as np
+import pytest
+import torch
+from conftest import TEXTS, make_char_tokenizer, make_tiny_model
+from sklearn.pipeline import Pipeline
+
+from skSAE import ActivationCache, ActivationExtractor, SparseAutoencoder
+from skSAE.metrics import loss_recovered, loss_recovered_details
+
+
+def extractor_for(folder, **params):
+    return ActivationExtractor(
+        str(folder), layer=1, context_size=16, batch_size=3, device="cpu", **params
+    )
+
+
+def hidden_states(extractor, text_ids, layer):
+    """Reference: the model's own output_hidden_states for one context."""
+    model = extractor.model_
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([text_ids]), output_hidden_states=True)
+    return out.hidden_states[layer + 1][0].numpy()
+
+
+def test_resid_post_equals_output_hidden_states(tiny_model_dir):
+    extractor = extractor_for(tiny_model_dir, drop_first_position=False)
+    result = extractor.extract(TEXTS[:1])
+    ids = extractor.tokenizer_(TEXTS[0], add_special_tokens=False)["input_ids"]
+    expected = np.concatenate(
+        [hidden_states(extractor, ids[start : start + 16], 1) for start in range(0, len(ids), 16)]
+    )
+    np.testing.assert_allclose(result.activations, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(result.token_ids, ids)
+    np.testing.assert_array_equal(result.position, np.arange(len(ids)))
+    assert (result.doc_index == 0).all()
+
+
+def test_last_block_is_block_output_not_final_norm(tiny_model_dir):
+    extractor = extractor_for(tiny_model_dir, drop_first_position=False).set_params(layer=2)
+    acts = extractor.transform(TEXTS[:1])
+    ids = extractor.tokenizer_(TEXTS[0], add_special_tokens=False)["input_ids"][:16]
+    with torch.inference_mode():
+        out = extractor.model_(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    final_normed = out.hidden_states[-1][0].numpy()
+    assert not np.allclose(acts[:16], final_normed, atol=1e-3)
+
+
+def test_padding_does_not_change_rows(tiny_model_dir):
+    batched = extractor_for(tiny_model_dir).extract(TEXTS)
+    alone = [extractor_for(tiny_model_dir).extract([text]) for text in TEXTS if len(text) > 1]
+    np.testing.assert_allclose(
+        batched.activations, np.concatenate([r.activations for r in alone]), rtol=1e-5, atol=1e-5
+    )
+    assert np.isin(batched.doc_index, [0, 1, 3]).all()  # "a" has only a first position
+
+
+def test_drop_first_position_drops_one_row_per_context(tiny_model_dir):
+    kept = extractor_for(tiny_model_dir).extract(TEXTS)
+    every = extractor_for(tiny_model_dir, drop_first_position=False).extract(TEXTS)
+    n_contexts = sum(-(-len(text) // 16) for text in TEXTS)
+    assert every.activations.shape[0] - kept.activations.shape[0] == n_contexts
+    assert not np.isin(kept.position, np.arange(0, 200, 16)).any()
+
+
+def test_special_tokens_excluded_by_default(tmp_path):
+    make_tiny_model("llama").save_pretrained(tmp_path)
+    make_char_tokenizer(add_bos=True).save_pretrained(tmp_path)
+    without = extractor_for(tmp_path, drop_first_position=False).extract(TEXTS[:2])
+    assert 1 not in without.token_ids  # <bos>
+    assert without.activations.shape[0] == len(TEXTS[0]) + len(TEXTS[1])
+    with_bos = extractor_for(
+        tmp_path, drop_first_position=False, exclude_special_tokens=False
+    ).extract(TEXTS[:2])
+    n_contexts = sum(-(-len(text) // 15) for text in TEXTS[:2])
+    assert (with_bos.token_ids == 1).sum() == n_contexts
+    assert (with_bos.position[with_bos.token_ids == 1] == -1).all()
+
+
+@pytest.mark.parametrize("hook", ["attn_out", "mlp_out"])
+def test_submodule_hooks_capture_their_module(tiny_model_dir, hook):
+    extractor = extractor_for(tiny_model_dir, hook=hook, drop_first_position=False)
+    acts = extractor.transform(TEXTS[:1])
+    model = extractor.model_
+    block = extractor._hook_module()
+    captured = []
+    handle = block.register_forward_hook(
+        lambda m, a, out: captured.append(out[0] if isinstance(out, tuple) else out)
+    )
+    ids = extractor.tokenizer_(TEXTS[0], add_special_tokens=False)["input_ids"][:16]
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([ids]))
+    handle.remove()
+    np.testing.assert_allclose(acts[:16], captured[0][0].numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(acts[:16], hidden_states(extractor, ids, 1), atol=1e-3)
+
+
+def test_module_path_hook(tiny_model_dir):
+    model = extractor_for(tiny_model_dir)._load()[0]
+    path = next(name for name, _ in model.named_modules() if name.endswith("1.mlp"))
+    by_path = extractor_for(tiny_model_dir, hook=path).transform(TEXTS[:2])
+    by_name = extractor_for(tiny_model_dir, hook="mlp_out").transform(TEXTS[:2])
+    np.testing.assert_array_equal(by_path, by_name)
+
+
+def test_forward_stops_after_hooked_block(tiny_model_dir):
+    extractor = extractor_for(tiny_model_dir).set_params(layer=0)
+    extractor._load()
+    from skSAE.extraction import _find_blocks
+
+    calls = []
+    handle = _find_blocks(extractor.model_)[2].register_forward_hook(lambda *a: calls.append(1))
+    extractor.transform(TEXTS)
+    handle.remove()
+    assert calls == []
+
+
+def test_unknown_hook_lists_valid_choices(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"resid_post.*attn_out.*mlp_out"):
+        extractor_for(tiny_model_dir, hook="resid_pre").transform(TEXTS)
+
+
+def test_layer_out_of_range_names_valid_range(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"layer=7 .* 0\.\.2"):
+        extractor_for(tiny_model_dir).set_params(layer=7).transform(TEXTS)
+
+
+@pytest.mark.parametrize(
+    ("texts", "message"),
+    [("one string", "single str"), ([], "empty"), (["ok", 3], "int")],
+)
+def test_bad_texts_raise(tiny_model_dir, texts, message):
+    with pytest.raises(ValueError, match=message):
+        extractor_for(tiny_model_dir).transform(texts)
+
+
+def test_unloadable_model_raises_value_error(tmp_path):
+    with pytest.raises(ValueError, match="could not be loaded"):
+        ActivationExtractor(str(tmp_path / "missing"), device="cpu").transform(TEXTS)
+
+
+def test_fit_loads_nothing(tiny_model_dir):
+    extractor = extractor_for(tiny_model_dir).fit(TEXTS)
+    assert not hasattr(extractor, "model_")
+
+
+def test_tokens_per_second_reported(tiny_model_dir):
+    extractor = extractor_for(tiny_model_dir)
+    extractor.transform(TEXTS)
+    assert extractor.tokens_per_second_ > 0
+
+
+# ------------------------------------------------------------------------- splice
+
+
+def test_identity_splice_leaves_loss_unchanged(tiny_model_dir):
+    extractor = extractor_for(tiny_model_dir)
+    losses = extractor.spliced_losses(TEXTS, {"identity": lambda hidden: hidden.clone()})
+    assert losses.spliced["identity"] == pytest.approx(losses.clean, abs=1e-6)
+    assert losses.kl["identity"] == pytest.approx(0.0, abs=1e-6)
+    assert 0 < losses.clean < 2 * np.log(64)
+
+
+def test_zero_splice_equals_manual_zero_ablation(tiny_model_dir):
+    extractor = extractor_for(tiny_model_dir)
+    spliced = extractor.cross_entropy(TEXTS[:2], replacement=torch.zeros_like)
+    # Reference: zero the block output at every position but the first, by hand.
+    model, tokenizer = extractor._load()
+    block = extractor._hook_module()
+
+    def zero_after_first(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = torch.cat([hidden[:, :1], torch.zeros_like(hidden[:, 1:])], dim=1)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    total, count = 0.0, 0
+    handle = block.register_forward_hook(zero_after_first)
+    with torch.inference_mode():
+        for text in TEXTS[:2]:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            for start in range(0, len(ids), 16):
+                piece = torch.tensor([ids[start : start + 16]])
+                logits = model(input_ids=piece).logits[0, :-1]
+                total += float(
+                    torch.nn.functional.cross_entropy(logits, piece[0, 1:], reduction="sum")
+                )
+                count += piece.shape[1] - 1
+    handle.remove()
+    assert spliced == pytest.approx(total / count, rel=1e-5)
+    assert abs(spliced - extractor.cross_entropy(TEXTS[:2])) > 1e-4
+
+
+def perfect_sae(width):
+    """An SAE whose reconstruction is exactly its input: codes relu(x), relu(-x)."""
+    sae = SparseAutoencoder(
+        n_components=2 * width, architecture="relu", max_iter=1, random_state=0
+    ).fit(np.random.default_rng(0).normal(size=(8, width)))
+    eye = np.eye(width, dtype=np.float32)
+    sae.W_enc_ = np.hstack([eye, -eye])
+    sae.b_enc_ = np.zeros(2 * width, dtype=np.float32)
+    sae.components_ = np.vstack([eye, -eye])
+    sae.b_dec_ = np.zeros(width, dtype=np.float32)
+    return sae
+
+
+def test_loss_recovered_of_perfect_reconstruction_is_one(tiny_model_dir):
+    extractor = extractor_for(tiny_model_dir)
+    details = loss_recovered_details(perfect_sae(16), extractor, TEXTS)
+    assert details.score == pytest.approx(1.0, abs=1e-5)
+    assert details.kl_sae == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean"])
+def test_loss_recovered_of_ablation_itself_is_zero(tiny_model_dir, ablation):
+    extractor = extractor_for(tiny_model_dir)
+    sae = perfect_sae(16)
+    sae.components_ = np.zeros_like(sae.components_)
+    if ablation == "mean":
+        sae.b_dec_ = extractor.transform(TEXTS).mean(axis=0)
+    assert loss_recovered(sae, extractor, TEXTS, ablation=ablation) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_loss_recovered_rejects_wrong_width(tiny_model_dir):
+    with pytest.raises(ValueError, match="16 features"):
+        loss_recovered(perfect_sae(8), extractor_for(tiny_model_dir), TEXTS)
+
+
+# -------------------------------------------------------------- store and pickle
+
+
+def test_store_equals_in_memory_and_trains_sae(tiny_model_dir, tmp_path):
+    extractor = extractor_for(tiny_model_dir)
+    cache = extractor.extract(TEXTS, store=tmp_path / "acts.h5")
+    expected = extractor.extract(TEXTS)
+    stored = cache.read()
+    for got, want in zip(stored, expected):
+        np.testing.assert_array_equal(got, want)
+    assert cache.attrs["hook"] == "resid_post" and cache.attrs["complete"]
+    with cache.open() as file:
+        sae = SparseAutoencoder(n_components=32, k=4, max_iter=2, random_state=0)
+        sae.fit(file["activations"])
+    assert sae.n_features_in_ == 16
+
+
+def test_interrupted_store_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    texts = TEXTS * 3
+    extractor = extractor_for(tiny_model_dir)
+    original = ActivationExtractor._iter_extract
+
+    def interrupted(self, texts, first_document=0):
+        for count, parts in enumerate(original(self, texts, first_document)):
+            if count == 2:
+                raise KeyboardInterrupt
+            yield parts
+
+    monkeypatch.setattr(ActivationExtractor, "_iter_extract", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        extractor.extract(texts, store=tmp_path / "acts.h5")
+    partial = ActivationCache(tmp_path / "acts.h5")
+    assert not partial.attrs["complete"] and 0 < partial.n_rows
+    monkeypatch.setattr(ActivationExtractor, "_iter_extract", original)
+    resumed = extractor.extract(texts, store=tmp_path / "acts.h5").read()
+    expected = extractor.extract(texts)
+    for got, want in zip(resumed, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_store_of_other_extraction_is_refused(tiny_model_dir, tmp_path):
+    extractor_for(tiny_model_dir).extract(TEXTS, store=tmp_path / "acts.h5")
+    with pytest.raises(ValueError, match="layer"):
+        extractor_for(tiny_model_dir).set_params(layer=0).extract(TEXTS, store=tmp_path / "acts.h5")
+
+
+def test_unreadable_store_raises(tmp_path):
+    (tmp_path / "bad.h5").write_text("not hdf5")
+    with pytest.raises(ValueError, match="not a readable HDF5"):
+        ActivationCache(tmp_path / "bad.h5").read()
+
+
+def test_pickle_stores_path_not_weights(tiny_model_dir):
+    extractor = extractor_for(tiny_model_dir)
+    acts = extractor.transform(TEXTS)
+    data = pickle.dumps(extractor)
+    assert b"model_" not in data or len(data) < 20_000
+    restored = pickle.loads(data)
+    assert not hasattr(restored, "model_")
+    np.testing.assert_array_equal(restored.transform(TEXTS), acts)
+
+
+def test_pipeline_round_trips_with_joblib(tiny_model_dir, tmp_path):
+    pipe = Pipeline(
+        [
+            ("acts", extractor_for(tiny_model_dir)),
+            ("sae", SparseAutoencoder(n_components=32, k=4, max_iter=2, random_state=0)),
+        ]
+    ).fit(TEXTS)
+    joblib.dump(pipe, tmp_path / "pipe.joblib")
+    loaded = joblib.load(tmp_path / "pipe.joblib")
+    np.testing.assert_array_equal(loaded.transform(TEXTS), pipe.transform(TEXTS))
+
+
+def test_clone_shares_loaded_model():
+    from sklearn.base import clone
+
+    model = make_tiny_model("gpt2")
+    extractor = ActivationExtractor(model, tokenizer=make_char_tokenizer(), layer=1)
+    assert clone(extractor).model is model
+    assert extractor.transform(TEXTS[:1]).shape[1] == 16
