@@ -136,7 +136,7 @@ class ActivationCache:
                 if "activations" not in file:
                     _create_datasets(file, parts[0].shape[1])
                 n_new = parts[0].shape[0]
-                for name, values in zip(_COLUMNS, parts):
+                for name, values in zip(_COLUMNS, parts, strict=False):
                     file[name].resize(rows + n_new, axis=0)
                     file[name][rows:] = values
                 rows += n_new

@@ -67,7 +67,7 @@ class _Batch(NamedTuple):
     documents_done: int
 
 
-class _StopForward(Exception):
+class _StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
     """Raised by a capture hook to skip the layers after the hooked one."""
 
 
@@ -261,7 +261,7 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
                 "No token was kept: the texts are too short once special tokens and "
                 "the first position of each context are dropped."
             )
-        return Extraction(*(np.concatenate(column) for column in zip(*parts)))
+        return Extraction(*(np.concatenate(column) for column in zip(*parts, strict=False)))
 
     def _iter_extract(self, texts, first_document=0):
         """Yield (activations, token_ids, doc_index, position) arrays batch by batch.

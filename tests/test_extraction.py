@@ -2,7 +2,6 @@
 
 import pickle
 
-import h5py
 import joblib
 import numpy as np
 import pytest
@@ -238,7 +237,7 @@ def test_store_equals_in_memory_and_trains_sae(tiny_model_dir, tmp_path):
     cache = extractor.extract(TEXTS, store=tmp_path / "acts.h5")
     expected = extractor.extract(TEXTS)
     stored = cache.read()
-    for got, want in zip(stored, expected):
+    for got, want in zip(stored, expected, strict=False):
         np.testing.assert_array_equal(got, want)
     assert cache.attrs["hook"] == "resid_post" and cache.attrs["complete"]
     with cache.open() as file:
@@ -266,7 +265,7 @@ def test_interrupted_store_resumes(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(ActivationExtractor, "_iter_extract", original)
     resumed = extractor.extract(texts, store=tmp_path / "acts.h5").read()
     expected = extractor.extract(texts)
-    for got, want in zip(resumed, expected):
+    for got, want in zip(resumed, expected, strict=False):
         np.testing.assert_array_equal(got, want)
 
 
