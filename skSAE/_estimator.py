@@ -25,7 +25,14 @@ from tqdm.auto import tqdm
 from . import __version__
 from ._architectures import ARCHITECTURES
 from ._sklearn_compat import Interval, StrOptions, _fit_context
-from ._utils import is_streamed, is_torch_tensor, resolve_device, to_numpy, torch_generator
+from ._utils import (
+    is_streamed,
+    is_torch_tensor,
+    read_only_tensor,
+    resolve_device,
+    to_numpy,
+    torch_generator,
+)
 from .cache import iter_chunks
 from .metrics import ExplainedVarianceAccumulator
 
@@ -405,8 +412,16 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         """Leave the estimator as it was if a call fails (bad data, interrupt).
 
         A diverged run is the exception: it deliberately keeps its last finite weights.
+        Training mutates the module, the optimizer, the random state and the loss curve
+        in place, so those are copied or rebuilt; weights are replaced, never mutated.
         """
-        saved = copy.copy(self.__dict__)
+        saved = {
+            key: copy.deepcopy(value) if key in ("loss_curve_", "_random_state") else value
+            for key, value in self.__dict__.items()
+            if key not in ("_module", "_optimizer", "_generator")
+        }
+        generator = getattr(self, "_generator", None)
+        generator_state = None if generator is None else generator.get_state()
         try:
             yield
         except TrainingDivergedError:
@@ -414,9 +429,12 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(saved)
-            # Training mutates the module in place: rebuild it from the restored arrays.
+            # Rebuilt from the restored arrays at the next call, with a fresh Adam state.
             self._module = None
             self._optimizer = None
+            if generator_state is not None:
+                self._generator = torch.Generator("cpu")
+                self._generator.set_state(generator_state)
             raise
 
     # ---------------------------------------------------------------- inference
@@ -524,10 +542,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                 return _InMemoryData(_validated_device_tensor(self, X, reset=reset), device)
             X = X.to(torch.float32).numpy() if X.dtype.is_floating_point else X.numpy()
         X = validate_data(self, X, reset=reset, dtype=np.float32)
-        with warnings.catch_warnings():
-            # Read-only arrays (pandas, joblib memmaps) warn; rows are only ever read.
-            warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
-            return _InMemoryData(torch.from_numpy(X), device)
+        return _InMemoryData(read_only_tensor(X), device)
 
     @property
     def _n_features_out(self):
@@ -680,7 +695,7 @@ class _StreamedData:
         except ValueError as exc:
             stop = start + block.shape[0]
             raise ValueError(f"{exc} (rows {start}:{stop} of the {type(self.X).__name__})") from exc
-        return torch.from_numpy(block)
+        return read_only_tensor(block)
 
     def sample(self, n_rows, random_state):
         """A contiguous block of up to ``n_rows`` rows at a random offset."""

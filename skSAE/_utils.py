@@ -3,6 +3,8 @@
 Shape suffixes: N rows of X, B minibatch rows, D n_features, F n_components.
 """
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -65,6 +67,17 @@ def torch_generator(random_state):
     generator : torch.Generator
     """
     return torch.Generator("cpu").manual_seed(int(random_state.randint(2**31 - 1)))
+
+
+def read_only_tensor(array):
+    """A tensor sharing the memory of a NumPy array that will only ever be read.
+
+    Read-only arrays (pandas values, memmaps opened with ``mode="r"``) are shared
+    without a copy; torch's warning about them does not apply, since nothing writes.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
+        return torch.from_numpy(array)
 
 
 def to_numpy(tensor):

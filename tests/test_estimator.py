@@ -1,6 +1,7 @@
 """Behaviour of SparseAutoencoder: training quality, sklearn integration, inputs, errors."""
 
 import re
+import warnings
 
 import h5py
 import numpy as np
@@ -378,3 +379,29 @@ def test_divergence_raises_and_keeps_last_finite_weights(small_X):
     for name in ("W_enc_", "b_enc_", "components_", "b_dec_"):
         assert np.isfinite(getattr(sae, name)).all()
     assert np.isfinite(sae.transform(small_X)).all()
+
+
+def test_interrupted_warm_start_restores_history(small_X, monkeypatch):
+    sae = SparseAutoencoder(**FAST, warm_start=True).fit(small_X)
+    curve, n_iter = list(sae.loss_curve_), sae.n_iter_
+    original = estimator_module._EpochStats.summary
+    calls = []
+
+    def interrupt_in_second_pass(self, module):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, module)
+
+    monkeypatch.setattr(estimator_module._EpochStats, "summary", interrupt_in_second_pass)
+    with pytest.raises(KeyboardInterrupt):
+        sae.fit(small_X)
+    assert sae.loss_curve_ == curve and sae.n_iter_ == n_iter
+
+
+def test_readonly_memmap_fit_does_not_warn(tmp_path, small_X):
+    np.save(tmp_path / "x.npy", small_X)
+    X = np.load(tmp_path / "x.npy", mmap_mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SparseAutoencoder(**FAST).fit(X)

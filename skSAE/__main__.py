@@ -1,0 +1,120 @@
+"""The main job: train an SAE on a real model's activations and report its quality.
+
+``python -m skSAE`` extracts the residual stream of SmolLM2-135M (block 6) on Python's
+own documentation, trains a TopK sparse autoencoder on it, and prints L0, variance
+explained, dead latents and loss recovered on held-out texts. Every step is offline.
+"""
+
+import argparse
+import time
+
+import joblib
+import numpy as np
+
+from . import ActivationExtractor, SparseAutoencoder, corpora
+from .metrics import loss_recovered_details, mean_l0
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m skSAE", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", default=None, help="model folder, hub name or .gguf file (default: SmolLM2-135M)"
+    )
+    parser.add_argument("--layer", type=int, default=6)
+    parser.add_argument("--hook", default="resid_post")
+    parser.add_argument(
+        "--tokens", type=int, default=40_000, help="training tokens to extract (about)"
+    )
+    parser.add_argument(
+        "--held-out-tokens", type=int, default=4_000, help="held-out tokens for the metrics (about)"
+    )
+    parser.add_argument("--architecture", default="topk", choices=["topk", "relu"])
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--l1-coefficient", type=float, default=1.0)
+    parser.add_argument("--expansion-factor", type=float, default=8)
+    parser.add_argument("--max-iter", type=int, default=5)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--output", default=None, help="save the fitted SAE here (joblib)")
+    return parser.parse_args(argv)
+
+
+def split_texts(texts, n_chars, n_held_out_chars):
+    """Training texts of about ``n_chars`` characters from the start of ``texts``, and
+    held-out texts of about ``n_held_out_chars`` from the end (split by text)."""
+    held_out, total = [], 0
+    for text in reversed(texts):
+        held_out.append(text[:n_held_out_chars])
+        total += len(held_out[-1])
+        if total >= n_held_out_chars:
+            break
+    train, total = [], 0
+    for text in texts[: len(texts) - len(held_out)]:
+        train.append(text)
+        total += len(text)
+        if total >= n_chars:
+            break
+    return train, held_out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model = args.model or corpora.smollm2_path()
+    texts = corpora.pydoc_texts()
+    # About 4 characters per token of English.
+    train_texts, test_texts = split_texts(texts, args.tokens * 4, args.held_out_tokens * 4)
+    extractor = ActivationExtractor(
+        model, hook=args.hook, layer=args.layer, device=args.device, verbose=1
+    )
+    started = time.perf_counter()
+    X_train = extractor.transform(train_texts)
+    print(
+        f"extracted {X_train.shape[0]} tokens x {X_train.shape[1]} at {args.hook} of block "
+        f"{args.layer} ({extractor.tokens_per_second_:.0f} tok/s, "
+        f"{time.perf_counter() - started:.0f} s with loading)"
+    )
+    sae = SparseAutoencoder(
+        architecture=args.architecture,
+        k=args.k,
+        l1_coefficient=args.l1_coefficient,
+        expansion_factor=args.expansion_factor,
+        max_iter=args.max_iter,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        device=args.device,
+        random_state=0,
+        verbose=1,
+    )
+    started = time.perf_counter()
+    sae.fit(X_train)
+    seconds = time.perf_counter() - started
+    print(
+        f"trained {sae.components_.shape[0]} latents, {sae.n_iter_} passes in {seconds:.0f} s "
+        f"({sae.n_iter_ * X_train.shape[0] / seconds:.0f} tok/s)"
+    )
+
+    X_test = extractor.transform(test_texts)
+    codes = sae.transform(X_test)
+    details = loss_recovered_details(sae, extractor, test_texts)
+    rows = [
+        ("held-out tokens", f"{X_test.shape[0]}"),
+        ("L0 (active latents per token)", f"{mean_l0(codes):.1f}"),
+        ("variance explained", f"{sae.score(X_test):.3f}"),
+        ("dead latents (in training)", f"{float(np.mean(sae.latent_frequency_ == 0)):.3f}"),
+        ("cross-entropy clean", f"{details.ce_clean:.3f}"),
+        ("cross-entropy with SAE", f"{details.ce_sae:.3f}"),
+        ("cross-entropy zero-ablated", f"{details.ce_ablated:.3f}"),
+        ("KL(clean || SAE) per token", f"{details.kl_sae:.3f}"),
+        ("loss recovered", f"{details.score:.3f}"),
+    ]
+    print()
+    for name, value in rows:
+        print(f"{name:<32}{value:>10}")
+    if args.output:
+        joblib.dump(sae, args.output)
+        print(f"\nsaved the SAE to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
