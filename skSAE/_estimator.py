@@ -598,10 +598,17 @@ class _EpochStats:
         self.x_sum_D = None
         self.x_squares = torch.zeros((), dtype=torch.float64, device=device)
         self.n_rows = 0
+        self._fired_BF = None
 
     def update(self, x_BD, terms):
         n_rows = x_BD.shape[0]
-        self.fires_F += (terms.codes_BF > 0).sum(dim=0)
+        codes_BF = terms.codes_BF
+        # Codes are non-negative, so sign() marks the latents that fired. Writing into a
+        # reused buffer avoids a fresh (B, F) allocation per step, whose page faults
+        # made this count cost as much as a matrix product on the CPU.
+        if self._fired_BF is None or self._fired_BF.shape != codes_BF.shape:
+            self._fired_BF = torch.empty_like(codes_BF)
+        self.fires_F += torch.sign(codes_BF, out=self._fired_BF).sum(dim=0)
         self.loss_sum += terms.loss.detach() * n_rows
         self.squared_error += terms.squared_error
         x_sum_D = x_BD.sum(dim=0, dtype=torch.float64)

@@ -310,3 +310,22 @@ def test_clone_shares_loaded_model():
     extractor = ActivationExtractor(model, tokenizer=make_char_tokenizer(), layer=1)
     assert clone(extractor).model is model
     assert extractor.transform(TEXTS[:1]).shape[1] == 16
+
+
+def test_steering_splice_adds_scaled_direction(tiny_model_dir):
+    extractor = extractor_for(tiny_model_dir)
+    direction = torch.randn(16, generator=torch.Generator().manual_seed(0))
+    clean, steered = [], []
+    module = extractor._hook_module()
+    record = module.register_forward_hook(
+        lambda m, a, out: clean.append((out[0] if isinstance(out, tuple) else out).clone())
+    )
+    with extractor.splice(lambda hidden: hidden + 2.5 * direction) as model:
+        after = module.register_forward_hook(
+            lambda m, a, out: steered.append(out[0] if isinstance(out, tuple) else out)
+        )
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([[3, 4, 5, 6]]))
+        after.remove()
+    record.remove()
+    torch.testing.assert_close(steered[0] - clean[0], (2.5 * direction).expand(1, 4, 16))
