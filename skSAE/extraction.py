@@ -20,10 +20,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_memory
 from tqdm.auto import tqdm
 
 from . import __version__
-from ._sklearn_compat import Interval, StrOptions
+from ._sklearn_compat import HasMethods, Interval, StrOptions
 from ._utils import resolve_device
 
 HOOKS = ("resid_post", "attn_out", "mlp_out")
@@ -106,6 +107,12 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
     cache_dir : str, default=None
         Where converted ``.gguf`` models are kept; defaults to ``$SKSAE_CACHE`` or
         ``~/.cache/skSAE``.
+    memory : str, path or joblib.Memory, default=None
+        Cache in-memory extractions and the baseline cross-entropies of
+        `skSAE.metrics.loss_recovered` on disk, keyed by the texts and every setting
+        that changes the result. In a model selection over a text pipeline, each
+        candidate then reuses the activations of the first instead of recomputing
+        them. Needs `model` given as a path or name.
     verbose : int or bool, default=0
         Progress bar (stdout) with tokens per second.
 
@@ -151,6 +158,7 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
         "exclude_special_tokens": ["boolean"],
         "drop_first_position": ["boolean"],
         "cache_dir": [str, os.PathLike, None],
+        "memory": [None, str, os.PathLike, HasMethods(["cache"])],
         "verbose": ["verbose"],
     }
 
@@ -168,6 +176,7 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
         exclude_special_tokens=True,
         drop_first_position=True,
         cache_dir=None,
+        memory=None,
         verbose=0,
     ):
         self.model = model
@@ -181,6 +190,7 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
         self.exclude_special_tokens = exclude_special_tokens
         self.drop_first_position = drop_first_position
         self.cache_dir = cache_dir
+        self.memory = memory
         self.verbose = verbose
 
     def __sklearn_clone__(self):
@@ -255,6 +265,39 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
             from .cache import ActivationCache
 
             return ActivationCache.write(self, texts, store)
+        memory = self._memory()
+        if memory is not None:
+            return memory.cache(_extract_in_memory, ignore=["extractor"])(
+                self, self._cache_key(), texts
+            )
+        return _extract_in_memory(self, None, texts)
+
+    def _memory(self):
+        """The joblib Memory, or None; rejects a model object (it has no stable key)."""
+        if self.memory is None:
+            return None
+        if _is_model_object(self.model):
+            raise ValueError(
+                "memory needs model given as a path or name, not a loaded model: a loaded "
+                "model has no stable cache key."
+            )
+        memory = self.memory
+        return check_memory(os.fspath(memory) if isinstance(memory, os.PathLike) else memory)
+
+    def _cache_key(self):
+        """Every setting that changes the rows or the losses, for the on-disk cache."""
+        params = self.get_params()
+        for name in ("batch_size", "device", "memory", "verbose", "cache_dir"):
+            params.pop(name)
+        model = Path(str(self.model))
+        if model.exists():
+            stat = model.stat()
+            params["model"] = f"{model.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        params["tokenizer"] = str(params["tokenizer"])
+        params["sksae_version"] = __version__
+        return params
+
+    def _extract_now(self, texts):
         parts = list(self._iter_extract(texts))
         if not parts:
             raise ValueError(
@@ -559,6 +602,11 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
     def __setstate__(self, state):
         state.pop("_sksae_version", None)
         self.__dict__.update(state)
+
+
+def _extract_in_memory(extractor, key, texts):
+    """Module-level so that joblib can cache it; ``key`` only feeds the cache's hash."""
+    return extractor._extract_now(texts)
 
 
 def _has_child(block, hook):

@@ -65,13 +65,131 @@ def explained_variance(X, X_hat):
     >>> explained_variance([[0.0, 1.0], [2.0, 3.0]], [[0.0, 1.0], [2.0, 3.0]])
     1.0
     """
+    X, X_hat = _paired(X, X_hat)
+    accumulator = ExplainedVarianceAccumulator(shift=X[0])
+    accumulator.update(X, X_hat)
+    return accumulator.result()
+
+
+def fraction_variance_unexplained(X, X_hat):
+    """Fraction of variance unexplained, ``1 - explained_variance(X, X_hat)``.
+
+    Parameters
+    ----------
+    X, X_hat : array-like of shape (n_samples, n_features)
+        Inputs and reconstructions.
+
+    Returns
+    -------
+    fvu : float
+        0.0 for a perfect reconstruction, 1.0 for predicting the column means.
+
+    Examples
+    --------
+    >>> fraction_variance_unexplained([[0.0, 1.0], [2.0, 3.0]], [[1.0, 2.0], [1.0, 2.0]])
+    1.0
+    """
+    return 1.0 - explained_variance(X, X_hat)
+
+
+def normalized_mse(X, X_hat):
+    """Squared error relative to the squared norm of the inputs.
+
+    ``sum((X - X_hat)**2) / sum(X**2)``: the error of the reconstruction against that of
+    predicting zeros. Unlike FVU it is not centred, so a constant offset in ``X`` that
+    the decoder bias captures makes it small.
+
+    Parameters
+    ----------
+    X, X_hat : array-like of shape (n_samples, n_features)
+        Inputs and reconstructions.
+
+    Returns
+    -------
+    nmse : float
+
+    Examples
+    --------
+    >>> normalized_mse([[3.0, 4.0]], [[3.0, 0.0]])
+    0.64
+    """
+    X, X_hat = _paired(X, X_hat)
+    return float(np.square(X - X_hat).sum() / np.square(X).sum())
+
+
+def cosine_similarity(X, X_hat):
+    """Mean over rows of the cosine similarity of each input and its reconstruction.
+
+    Parameters
+    ----------
+    X, X_hat : array-like of shape (n_samples, n_features)
+        Inputs and reconstructions; rows of zero norm count as similarity 0.
+
+    Returns
+    -------
+    similarity : float
+        In [-1, 1]; 1 when every reconstruction points along its input.
+
+    Examples
+    --------
+    >>> cosine_similarity([[1.0, 0.0], [0.0, 2.0]], [[2.0, 0.0], [1.0, 0.0]])
+    0.5
+    """
+    X, X_hat = _paired(X, X_hat)
+    norms = np.linalg.norm(X, axis=1) * np.linalg.norm(X_hat, axis=1)
+    dots = (X * X_hat).sum(axis=1)
+    return float(np.mean(np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)))
+
+
+def latent_density(codes):
+    """Fraction of rows on which each latent is active (non-zero).
+
+    Parameters
+    ----------
+    codes : array-like of shape (n_samples, n_components)
+        Dense or scipy sparse codes.
+
+    Returns
+    -------
+    density : ndarray of shape (n_components,)
+
+    Examples
+    --------
+    >>> latent_density([[0.0, 2.0], [1.0, 3.0]]).tolist()
+    [0.5, 1.0]
+    """
+    codes = check_array(codes, accept_sparse="csc", ensure_all_finite=False)
+    if hasattr(codes, "getnnz"):
+        return codes.getnnz(axis=0) / codes.shape[0]
+    return np.count_nonzero(codes, axis=0) / codes.shape[0]
+
+
+def dead_fraction(codes):
+    """Fraction of latents that are never active on ``codes``.
+
+    Parameters
+    ----------
+    codes : array-like of shape (n_samples, n_components)
+        Dense or scipy sparse codes.
+
+    Returns
+    -------
+    fraction : float
+
+    Examples
+    --------
+    >>> dead_fraction([[0.0, 2.0, 0.0], [1.0, 3.0, 0.0]])
+    0.3333333333333333
+    """
+    return float(np.mean(latent_density(codes) == 0))
+
+
+def _paired(X, X_hat):
     X = check_array(X, dtype=np.float64)
     X_hat = check_array(X_hat, dtype=np.float64)
     if X.shape != X_hat.shape:
         raise ValueError(f"X and X_hat must have the same shape, got {X.shape} and {X_hat.shape}.")
-    accumulator = ExplainedVarianceAccumulator(shift=X[0])
-    accumulator.update(X, X_hat)
-    return accumulator.result()
+    return X, X_hat
 
 
 class ExplainedVarianceAccumulator:
@@ -141,7 +259,9 @@ def loss_recovered(sae, extractor, texts, ablation="zero"):
 
     ``(CE_ablated - CE_sae) / (CE_ablated - CE_clean)``: 1 when splicing the SAE's
     reconstruction in leaves the model's loss unchanged, 0 when it is as bad as the
-    ablation. See `loss_recovered_details` for the terms.
+    ablation. See `loss_recovered_details` for the terms and the positions spliced.
+    With ``extractor.memory`` set, the clean and ablated cross-entropies are cached, so
+    scoring many SAEs on the same texts costs one forward pass each.
 
     Parameters
     ----------
@@ -158,7 +278,58 @@ def loss_recovered(sae, extractor, texts, ablation="zero"):
     -------
     score : float
     """
-    return loss_recovered_details(sae, extractor, texts, ablation=ablation).score
+    _check_ablation(ablation)
+    reconstruct = _reconstruction(sae, extractor)
+    memory = extractor._memory()
+    baselines = _baseline_cross_entropies
+    if memory is not None:
+        baselines = memory.cache(_baseline_cross_entropies, ignore=["extractor"])
+    ce_clean, ce_ablated = baselines(extractor, extractor._cache_key(), list(texts), ablation)
+    ce_sae = extractor.cross_entropy(texts, reconstruct)
+    return (ce_ablated - ce_sae) / (ce_ablated - ce_clean)
+
+
+def _check_ablation(ablation):
+    if ablation not in ("zero", "mean"):
+        raise ValueError(f"ablation must be 'zero' or 'mean', got {ablation!r}.")
+
+
+def _ablation(extractor, texts, ablation):
+    """The replacement function of an ablation baseline."""
+    if ablation == "zero":
+        return torch.zeros_like
+    mean_D = torch.from_numpy(extractor.extract(texts).activations.mean(axis=0))
+
+    def replace_by_mean(hidden_BSD):
+        return mean_D.to(hidden_BSD.device, hidden_BSD.dtype).expand_as(hidden_BSD)
+
+    return replace_by_mean
+
+
+def _baseline_cross_entropies(extractor, key, texts, ablation):
+    """(clean, ablated) cross-entropies; module-level so joblib can cache them."""
+    losses = extractor.spliced_losses(texts, {"ablated": _ablation(extractor, texts, ablation)})
+    return losses.clean, losses.spliced["ablated"]
+
+
+def _reconstruction(sae, extractor):
+    """A function mapping hooked activations to the SAE's reconstruction of them."""
+    from sklearn.utils.validation import check_is_fitted
+
+    check_is_fitted(sae)
+    model, _ = extractor._load()
+    module = sae._inference_module(next(model.parameters()).device)
+
+    def reconstruct(hidden_BSD):
+        if hidden_BSD.shape[-1] != sae.n_features_in_:
+            raise ValueError(
+                f"The hook gives {hidden_BSD.shape[-1]} features, but the SAE was fitted on "
+                f"{sae.n_features_in_}."
+            )
+        x_ND = hidden_BSD.reshape(-1, hidden_BSD.shape[-1]).float()
+        return module.decode(module.encode(x_ND)).reshape(hidden_BSD.shape)
+
+    return reconstruct
 
 
 def loss_recovered_details(sae, extractor, texts, ablation="zero"):
@@ -178,36 +349,12 @@ def loss_recovered_details(sae, extractor, texts, ablation="zero"):
     -------
     details : LossRecovered
     """
-    from sklearn.utils.validation import check_is_fitted
-
-    check_is_fitted(sae)
-    if ablation not in ("zero", "mean"):
-        raise ValueError(f"ablation must be 'zero' or 'mean', got {ablation!r}.")
-    model, _ = extractor._load()
-    device = next(model.parameters()).device
-    module = sae._inference_module(device)
-
-    def reconstruct(hidden_BSD):
-        if hidden_BSD.shape[-1] != sae.n_features_in_:
-            raise ValueError(
-                f"The hook gives {hidden_BSD.shape[-1]} features, but the SAE was fitted on "
-                f"{sae.n_features_in_}."
-            )
-        x_ND = hidden_BSD.reshape(-1, hidden_BSD.shape[-1]).float()
-        return module.decode(module.encode(x_ND)).reshape(hidden_BSD.shape)
-
-    if ablation == "zero":
-
-        def ablate(hidden_BSD):
-            return torch.zeros_like(hidden_BSD)
-
-    else:
-        mean_D = torch.from_numpy(extractor.extract(texts).activations.mean(axis=0)).to(device)
-
-        def ablate(hidden_BSD):
-            return mean_D.to(hidden_BSD.dtype).expand_as(hidden_BSD)
-
-    losses = extractor.spliced_losses(texts, {"sae": reconstruct, "ablated": ablate})
+    _check_ablation(ablation)
+    replacements = {
+        "sae": _reconstruction(sae, extractor),
+        "ablated": _ablation(extractor, texts, ablation),
+    }
+    losses = extractor.spliced_losses(texts, replacements)
     ce_sae, ce_ablated = losses.spliced["sae"], losses.spliced["ablated"]
     return LossRecovered(
         score=(ce_ablated - ce_sae) / (ce_ablated - losses.clean),
@@ -217,3 +364,45 @@ def loss_recovered_details(sae, extractor, texts, ablation="zero"):
         kl_sae=losses.kl["sae"],
         kl_ablated=losses.kl["ablated"],
     )
+
+
+from ._scoring import (  # noqa: E402  (scorers build on the functions above)
+    LossRecoveredScorer,
+    ParetoRefit,
+    explained_variance_scorer,
+    get_scorer,
+    get_scorer_names,
+    loss_recovered_scorer,
+    neg_fvu_scorer,
+    neg_l0_scorer,
+    pareto_front,
+    pareto_refit,
+    plot_frontier,
+    sae_scoring,
+)
+
+__all__ = [
+    "ExplainedVarianceAccumulator",
+    "LossRecovered",
+    "LossRecoveredScorer",
+    "ParetoRefit",
+    "cosine_similarity",
+    "dead_fraction",
+    "explained_variance",
+    "explained_variance_scorer",
+    "fraction_variance_unexplained",
+    "get_scorer",
+    "get_scorer_names",
+    "latent_density",
+    "loss_recovered",
+    "loss_recovered_details",
+    "loss_recovered_scorer",
+    "mean_l0",
+    "neg_fvu_scorer",
+    "neg_l0_scorer",
+    "normalized_mse",
+    "pareto_front",
+    "pareto_refit",
+    "plot_frontier",
+    "sae_scoring",
+]
