@@ -43,12 +43,15 @@ def pick_texts(n_chars, offset=0):
 
 def print_cv_table(search):
     results = search.cv_results_
-    print(f"\n{'candidate':<30}{'L0':>7}{'var. expl.':>12}{'loss rec.':>11}{'fit s':>8}")
+    print(f"\n{'candidate':<26}{'L0':>7}{'var. expl.':>12}{'loss rec.':>11}{'fit s':>8}")
     for index, params in enumerate(results["params"]):
-        name = ", ".join(f"{key.split('__')[1]}={value}" for key, value in params.items())
+        name = ", ".join(
+            str(value) if key.endswith("architecture") else f"{key.split('__')[1]}={value}"
+            for key, value in params.items()
+        )
         marker = "  <- refit" if index == search.best_index_ else ""
         print(
-            f"{name:<30}{-results['mean_test_neg_l0'][index]:>7.1f}"
+            f"{name:<26}{-results['mean_test_neg_l0'][index]:>7.1f}"
             f"{results['mean_test_explained_variance'][index]:>12.3f}"
             f"{results['mean_test_loss_recovered'][index]:>11.3f}"
             f"{results['mean_fit_time'][index]:>8.1f}{marker}"
@@ -57,7 +60,7 @@ def print_cv_table(search):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--chars", type=int, default=40_000, help="characters of text to search on")
+    parser.add_argument("--chars", type=int, default=24_000, help="characters of text to search on")
     parser.add_argument("--max-l0", type=float, default=40.0, help="L0 budget of the refit")
     parser.add_argument("--output", default="examples/output", help="folder for the plot and model")
     args = parser.parse_args(argv)

@@ -286,4 +286,9 @@ def plot_frontier(cv_results, metric="explained_variance", ax=None, path=None):
 
 
 def _short_params(params):
-    return ", ".join(f"{name.split('__')[-1]}={value}" for name, value in params.items())
+    """``{"sae__architecture": "topk", "sae__k": 16}`` -> ``"topk, k=16"``."""
+    parts = []
+    for name, value in params.items():
+        name = name.split("__")[-1]
+        parts.append(str(value) if name == "architecture" else f"{name}={value}")
+    return ", ".join(parts)
