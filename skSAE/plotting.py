@@ -1,0 +1,141 @@
+"""Plots of a fitted SAE (matplotlib, the optional ``plot`` extra).
+
+matplotlib is imported inside each function, so importing this module needs nothing
+beyond skSAE's own dependencies. Each function draws on ``ax`` (a new figure when None),
+saves the figure to ``path`` when given, and returns the Axes.
+"""
+
+import numpy as np
+from sklearn.utils.validation import check_is_fitted
+
+from ._scoring import plot_frontier
+from .metrics import latent_density
+
+__all__ = ["plot_density_histogram", "plot_frontier", "plot_training_curves"]
+
+
+def _pyplot(name):
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError(f"{name} needs matplotlib: pip install 'skSAE[plot]'") from exc
+    return plt
+
+
+def _finish(ax, path):
+    if path is not None:
+        ax.figure.savefig(path, dpi=120, bbox_inches="tight")
+    return ax
+
+
+def plot_training_curves(sae, ax=None, path=None):
+    """Plot the mean training loss of each pass over the data.
+
+    Parameters
+    ----------
+    sae : SparseAutoencoder
+        A fitted estimator; its ``loss_curve_`` holds one value per pass.
+    ax : matplotlib.axes.Axes, default=None
+        Where to draw; a new figure when None.
+    path : str or path, default=None
+        Save the figure there too.
+
+    Returns
+    -------
+    ax : matplotlib.axes.Axes
+
+    Notes
+    -----
+    The estimator records the loss once per pass (epoch), in the normalised units it
+    trains in (see `SparseAutoencoder`), so a single `fit` with ``max_iter=1`` gives a
+    single point. Use `partial_fit` over chunks for a finer curve.
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import numpy as np
+    >>> from skSAE import SparseAutoencoder
+    >>> from skSAE.plotting import plot_training_curves
+    >>> X = np.random.default_rng(0).normal(size=(128, 8))
+    >>> sae = SparseAutoencoder(n_components=16, k=2, max_iter=3, random_state=0).fit(X)
+    >>> len(plot_training_curves(sae).lines[0].get_xdata())
+    3
+    """
+    plt = _pyplot("plot_training_curves")
+    check_is_fitted(sae)
+    loss = np.asarray(sae.loss_curve_, dtype=float)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    epochs = np.arange(1, len(loss) + 1)
+    ax.plot(epochs, loss, "o-", color="tab:blue", label="training loss")
+    ax.set_xlabel("pass over the data (epoch)")
+    ax.set_ylabel("mean training loss (normalised units)")
+    ax.set_title(f"SparseAutoencoder({sae.architecture}), {sae.n_steps_} steps")
+    ax.grid(alpha=0.3)
+    return _finish(ax, path)
+
+
+def plot_density_histogram(density_or_codes, ax=None, path=None):
+    """Histogram of log10 latent firing densities, with the dead latents counted.
+
+    Parameters
+    ----------
+    density_or_codes : array-like of shape (n_components,) or (n_samples, n_components)
+        Firing densities (e.g. ``sae.latent_frequency_`` or
+        `skSAE.metrics.latent_density`), or codes from `SparseAutoencoder.transform`
+        (dense or scipy sparse), from which the densities are computed.
+    ax : matplotlib.axes.Axes, default=None
+        Where to draw; a new figure when None.
+    path : str or path, default=None
+        Save the figure there too.
+
+    Returns
+    -------
+    ax : matplotlib.axes.Axes
+
+    Raises
+    ------
+    ValueError
+        When densities lie outside [0, 1] or the input is neither 1-D nor 2-D.
+
+    Notes
+    -----
+    Dead latents (density 0) have no logarithm; they are counted in the title instead.
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> from skSAE.plotting import plot_density_histogram
+    >>> ax = plot_density_histogram([0.0, 0.01, 0.1, 0.1])
+    >>> ax.get_title()
+    '1 of 4 latents dead (25.0%)'
+    """
+    plt = _pyplot("plot_density_histogram")
+    if hasattr(density_or_codes, "getnnz") or np.ndim(density_or_codes) == 2:
+        density = latent_density(density_or_codes)
+    elif np.ndim(density_or_codes) == 1:
+        density = np.asarray(density_or_codes, dtype=float)
+        if ((density < 0) | (density > 1)).any() or not np.isfinite(density).all():
+            raise ValueError(
+                "density_or_codes as a 1-D array must hold firing densities in [0, 1], got "
+                f"values from {density.min()} to {density.max()}."
+            )
+    else:
+        raise ValueError(
+            "density_or_codes must be densities of shape (n_components,) or codes of shape "
+            f"(n_samples, n_components), got {np.ndim(density_or_codes)} dimensions."
+        )
+    if len(density) == 0:
+        raise ValueError("density_or_codes holds no latent; expected at least one column.")
+    n_dead = int((density == 0).sum())
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    alive = density[density > 0]
+    if len(alive):
+        ax.hist(np.log10(alive), bins=min(50, max(1, len(alive))), color="tab:blue")
+    ax.set_xlabel("log10 firing density")
+    ax.set_ylabel("latents")
+    ax.set_title(f"{n_dead} of {len(density)} latents dead ({100 * n_dead / len(density):.1f}%)")
+    return _finish(ax, path)

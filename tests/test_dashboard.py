@@ -1,0 +1,265 @@
+"""Tests of the HTML dashboard: rendering, escaping, latent choice, and a real browser."""
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from skSAE.dashboard import _pick_latents, render_dashboard, write_dashboard
+from skSAE.interpret import ActivatingExample, LatentReport
+
+EVIL = "<script>alert(1)</script>"
+
+
+def make_example(tokens, activations, marked, doc_index=0, position=0):
+    return ActivatingExample(
+        activation=float(activations[marked]),
+        doc_index=doc_index,
+        position=position,
+        tokens=list(tokens),
+        token_activations=[float(a) for a in activations],
+        marked=marked,
+    )
+
+
+def make_report(latent, tokens=None, max_activation=4.0):
+    """A hand-built report whose top example activates on its middle token."""
+    tokens = tokens or ["The", "Ġquick", "Ġbrown", "Ġfox", "Ċ", "Ġjumps"]
+    rng = np.random.default_rng(latent)
+    top = []
+    for rank in range(3):
+        activations = rng.uniform(0, 1, size=len(tokens))
+        activations[2] = max_activation - rank
+        top.append(make_example(tokens, activations, 2, doc_index=rank, position=10 + rank))
+    low = make_example(tokens, np.full(len(tokens), 0.5), 1, doc_index=7, position=3)
+    counts = np.array([5, 3, 2, 1])
+    return LatentReport(
+        latent=latent,
+        density=0.0125,
+        max_activation=max_activation,
+        top=top,
+        quantiles=[("25-50%", [low]), ("0-25%", [])],
+        histogram=(counts, np.linspace(0.0, max_activation, counts.size + 1)),
+        promoted=[("Ġdog", 1.25), ("Ġcat", 0.5)],
+        suppressed=[("Ġthe", -0.75)],
+    )
+
+
+def make_overview(**changes):
+    density = np.array([0.5, 0.0125, 0.001, 0.0, 0.0, 1e-4, 0.2, 0.03])
+    overview = {
+        "n_tokens": 12345,
+        "l0": 7.25,
+        "explained_variance": 0.8125,
+        "loss_recovered": 0.9375,
+        "dead_fraction": 0.25,
+        "density": density,
+        "model": "tiny-gpt2",
+        "hook": "resid_post",
+        "layer": 1,
+        "n_components": density.size,
+    }
+    overview.update(changes)
+    return overview
+
+
+def make_reports():
+    reports = {latent: make_report(latent) for latent in (3, 17, 42)}
+    reports[99] = make_report(99, tokens=["a", EVIL, "\"&'", "Ġb"])
+    return reports
+
+
+def test_render_dashboard_has_one_panel_per_latent():
+    page = render_dashboard(make_reports(), make_overview(), "test")
+    assert len(re.findall(r'<section class="panel[ "]', page)) == 4
+    for latent in (3, 17, 42, 99):
+        assert f'id="latent-{latent}"' in page
+        assert f'href="#latent-{latent}"' in page
+    assert page.count('class="panel active"') == 1
+
+
+def test_render_dashboard_escapes_corpus_text():
+    page = render_dashboard(make_reports(), make_overview(), '<b>"title"</b>')
+    assert "<script>alert" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "&quot;&amp;&#x27;" in page
+    assert "&lt;b&gt;&quot;title&quot;&lt;/b&gt;" in page
+    # The page's only script element is its own.
+    assert page.count("<script") == 1
+
+
+def test_render_dashboard_shows_overview_numbers():
+    page = render_dashboard(make_reports(), make_overview(), "test")
+    for shown in ("12,345", "7.2", "0.812", "0.938", "25%", "tiny-gpt2", "resid_post, layer 1"):
+        assert shown in page
+    assert "6 alive, 2 dead of 8 latents" in page
+
+
+def test_render_dashboard_without_loss_recovered_shows_dash():
+    page = render_dashboard(make_reports(), make_overview(loss_recovered=None), "test")
+    assert re.search(r'<div class="value">—</div><div class="label">loss recovered', page)
+
+
+def test_render_dashboard_shades_tokens_by_activation():
+    report = make_report(5, tokens=["x", "y", "z"], max_activation=4.0)
+    example = make_example(["x", "y", "z"], [0.0, 2.0, 4.0], 2)
+    page = render_dashboard({5: report._replace(top=[example])}, make_overview(), "test")
+    assert '<span class="tok" title="activation 0">x</span>' in page
+    assert 'style="background:rgba(234, 88, 12,0.50)" title="activation 2">y</span>' in page
+    assert (
+        '<span class="tok mark" style="background:rgba(234, 88, 12,1.00)" '
+        'title="activation 4">z</span>'
+    ) in page
+
+
+def test_render_dashboard_shows_bpe_markers_as_text():
+    page = render_dashboard({3: make_report(3)}, make_overview(), "test")
+    assert "> quick</span>" in page
+    assert ">↵</span>" in page
+    assert "Ġ" not in page and "Ċ" not in page
+
+
+def test_render_dashboard_is_self_contained():
+    page = render_dashboard(make_reports(), make_overview(), "test")
+    assert "http" not in page
+    assert not re.search(r"<(link|img|iframe)\b|\bsrc=", page)
+    assert page.count("<svg") == 1 + 4  # density, then one activation histogram per latent
+
+
+def test_render_dashboard_without_reports_renders():
+    page = render_dashboard({}, make_overview(density=np.zeros(4), n_components=4), None)
+    assert "<title>skSAE dashboard</title>" in page
+    assert "No latent to show" in page
+    assert "No latent is active" in page
+
+
+def test_render_dashboard_rejects_missing_overview_keys():
+    overview = make_overview()
+    del overview["l0"]
+    with pytest.raises(ValueError, match=r"missing \['l0'\]"):
+        render_dashboard({}, overview, "test")
+
+
+def test_pick_latents_spreads_over_alive_densities():
+    density = np.array([0.0, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.01, 0.0, 0.001])
+    picked = _pick_latents(density, 4)
+    assert picked == [1, 2, 5, 9]  # two most frequent, then evenly spaced ranks
+    assert _pick_latents(density, 4) == picked
+    assert _pick_latents(density, 100) == [1, 2, 3, 4, 5, 6, 7, 9]
+
+
+# ---------------------------------------------------------------------------------------
+# write_dashboard on a tiny model
+
+
+@pytest.fixture(scope="module")
+def fitted_tiny(tmp_path_factory):
+    from conftest import TEXTS, make_char_tokenizer, make_tiny_model
+
+    from skSAE import ActivationExtractor, SparseAutoencoder
+
+    folder = tmp_path_factory.mktemp("gpt2")
+    make_tiny_model("gpt2").save_pretrained(folder)
+    make_char_tokenizer().save_pretrained(folder)
+    extractor = ActivationExtractor(str(folder), layer=1, context_size=16, device="cpu")
+    texts = TEXTS * 2
+    sae = SparseAutoencoder(32, k=4, max_iter=2, batch_size=64, device="cpu", random_state=0)
+    sae.fit(extractor.transform(texts))
+    return sae, extractor, texts
+
+
+def test_write_dashboard_writes_one_panel_per_picked_latent(fitted_tiny, tmp_path):
+    sae, extractor, texts = fitted_tiny
+    path = write_dashboard(sae, extractor, texts, tmp_path / "sub" / "d.html", n_latents=5, k=3)
+    page = path.read_text(encoding="utf-8")
+    assert path.exists() and page.startswith("<!DOCTYPE html>")
+    assert len(re.findall(r'<section class="panel[ "]', page)) == 5
+    assert "variance explained" in page
+
+
+def test_write_dashboard_shows_requested_latents(fitted_tiny, tmp_path):
+    sae, extractor, texts = fitted_tiny
+    path = write_dashboard(
+        sae, extractor, texts, tmp_path / "d.html", latents=[0, 7], loss_recovered=0.5
+    )
+    page = path.read_text(encoding="utf-8")
+    assert re.findall(r'<section class="panel[^"]*" id="latent-(\d+)"', page) == ["0", "7"]
+    assert '<div class="value">0.500</div>' in page
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"latents": [0, 32]}, r"latents to be integers in \[0, 32\), got \[32\]"),
+        ({"latents": [1.5]}, r"latents to be integers"),
+        ({"n_latents": 0}, "n_latents to be a positive integer, got 0"),
+        ({"k": -1}, "k to be a positive integer, got -1"),
+    ],
+)
+def test_write_dashboard_rejects_bad_arguments(fitted_tiny, tmp_path, kwargs, match):
+    sae, extractor, texts = fitted_tiny
+    with pytest.raises(ValueError, match=match):
+        write_dashboard(sae, extractor, texts, tmp_path / "d.html", **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# A real browser
+
+
+def run_chromium(tmp_path, *args):
+    """Run headless Chromium with a throwaway profile; returns its stdout."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("headless Chromium is not installed (apt-get install chromium chromium-driver)")
+    command = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        *args,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.fixture
+def dashboard_file(tmp_path):
+    path = tmp_path / "dashboard.html"
+    path.write_text(render_dashboard(make_reports(), make_overview(), "test"), encoding="utf-8")
+    return path
+
+
+def test_dashboard_renders_in_headless_chromium(tmp_path, dashboard_file):
+    dom = run_chromium(tmp_path, "--dump-dom", dashboard_file.as_uri())
+    assert 'data-ready="1"' in dom  # the script ran to its end
+    assert "data-errors" not in dom
+    assert re.search(r'<pre id="errors"></pre>', dom)
+    assert len(re.findall(r'<section class="panel[ "]', dom)) == 4
+    assert re.search(r'<section class="panel active" id="latent-3"', dom)
+    assert re.search(r'<span class="tok mark"[^>]*> brown</span>', dom)
+    # The hostile token is a text node shown literally, not an element.
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
+    assert "<script>alert" not in dom
+    assert dom.count("<script") == 1
+
+
+def test_dashboard_hash_selects_panel_in_headless_chromium(tmp_path, dashboard_file):
+    dom = run_chromium(tmp_path, "--dump-dom", dashboard_file.as_uri() + "#latent-42")
+    assert 'data-ready="1"' in dom and "data-errors" not in dom
+    assert re.findall(r'<section class="panel active" id="latent-(\d+)"', dom) == ["42"]
+    assert re.findall(r'<a class="latent-item active"[^>]*data-latent="(\d+)"', dom) == ["42"]
+
+
+def test_dashboard_screenshot_in_headless_chromium(tmp_path, dashboard_file):
+    png = tmp_path / "dashboard.png"
+    run_chromium(tmp_path, f"--screenshot={png}", "--window-size=1280,900", dashboard_file.as_uri())
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

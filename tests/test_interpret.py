@@ -1,0 +1,382 @@
+"""Top-activating examples and steering on tiny random GPT-2 and Llama models, offline."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import TEXTS, make_char_tokenizer, make_tiny_model
+
+from skSAE import ActivationExtractor, SparseAutoencoder
+from skSAE.interpret import (
+    ActivatingExample,
+    LatentReport,
+    _steering_replacement,
+    generate_with_steering,
+    top_activating_examples,
+)
+
+CORPUS = [
+    *TEXTS,
+    "she sells sea shells by the sea shore, and the shells she sells are sea shells.",
+    "all that glitters is not gold, all who wander are not lost.",
+    "a stitch in time saves nine, but nine stitches take time.",
+    "it was the best of times, it was the worst of times.",
+    "the rain in spain stays mainly in the plain.",
+    "we shall fight on the beaches, we shall fight on the landing grounds.",
+]
+N_COMPONENTS = 24
+PROMPT = "the quick brown"
+
+
+def make_model_dir(family, folder):
+    """A tiny model with a character tokenizer whose decode joins characters unspaced."""
+    from tokenizers import decoders
+
+    make_tiny_model(family).save_pretrained(folder)
+    tokenizer = make_char_tokenizer()
+    tokenizer.backend_tokenizer.decoder = decoders.Fuse()
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def fitted(request, tmp_path_factory):
+    """(extractor, sae, extraction, float64 codes) on CORPUS."""
+    folder = make_model_dir(request.param, tmp_path_factory.mktemp(request.param))
+    extractor = ActivationExtractor(
+        str(folder), layer=1, context_size=16, batch_size=3, device="cpu"
+    )
+    extraction = extractor.extract(CORPUS)
+    sae = SparseAutoencoder(
+        n_components=N_COMPONENTS, k=4, max_iter=2, batch_size=64, device="cpu", random_state=0
+    ).fit(extraction.activations)
+    codes = sae.transform(extraction.activations).astype(np.float64)
+    return extractor, sae, extraction, codes
+
+
+def code_at(extraction, codes):
+    """{(doc, position): codes row} of every kept token."""
+    return {
+        (int(d), int(p)): codes[row]
+        for row, (d, p) in enumerate(zip(extraction.doc_index, extraction.position, strict=True))
+    }
+
+
+def alive_latents(codes, n=4):
+    return [int(i) for i in np.argsort(-(codes > 0).sum(axis=0))[:n]]
+
+
+# ------------------------------------------------------------ top examples
+
+
+def test_top_activating_examples_returns_reports_in_requested_order(fitted):
+    extractor, sae, _, codes = fitted
+    latents = alive_latents(codes)[::-1]
+    reports = top_activating_examples(sae, extractor, CORPUS, latents, k=3)
+    assert list(reports) == latents
+    report = reports[latents[0]]
+    assert isinstance(report, LatentReport)
+    assert report.latent == latents[0]
+    assert all(isinstance(example, ActivatingExample) for example in report.top)
+
+
+def test_top_activating_examples_top_is_the_brute_force_top_k(fitted):
+    extractor, sae, extraction, codes = fitted
+    latents = alive_latents(codes)
+    reports = top_activating_examples(sae, extractor, CORPUS, latents, k=5)
+    rows = code_at(extraction, codes)
+    for latent in latents:
+        column = codes[:, latent]
+        expected = np.sort(column[column > 0])[::-1][:5]
+        top = reports[latent].top
+        values = [example.activation for example in top]
+        np.testing.assert_allclose(values, expected, rtol=1e-5, atol=1e-6)
+        assert values == sorted(values, reverse=True)
+        for example in top:  # each example's provenance really has that activation
+            assert rows[(example.doc_index, example.position)][latent] == pytest.approx(
+                example.activation, rel=1e-5, abs=1e-6
+            )
+        assert len({(e.doc_index, e.position) for e in top}) == len(top)
+
+
+def test_top_activating_examples_density_and_max_match_codes(fitted):
+    extractor, sae, _, codes = fitted
+    latents = list(range(N_COMPONENTS))
+    reports = top_activating_examples(sae, extractor, CORPUS, latents, k=2, n_quantile_samples=0)
+    density = (codes > 0).mean(axis=0)
+    for latent in latents:
+        assert reports[latent].density == pytest.approx(density[latent])
+        assert reports[latent].max_activation == pytest.approx(
+            codes[:, latent].max(), rel=1e-5, abs=1e-6
+        )
+        if density[latent] == 0:
+            assert reports[latent].top == []
+
+
+def test_top_activating_examples_windows_hold_codes_and_text(fitted):
+    extractor, sae, extraction, codes = fitted
+    latents = alive_latents(codes, 3)
+    reports = top_activating_examples(sae, extractor, CORPUS, latents, k=4, window=(5, 3))
+    rows = code_at(extraction, codes)
+    for latent in latents:
+        examples = reports[latent].top + [x for _, xs in reports[latent].quantiles for x in xs]
+        for example in examples:
+            start = example.position - example.marked
+            text = CORPUS[example.doc_index]
+            # Character tokenizer: token positions are character positions.
+            assert "".join(example.tokens) == text[start : start + len(example.tokens)]
+            assert start == max(0, example.position - 5)
+            assert start + len(example.tokens) == min(len(text), example.position + 4)
+            expected = [
+                rows[(example.doc_index, p)][latent] if (example.doc_index, p) in rows else 0.0
+                for p in range(start, start + len(example.tokens))
+            ]
+            np.testing.assert_allclose(example.token_activations, expected, rtol=1e-5, atol=1e-6)
+            assert example.token_activations[example.marked] == pytest.approx(
+                example.activation, rel=1e-5, abs=1e-6
+            )
+
+
+def test_top_activating_examples_quantile_samples_are_seeded_and_real(fitted):
+    extractor, sae, extraction, codes = fitted
+    latent = alive_latents(codes, 1)[0]
+    first = top_activating_examples(sae, extractor, CORPUS, latent, k=2, random_state=0)
+    again = top_activating_examples(sae, extractor, CORPUS, latent, k=2, random_state=0)
+    assert first[latent].quantiles == again[latent].quantiles
+    labels = [label for label, _ in first[latent].quantiles]
+    assert labels == ["75-100%", "50-75%", "25-50%", "0-25%"]
+    rows = code_at(extraction, codes)
+    top = {(e.doc_index, e.position) for e in first[latent].top}
+    lowest_seen = np.inf
+    for _, examples in first[latent].quantiles:
+        assert 1 <= len(examples) <= 3
+        for example in examples:
+            assert (example.doc_index, example.position) not in top
+            assert rows[(example.doc_index, example.position)][latent] == pytest.approx(
+                example.activation, rel=1e-5
+            )
+        # Intervals go down: each one's samples sit at or below the previous one's.
+        assert max(e.activation for e in examples) <= lowest_seen + 1e-6
+        lowest_seen = min(e.activation for e in examples)
+
+
+def test_top_activating_examples_histogram_counts_every_firing(fitted):
+    extractor, sae, _, codes = fitted
+    latents = alive_latents(codes)
+    reports = top_activating_examples(sae, extractor, CORPUS, latents, n_quantile_samples=0)
+    for latent in latents:
+        counts, edges = reports[latent].histogram
+        nonzero = codes[:, latent][codes[:, latent] > 0]
+        assert len(edges) == len(counts) + 1
+        assert counts.sum() == len(nonzero)
+        assert edges[0] == 0 and edges[-1] >= nonzero.max() * (1 - 1e-6)
+        reference, _ = np.histogram(nonzero, bins=edges)
+        assert np.abs(reference - counts).sum() <= 2  # float ties at a bin edge at most
+
+
+def test_top_activating_examples_promoted_tokens_follow_the_unembedding(fitted):
+    extractor, sae, _, codes = fitted
+    latent = alive_latents(codes, 1)[0]
+    report = top_activating_examples(sae, extractor, CORPUS, latent, n_logit_tokens=5)[latent]
+    weight_VD = extractor.model_.get_output_embeddings().weight.detach().double().numpy()
+    effect_V = weight_VD @ sae.components_[latent].astype(np.float64)
+    np.testing.assert_allclose(
+        [value for _, value in report.promoted], np.sort(effect_V)[::-1][:5], rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        [value for _, value in report.suppressed], np.sort(effect_V)[:5], rtol=1e-4
+    )
+    best = int(np.argmax(effect_V))
+    expected = extractor.tokenizer_.decode([best]) or f"<{best}>"
+    assert report.promoted[0][0] == expected
+
+
+def test_top_activating_examples_no_lm_head_gives_no_logit_tokens():
+    from transformers import GPT2Model
+
+    lm = make_tiny_model("gpt2")
+    bare = GPT2Model(lm.config)
+    bare.load_state_dict(lm.transformer.state_dict())
+    extractor = ActivationExtractor(
+        bare.eval(), tokenizer=make_char_tokenizer(), layer=1, context_size=16, device="cpu"
+    )
+    X = extractor.transform(CORPUS)
+    sae = SparseAutoencoder(n_components=8, k=2, max_iter=1, device="cpu", random_state=0).fit(X)
+    reports = top_activating_examples(sae, extractor, CORPUS, [0, 1], k=2)
+    assert all(r.promoted == [] and r.suppressed == [] for r in reports.values())
+
+
+@pytest.mark.parametrize("latents", [-1, N_COMPONENTS, [0, 99], 1.5, ["a"], True, [], None])
+def test_top_activating_examples_rejects_invalid_latents(fitted, latents):
+    extractor, sae, _, _ = fitted
+    with pytest.raises(ValueError, match="latent"):
+        top_activating_examples(sae, extractor, CORPUS, latents)
+
+
+def test_top_activating_examples_reads_the_corpus_once(fitted, monkeypatch):
+    extractor, sae, _, codes = fitted
+    calls = []
+    original = type(extractor)._iter_extract
+
+    def counting(self, texts, *args, **kwargs):
+        calls.append(len(texts))
+        return original(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(type(extractor), "_iter_extract", counting)
+    top_activating_examples(sae, extractor, CORPUS, list(range(N_COMPONENTS)), k=1)
+    # One pass over the corpus for every latent, then one over the example texts.
+    assert calls[0] == len(CORPUS) and len(calls) == 2
+
+
+def test_top_activating_examples_verbose_prints_progress(fitted, capsys):
+    extractor, sae, _, codes = fitted
+    top_activating_examples(sae, extractor, CORPUS, [0], verbose=1)
+    assert "top activations" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ steering
+
+
+def run_capturing(extractor, call):
+    """Run ``call()`` recording the hooked activation before and after any splice.
+
+    The "before" hook is registered first, so it sees the clean output; the next block's
+    input is what the splice handed on.
+    """
+    from skSAE.extraction import _find_blocks
+
+    clean, spliced = [], []
+    module = extractor._hook_module()
+    next_block = _find_blocks(extractor.model_)[extractor.layer + 1]
+    before = module.register_forward_hook(
+        lambda m, a, out: clean.append((out[0] if isinstance(out, tuple) else out).clone())
+    )
+    after = next_block.register_forward_pre_hook(lambda m, args: spliced.append(args[0].clone()))
+    try:
+        result = call()
+    finally:
+        before.remove()
+        after.remove()
+    return result, clean, spliced
+
+
+def test_generate_with_steering_adds_scaled_direction_at_every_step(fitted):
+    extractor, sae, _, _ = fitted
+    text, clean, spliced = run_capturing(
+        extractor,
+        lambda: generate_with_steering(
+            sae, extractor, PROMPT, latent=3, scale=4.0, max_new_tokens=5
+        ),
+    )
+    assert text.startswith(PROMPT)
+    assert len(clean) == len(spliced) >= 2  # the prompt, then one call per new token
+    assert clean[1].shape[1] == 1  # the KV cache passes only the new token
+    direction = torch.from_numpy(sae.components_[3])
+    for before, after in zip(clean, spliced, strict=True):
+        torch.testing.assert_close(after - before, (4.0 * direction).expand_as(before))
+
+
+def test_generate_with_steering_ablating_one_latent_removes_its_contribution(fitted):
+    extractor, sae, _, codes = fitted
+    latent = alive_latents(codes, 1)[0]
+    _, clean, spliced = run_capturing(
+        extractor,
+        lambda: generate_with_steering(sae, extractor, PROMPT, ablate=[latent], max_new_tokens=4),
+    )
+    direction = sae.components_[latent]
+    fired = False
+    for before, after in zip(clean, spliced, strict=True):
+        x = before.reshape(-1, before.shape[-1]).numpy()
+        code = sae.transform(x)[:, latent]
+        fired |= bool((code > 0).any())
+        expected = -code[:, None] * direction[None, :]
+        np.testing.assert_allclose(
+            (after - before).reshape(x.shape).numpy(), expected, rtol=1e-4, atol=1e-5
+        )
+    assert fired
+
+
+def test_steering_replacement_ablating_all_latents_keeps_only_bias_and_error(fitted):
+    extractor, sae, extraction, _ = fitted
+    replace = _steering_replacement(sae, extractor, None, 0.0, list(range(N_COMPONENTS)))
+    x = extraction.activations[:20]
+    x_hat = sae.inverse_transform(sae.transform(x))
+    result = replace(torch.from_numpy(x)[None]).numpy()[0]
+    # x + (x_hat_ablated - x_hat) with x_hat_ablated = b_dec_: the error term is kept.
+    np.testing.assert_allclose(result, sae.b_dec_ + (x - x_hat), rtol=1e-4, atol=1e-4)
+
+
+def test_generate_with_steering_without_intervention_equals_clean_model(fitted):
+    extractor, sae, _, _ = fitted
+    model, tokenizer = extractor._load()
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        clean_ids = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        clean_logits = model(input_ids=ids).logits
+    for ablate in (None, []):
+        text = generate_with_steering(sae, extractor, PROMPT, ablate=ablate, max_new_tokens=8)
+        assert text == tokenizer.decode(clean_ids[0], skip_special_tokens=True)
+        with extractor.splice(_steering_replacement(sae, extractor, 3, 0.0, ablate)):
+            with torch.inference_mode():
+                logits = model(input_ids=ids).logits
+        torch.testing.assert_close(logits, clean_logits)
+
+
+def test_steering_replacement_ablating_silent_latents_changes_no_logit(fitted):
+    extractor, sae, _, _ = fitted
+    model, tokenizer = extractor._load()
+    # 3 tokens x k=4 active latents each: at least 12 of the 24 latents stay silent.
+    ids = tokenizer("the", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        _, clean, _ = run_capturing(extractor, lambda: model(input_ids=ids))
+    hooked = clean[0].reshape(-1, clean[0].shape[-1]).numpy()
+    silent = np.flatnonzero((sae.transform(hooked) == 0).all(axis=0)).tolist()
+    assert silent
+    with torch.inference_mode():
+        clean_logits = model(input_ids=ids).logits
+        with extractor.splice(_steering_replacement(sae, extractor, None, 0.0, silent)):
+            logits = model(input_ids=ids).logits
+    torch.testing.assert_close(logits, clean_logits)
+
+
+def test_generate_with_steering_same_seed_same_text(fitted):
+    extractor, sae, _, _ = fitted
+    state = torch.random.get_rng_state()
+    texts = [
+        generate_with_steering(
+            sae, extractor, PROMPT, 2, 3.0, do_sample=True, random_state=seed, max_new_tokens=12
+        )
+        for seed in (7, 7, 8)
+    ]
+    assert texts[0] == texts[1]
+    assert texts[0] != texts[2]
+    assert torch.equal(torch.random.get_rng_state(), state)  # global RNG untouched
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"latent": N_COMPONENTS}, "latent"),
+        ({"latent": 0, "scale": float("nan")}, "scale"),
+        ({"ablate": [-1]}, "ablate"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+    ],
+)
+def test_generate_with_steering_rejects_invalid_arguments(fitted, kwargs, match):
+    extractor, sae, _, _ = fitted
+    with pytest.raises(ValueError, match=match):
+        generate_with_steering(sae, extractor, PROMPT, **kwargs)
+
+
+def test_generate_with_steering_rejects_a_model_without_lm_head():
+    from transformers import GPT2Model
+
+    extractor = ActivationExtractor(
+        GPT2Model(make_tiny_model("gpt2").config).eval(),
+        tokenizer=make_char_tokenizer(),
+        layer=1,
+        device="cpu",
+    )
+    X = np.random.default_rng(0).normal(size=(64, 16))
+    sae = SparseAutoencoder(n_components=8, k=2, max_iter=1, device="cpu", random_state=0).fit(X)
+    with pytest.raises(ValueError, match="language-model head"):
+        generate_with_steering(sae, extractor, PROMPT)
