@@ -13,9 +13,10 @@ weights back in NumPy, initialisation included. Each path is warmed up once
 (one epoch on ``2 * batch_size`` rows), then the two alternate, ``--repeats``
 times each, and the table shows the medians.
 
-Data: a correlated Gaussian, ``X = (Z * s) @ Q + 0.5`` with ``Z`` standard
+Data: a correlated Gaussian, ``X = (Z * s) @ Q + 0.1`` with ``Z`` standard
 normal, a power-law spectrum ``s_i = (i + 1) ** -0.5`` and a random orthogonal
-``Q``, seeded, float32.
+``Q``, seeded, float32. The offset is small enough for the default
+``l1_coefficient`` to leave live ReLU latents (at +0.5 they all die).
 
 On CUDA the script also times a large square matmul in float32 (TF32 only if
 the process default allows it; this script changes no setting) and in bfloat16
@@ -53,6 +54,8 @@ ARCHITECTURES = ("relu", "topk")
 LEARNING_RATE = 1e-3
 L1_COEFFICIENT = 1.0
 SEED = 0
+# Rows of X per device type when --rows is not given: about 4 minutes on 2 CPU cores.
+DEFAULT_ROWS = {"cpu": 65536, "cuda": 2**20}
 # FLOPs per token of the five (B, D) x (D, F)-sized matmuls of a step; see the docstring.
 FLOPS_PER_TOKEN_PER_DF = 10
 # Rows used for the sanity check of the trained models (outside the timings).
@@ -67,7 +70,7 @@ def make_data(n_rows, n_features, seed=SEED):
     Z = rng.standard_normal((n_rows, n_features), dtype=np.float32)
     Z *= spectrum.astype(np.float32)
     X = Z @ q.astype(np.float32)
-    X += np.float32(0.5)
+    X += np.float32(0.1)
     return X
 
 
@@ -153,15 +156,36 @@ def explained_variance(X, weights, architecture, k, device):
         return float(1 - residual / total)
 
 
+def busy_cpu_seconds():
+    """CPU seconds all processes of the machine have used since boot (Linux); else None."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(value) for value in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + ticks[4]  # idle and iowait
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def timed(fit, X, device, **options):
-    """Seconds of one full call of ``fit``, device work included, and its weights."""
+    """Seconds of one full call of ``fit``: wall, our CPU, other processes' CPU; and weights.
+
+    Our CPU seconds (all threads of this process) are a second opinion on a shared
+    machine; the other processes' CPU seconds (None off Linux) say how shared it was.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start, start_cpu, start_busy = time.perf_counter(), time.process_time(), busy_cpu_seconds()
     weights = fit(X, device=device, **options)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start, weights
+    wall, cpu, busy = (
+        time.perf_counter() - start,
+        time.process_time() - start_cpu,
+        busy_cpu_seconds(),
+    )
+    others = None if busy is None else max(0.0, busy - start_busy - cpu)
+    return wall, cpu, others, weights
 
 
 def matmul_peak_tflops(device, dtype, n=8192, iters=20):
@@ -193,14 +217,21 @@ def run_config(X, device, architecture, args):
     fit_ours(warmup_X, epochs=1, device=device, **options)
     fit_hand_loop(warmup_X, epochs=1, device=device, **options)
     seconds = {"ours": [], "hand": []}
+    cpu_seconds = {"ours": [], "hand": []}
+    busy_fractions = []  # other processes' share of all CPUs during each timed fit
     weights = {}
     for repeat in range(args.repeats):
         # Alternate the order so that both loops share any drift in background load.
         order = ("ours", "hand") if repeat % 2 == 0 else ("hand", "ours")
         for name in order:
             fit = fit_ours if name == "ours" else fit_hand_loop
-            elapsed, weights[name] = timed(fit, X, device, epochs=args.epochs, **options)
+            elapsed, elapsed_cpu, others, weights[name] = timed(
+                fit, X, device, epochs=args.epochs, **options
+            )
+            if others is not None:
+                busy_fractions.append(others / (elapsed * os.cpu_count()))
             seconds[name].append(elapsed)
+            cpu_seconds[name].append(elapsed_cpu)
     tokens = X.shape[0] * args.epochs
     eval_X = X[:EVAL_ROWS]
     return {
@@ -208,6 +239,11 @@ def run_config(X, device, architecture, args):
         "architecture": architecture,
         "tokens": tokens,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "busy": max(busy_fractions) if busy_fractions else float("nan"),
+        "cpu_ratio": (
+            statistics.median(cpu_seconds["hand"]) / statistics.median(cpu_seconds["ours"])
+        ),
         "ours": tokens / statistics.median(seconds["ours"]),
         "hand": tokens / statistics.median(seconds["hand"]),
         "ev_ours": explained_variance(eval_X, weights["ours"], architecture, args.k, device),
@@ -219,7 +255,7 @@ def print_table(results, args):
     header = (
         f"{'device':<6} {'arch':<5} {'d':>5} {'n_comp':>6} {'batch':>5} {'rows':>8} "
         f"{'epochs':>6} {'tok/s ours':>11} {'tok/s hand':>11} {'ratio ours/hand':>15} "
-        f"{'EV ours':>7} {'EV hand':>7}"
+        f"{'(CPU time)':>10} {'EV ours':>7} {'EV hand':>7} {'others':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -228,15 +264,17 @@ def print_table(results, args):
             f"{r['device']:<6} {r['architecture']:<5} {args.n_features:>5} "
             f"{args.n_components:>6} {args.batch_size:>5} {r['tokens'] // args.epochs:>8} "
             f"{args.epochs:>6} {r['ours']:>11.0f} {r['hand']:>11.0f} "
-            f"{r['ours'] / r['hand']:>15.3f} {r['ev_ours']:>7.3f} {r['ev_hand']:>7.3f}"
+            f"{r['ours'] / r['hand']:>15.3f} {r['cpu_ratio']:>10.3f} "
+            f"{r['ev_ours']:>7.3f} {r['ev_hand']:>7.3f} {r['busy']:>6.0%}"
         )
     print()
     for r in results:
-        spread = {name: ", ".join(f"{s:.3g}" for s in times) for name, times in r["seconds"].items()}
-        print(
-            f"seconds per fit, {r['device']}/{r['architecture']}: "
-            f"ours [{spread['ours']}], hand [{spread['hand']}]"
-        )
+        for kind in ("seconds", "cpu_seconds"):
+            spread = {name: ", ".join(f"{s:.3g}" for s in times) for name, times in r[kind].items()}
+            print(
+                f"{kind.replace('_', ' ')} per fit, {r['device']}/{r['architecture']}: "
+                f"ours [{spread['ours']}], hand [{spread['hand']}]"
+            )
 
 
 def print_gpu_report(results, device, args):
@@ -274,13 +312,17 @@ def parse_args(argv=None):
     parser.add_argument("--k", type=int, default=32, help="active latents for topk")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument(
-        "--rows", type=int, default=None,
-        help="rows of X (default: 32768 on CPU only, 1048576 when CUDA is benchmarked)",
+        "--rows",
+        type=int,
+        default=None,
+        help=f"rows of X (default: {DEFAULT_ROWS['cpu']} on CPU, {DEFAULT_ROWS['cuda']} on CUDA)",
     )
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--device", nargs="+", default=None,
+        "--device",
+        nargs="+",
+        default=None,
         help="devices to benchmark (default: cpu, plus cuda when available)",
     )
     parser.add_argument(
@@ -293,8 +335,6 @@ def parse_args(argv=None):
     if args.quick:
         args.n_features, args.n_components, args.k = 16, 64, 4
         args.batch_size, args.rows, args.epochs, args.repeats = 128, 512, 2, 1
-    if args.rows is None:
-        args.rows = 2**20 if "cuda" in args.device else 32768
     return args
 
 
@@ -310,23 +350,39 @@ def main(argv=None):
         f"float32, lr={LEARNING_RATE}, l1_coefficient={L1_COEFFICIENT} (relu), k={args.k} (topk), "
         f"{args.repeats} repeats (median), alternating order, warm-up once per path"
     )
-    print("data: correlated Gaussian (power-law spectrum (i+1)^-0.5, random rotation, +0.5)")
+    print("data: correlated Gaussian (power-law spectrum (i+1)^-0.5, random rotation, +0.1)")
+    print(
+        "ratio ours/hand = tokens/s of fit over tokens/s of the hand loop (wall clock, median); "
+        "(CPU time) = the same from process CPU seconds"
+    )
     print(f"EV = variance explained on the first {EVAL_ROWS} rows (sanity check, not timed)")
+    print(
+        "others = the most that other processes used of all CPUs during one timed fit "
+        "(above a few % the machine was shared: rerun)"
+    )
+    print(
+        f"load average at start: {os.getloadavg()[0]:.2f} over {os.cpu_count()} CPUs "
+        "(wall-clock figures are unreliable when other processes are busy)"
+    )
     start = time.perf_counter()
-    X = make_data(args.rows, args.n_features)
-    print(f"data {X.shape} generated in {time.perf_counter() - start:.1f} s")
-    print()
+    data = {}  # rows -> X, shared by the devices that use the same number of rows
     results = []
     for device_name in args.device:
         device = torch.device(device_name)
+        n_rows = args.rows or DEFAULT_ROWS.get(device.type, DEFAULT_ROWS["cpu"])
+        if n_rows not in data:
+            data[n_rows] = make_data(n_rows, args.n_features)
         for architecture in args.architecture:
-            results.append(run_config(X, device, architecture, args))
+            results.append(run_config(data[n_rows], device, architecture, args))
     print_table(results, args)
     for device_name in args.device:
         device = torch.device(device_name)
         if device.type == "cuda":
             print_gpu_report(results, device, args)
-    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    print(
+        f"\ntotal {time.perf_counter() - start:.0f} s, load average at end: "
+        f"{os.getloadavg()[0]:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -346,8 +346,11 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         last_good = module.folded_state(1.0)
         last_good_step = self.n_steps_
         try:
-            for _ in range(n_epochs):
-                stats = _EpochStats(module.W_dec_FD.shape[0], device)
+            for epoch in range(n_epochs):
+                # latent_frequency_ describes the last pass only, so earlier passes skip
+                # the count (a (B, F) pass per step) unless the progress bar shows L0.
+                count_fires = bool(self.verbose) or epoch == n_epochs - 1
+                stats = _EpochStats(module.W_dec_FD.shape[0], device, count_fires)
                 for x_BD in data.batches(batch_size, self._generator, self._random_state, device):
                     x_BD = x_BD * scale
                     terms = module.loss(x_BD)
@@ -591,7 +594,8 @@ def _to_csr(codes_HF):
 class _EpochStats:
     """Device-side running sums of one pass; read (one sync) only at checks."""
 
-    def __init__(self, n_components, device):
+    def __init__(self, n_components, device, count_fires=True):
+        self.count_fires = count_fires
         self.fires_F = torch.zeros(n_components, device=device)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.squared_error = torch.zeros((), dtype=torch.float64, device=device)
@@ -606,9 +610,10 @@ class _EpochStats:
         # Codes are non-negative, so sign() marks the latents that fired. Writing into a
         # reused buffer avoids a fresh (B, F) allocation per step, whose page faults
         # made this count cost as much as a matrix product on the CPU.
-        if self._fired_BF is None or self._fired_BF.shape != codes_BF.shape:
-            self._fired_BF = torch.empty_like(codes_BF)
-        self.fires_F += torch.sign(codes_BF, out=self._fired_BF).sum(dim=0)
+        if self.count_fires:
+            if self._fired_BF is None or self._fired_BF.shape != codes_BF.shape:
+                self._fired_BF = torch.empty_like(codes_BF)
+            self.fires_F += torch.sign(codes_BF, out=self._fired_BF).sum(dim=0)
         self.loss_sum += terms.loss.detach() * n_rows
         self.squared_error += terms.squared_error
         x_sum_D = x_BD.sum(dim=0, dtype=torch.float64)
