@@ -285,7 +285,7 @@ def test_pickle_stores_path_not_weights(tiny_model_dir):
     extractor = extractor_for(tiny_model_dir)
     acts = extractor.transform(TEXTS)
     data = pickle.dumps(extractor)
-    assert b"model_" not in data or len(data) < 20_000
+    assert "model_" not in extractor.__getstate__()
     restored = pickle.loads(data)
     assert not hasattr(restored, "model_")
     np.testing.assert_array_equal(restored.transform(TEXTS), acts)
