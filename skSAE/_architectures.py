@@ -207,5 +207,52 @@ class TopKModule(SparseAutoencoderModule):
         return torch.zeros_like(pre_BF).scatter_(1, topk_idx_BK, torch.relu(values_BK))
 
 
-ARCHITECTURES = {"relu": ReLUModule, "topk": TopKModule}
+class BatchTopKModule(SparseAutoencoderModule):
+    """Keep the ``k * B`` largest codes of a training batch; a threshold at inference.
+
+    In training the sparsity budget is shared over the batch, so rows may use more or
+    fewer than k latents (Bussmann et al. 2024). The smallest code kept in each batch
+    feeds a running mean, ``threshold``; in eval mode a pre-activation is kept when it
+    exceeds it, so a row's codes never depend on the other rows of its batch.
+
+    Parameters
+    ----------
+    n_features, n_components : int
+        See `SparseAutoencoderModule`.
+    k : int
+        Average number of latents kept per row.
+    """
+
+    scaled_with_input = ("b_enc_F", "b_dec_D", "threshold")
+    # The threshold is the plain mean of the first 100 batch minima, then an
+    # exponential moving average with this weight, so it tracks the codes as they grow.
+    threshold_momentum = 0.01
+
+    def __init__(self, n_features, n_components, *, k):
+        super().__init__(n_features, n_components)
+        self.k = k
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("n_threshold_updates", torch.zeros(()), persistent=False)
+
+    def load_folded_state(self, state, scale):
+        super().load_folded_state(state, scale)
+        # A loaded threshold is settled: continue with the moving average.
+        self.n_threshold_updates.fill_(1 / self.threshold_momentum)
+
+    def activate(self, pre_BF):
+        if not self.training:
+            return pre_BF * (pre_BF > self.threshold)
+        flat_N = torch.relu(pre_BF).flatten()
+        values_K, index_K = flat_N.topk(min(self.k * pre_BF.shape[0], flat_N.numel()), sorted=False)
+        with torch.no_grad():  # no host sync: an empty minimum leaves the threshold as is
+            smallest = torch.where(values_K > 0, values_K, torch.inf).min()
+            found = torch.isfinite(smallest)
+            self.n_threshold_updates.add_(found.float())
+            weight = torch.clamp(1 / self.n_threshold_updates, min=self.threshold_momentum)
+            updated = torch.lerp(self.threshold, smallest, weight.clamp(max=1))
+            self.threshold.copy_(torch.where(found, updated, self.threshold))
+        return torch.zeros_like(flat_N).scatter_(0, index_K, values_K).view_as(pre_BF)
+
+
+ARCHITECTURES = {"relu": ReLUModule, "topk": TopKModule, "batchtopk": BatchTopKModule}
 """Name of each variant (the estimator's ``architecture``) to its module class."""

@@ -45,6 +45,16 @@ _INIT_SAMPLE_ROWS = 65_536
 _CHUNK_BYTES = 64 * 2**20
 
 
+# Module state names and the fitted attributes that hold them (in the user's units).
+_PUBLIC_NAMES = {
+    "W_enc_DF": "W_enc_",
+    "b_enc_F": "b_enc_",
+    "W_dec_FD": "components_",
+    "b_dec_D": "b_dec_",
+    "threshold": "threshold_",
+}
+
+
 class TrainingDivergedError(ValueError):
     """Training produced a non-finite loss or weights; the last finite weights are kept."""
 
@@ -63,12 +73,15 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         ``round(expansion_factor * n_features_in_)``.
     expansion_factor : float, default=8
         Dictionary size relative to the input width, used when ``n_components=None``.
-    architecture : {"topk", "relu"}, default="topk"
+    architecture : {"topk", "batchtopk", "relu"}, default="topk"
         ``"topk"`` keeps the ``k`` largest pre-activations of each row (Gao et al. 2024);
-        ``"relu"`` uses ReLU codes with an L1 penalty (Bricken et al. 2023).
+        ``"batchtopk"`` keeps the ``k * batch`` largest of a training batch and, at
+        inference, every pre-activation above the learned `threshold_` (Bussmann et al.
+        2024); ``"relu"`` uses ReLU codes with an L1 penalty (Bricken et al. 2023).
     k : int, default=32
-        Active latents per row (at most; all latents when ``k >= n_components``).
-        Only used when ``architecture="topk"``.
+        Active latents per row (at most, and on average for ``"batchtopk"``; all
+        latents when ``k >= n_components``). Only used when ``architecture`` is
+        ``"topk"`` or ``"batchtopk"``.
     l1_coefficient : float, default=1.0
         Weight of the L1 penalty on the codes, measured in the normalised units the
         model trains in (see Notes). Only used when ``architecture="relu"``.
@@ -102,6 +115,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         Decoder directions, one unit-norm row per latent.
     b_dec_ : ndarray of shape (n_features_in_,)
         Decoder bias: the reconstruction of an all-zero code.
+    threshold_ : ndarray of shape ()
+        Inference threshold of ``architecture="batchtopk"`` (absent otherwise): a
+        running mean of the smallest code kept in each training batch.
     input_scale_ : float
         Factor the inputs were multiplied by in training so that their mean squared norm
         equals ``n_features_in_``. Already folded into the attributes above.
@@ -277,7 +293,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
 
     def _module_options(self, architecture, n_components):
         """The estimator parameters that ``architecture``'s module takes."""
-        if architecture == "topk":
+        if architecture in ("topk", "batchtopk"):
             # The k largest of fewer than k values are all of them.
             return {"k": min(self.k, n_components)}
         return {"l1_coefficient": self.l1_coefficient}
@@ -396,18 +412,18 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     def _export(self, module):
         """Copy the module's weights, in the user's units, to the NumPy attributes."""
         state = module.folded_state(self.input_scale_)
-        self.W_enc_ = to_numpy(state["W_enc_DF"])
-        self.b_enc_ = to_numpy(state["b_enc_F"])
-        self.components_ = to_numpy(state["W_dec_FD"])
-        self.b_dec_ = to_numpy(state["b_dec_D"])
+        for name, public in _PUBLIC_NAMES.items():
+            if name in state:
+                setattr(self, public, to_numpy(state[name]))
+            elif hasattr(self, public):  # left over from another architecture
+                delattr(self, public)
         self._architecture_fitted = self.architecture
 
     def _numpy_state_as_tensors(self):
         return {
-            "W_enc_DF": torch.from_numpy(self.W_enc_),
-            "b_enc_F": torch.from_numpy(self.b_enc_),
-            "W_dec_FD": torch.from_numpy(self.components_),
-            "b_dec_D": torch.from_numpy(self.b_dec_),
+            name: torch.from_numpy(np.asarray(getattr(self, public)))
+            for name, public in _PUBLIC_NAMES.items()
+            if hasattr(self, public)
         }
 
     @contextmanager
@@ -451,7 +467,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             **self._module_options(self._architecture_fitted, n_components),
         )
         module.load_folded_state(self._numpy_state_as_tensors(), 1.0)
-        return module.to(device)
+        return module.to(device).eval()
 
     def transform(self, X):
         """Latent codes of ``X``: ``act(X @ W_enc_ + b_enc_)``, row by row.

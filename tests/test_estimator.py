@@ -405,3 +405,39 @@ def test_readonly_memmap_fit_does_not_warn(tmp_path, small_X):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SparseAutoencoder(**FAST).fit(X)
+
+
+def test_batchtopk_keeps_k_per_row_on_average(sparse_dataset):
+    X, directions = sparse_dataset
+    sae = SparseAutoencoder(
+        n_components=64,
+        architecture="batchtopk",
+        k=4,
+        max_iter=30,
+        batch_size=512,
+        learning_rate=3e-3,
+        random_state=0,
+    ).fit(X)
+    codes = sae.transform(X)
+    # Inference uses the learned threshold, which lags the growing codes a little;
+    # measured L0 3.87, mean max cosine 0.909, variance explained 0.826 here.
+    assert 3.0 < (codes > 0).sum(axis=1).mean() < 6.0
+    np.testing.assert_array_equal(
+        codes,
+        np.where(
+            X @ sae.W_enc_ + sae.b_enc_ > sae.threshold_, X @ sae.W_enc_ + sae.b_enc_, 0
+        ).astype(np.float32),
+    )
+    assert mean_max_cosine(directions, sae.components_) > 0.88
+
+
+def test_batchtopk_threshold_is_in_user_units(small_X):
+    sae = SparseAutoencoder(architecture="batchtopk", **FAST).fit(small_X)
+    scaled = SparseAutoencoder(architecture="batchtopk", **FAST).fit(small_X * 100)
+    assert float(scaled.threshold_) == pytest.approx(100 * float(sae.threshold_), rel=1e-3)
+
+
+def test_switching_architecture_drops_threshold(small_X):
+    sae = SparseAutoencoder(architecture="batchtopk", **FAST).fit(small_X)
+    sae.set_params(architecture="topk").fit(small_X)
+    assert not hasattr(sae, "threshold_")

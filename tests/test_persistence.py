@@ -13,7 +13,7 @@ from skSAE import SparseAutoencoder
 FAST = dict(n_components=16, k=4, max_iter=2, batch_size=64, random_state=0)
 
 
-@pytest.mark.parametrize("architecture", ["topk", "relu"])
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "relu"])
 def test_joblib_round_trip_transforms_identically(tmp_path, small_X, architecture):
     sae = SparseAutoencoder(architecture=architecture, **FAST).fit(small_X)
     joblib.dump(sae, tmp_path / "sae.joblib")

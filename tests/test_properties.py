@@ -12,7 +12,7 @@ def fitted_cases(draw):
     n_samples = draw(st.integers(2, 40))
     n_features = draw(st.integers(1, 12))
     n_components = draw(st.integers(1, 24))
-    architecture = draw(st.sampled_from(["topk", "relu"]))
+    architecture = draw(st.sampled_from(["topk", "batchtopk", "relu"]))
     k = draw(st.integers(1, 8))
     seed = draw(st.integers(0, 2**16))
     X = np.random.default_rng(seed).normal(size=(n_samples, n_features)) * draw(
@@ -78,7 +78,7 @@ def test_inverse_transform_of_zero_codes_is_decoder_bias(case):
     np.testing.assert_array_equal(sae.inverse_transform(zeros), np.tile(sae.b_dec_, (3, 1)))
 
 
-@given(st.integers(0, 2**16), st.sampled_from(["topk", "relu"]))
+@given(st.integers(0, 2**16), st.sampled_from(["topk", "batchtopk", "relu"]))
 def test_same_seed_same_model(seed, architecture):
     X = np.random.default_rng(seed).normal(size=(30, 4))
     params = dict(
