@@ -459,7 +459,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     # ---------------------------------------------------------------- inference
 
     def _inference_module(self, device):
-        """A module holding the fitted weights in the user's units (scale folded in)."""
+        """A frozen module holding the fitted weights in the user's units (scale folded in)."""
         n_components = self.components_.shape[0]
         module = ARCHITECTURES[self._architecture_fitted](
             self.n_features_in_,
@@ -467,7 +467,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             **self._module_options(self._architecture_fitted, n_components),
         )
         module.load_folded_state(self._numpy_state_as_tensors(), 1.0)
-        return module.to(device).eval()
+        # Frozen, so a splice run outside inference_mode builds no autograd graph.
+        return module.to(device).eval().requires_grad_(False)
 
     def transform(self, X):
         """Latent codes of ``X``: ``act(X @ W_enc_ + b_enc_)``, row by row.

@@ -693,25 +693,23 @@ def default_cache_dir():
 
 
 def _load_model(model, tokenizer, dtype, cache_dir):
-    from transformers import AutoTokenizer
-
     if _is_model_object(model):
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
-        elif isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        return model.to(dtype), tokenizer
+        return model.to(dtype), _load_tokenizer(tokenizer, model.config.name_or_path)
     path = Path(model)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ValueError(f"model={str(model)!r}: no such .gguf file.")
         path = _converted_gguf(path, Path(cache_dir) if cache_dir else default_cache_dir())
-    loaded = _auto_model(str(path), dtype)
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    elif isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-    return loaded, tokenizer
+    return _auto_model(str(path), dtype), _load_tokenizer(tokenizer, str(path))
+
+
+def _load_tokenizer(tokenizer, default):
+    """A loaded tokenizer as is; otherwise load it from its path, or from ``default``."""
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(default if tokenizer is None else tokenizer))
 
 
 def _auto_model(name, dtype, **kwargs):

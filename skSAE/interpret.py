@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ._utils import resolve_device
 from .extraction import _check_texts
+from .metrics import _check_hook_width
 
 # Bins of each latent's activation histogram (before trailing empty bins are trimmed).
 _HISTOGRAM_BINS = 64
@@ -174,7 +175,7 @@ def top_activating_examples(
     try:
         with torch.inference_mode():
             for acts_ND, _, doc_N, position_N in extractor._iter_extract(texts):
-                _check_width(sae, acts_ND)
+                _check_hook_width(sae, acts_ND)
                 x_ND = torch.from_numpy(acts_ND).to(device)
                 codes_NL = module.encode(x_ND).index_select(1, latents_L).cpu()
                 state.update(codes_NL, torch.from_numpy(doc_N), torch.from_numpy(position_N), rng)
@@ -615,7 +616,7 @@ def _steering_replacement(sae, extractor, latent, scale, ablate):
     ablated = [] if ablate is None else _check_latents(ablate, n_components, "ablate")
     model, _ = extractor._load()
     device = next(model.parameters()).device
-    module = sae._inference_module(device).requires_grad_(False)
+    module = sae._inference_module(device)
     direction_D = (
         torch.from_numpy(sae.components_[latent]).to(device) if latent is not None else None
     )
@@ -623,7 +624,7 @@ def _steering_replacement(sae, extractor, latent, scale, ablate):
     W_ablated_AD = module.W_dec_FD.detach().index_select(0, ablated_A)
 
     def replace(hidden_BSD):
-        _check_width(sae, hidden_BSD)
+        _check_hook_width(sae, hidden_BSD)
         new_BSD = hidden_BSD.float()
         if ablated:
             x_ND = new_BSD.reshape(-1, new_BSD.shape[-1])
@@ -677,15 +678,6 @@ def _check_window(window):
             f"window must be a pair (tokens before, tokens after), got {window!r}."
         ) from exc
     return _check_int(before, "window[0]", 0), _check_int(after, "window[1]", 0)
-
-
-def _check_width(sae, activations):
-    width = activations.shape[-1]
-    if width != sae.n_features_in_:
-        raise ValueError(
-            f"The hook gives {width} features, but the SAE was fitted on "
-            f"{sae.n_features_in_}; fit it on this extractor's activations."
-        )
 
 
 from .dashboard import write_dashboard  # noqa: E402  (the dashboard builds on the reports above)

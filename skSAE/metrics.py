@@ -281,10 +281,11 @@ def loss_recovered(sae, extractor, texts, ablation="zero"):
     _check_ablation(ablation)
     reconstruct = _reconstruction(sae, extractor)
     memory = extractor._memory()
-    baselines = _baseline_cross_entropies
-    if memory is not None:
-        baselines = memory.cache(_baseline_cross_entropies, ignore=["extractor"])
-    ce_clean, ce_ablated = baselines(extractor, extractor._cache_key(), list(texts), ablation)
+    if memory is None:
+        ce_clean, ce_ablated = _baseline_cross_entropies(extractor, None, texts, ablation)
+    else:
+        cached = memory.cache(_baseline_cross_entropies, ignore=["extractor"])
+        ce_clean, ce_ablated = cached(extractor, extractor._cache_key(), list(texts), ablation)
     ce_sae = extractor.cross_entropy(texts, reconstruct)
     return (ce_ablated - ce_sae) / (ce_ablated - ce_clean)
 
@@ -312,6 +313,16 @@ def _baseline_cross_entropies(extractor, key, texts, ablation):
     return losses.clean, losses.spliced["ablated"]
 
 
+def _check_hook_width(sae, activations):
+    """Raise a ValueError unless the activations' last axis is the SAE's input width."""
+    width = activations.shape[-1]
+    if width != sae.n_features_in_:
+        raise ValueError(
+            f"The hook gives {width} features, but the SAE was fitted on "
+            f"{sae.n_features_in_}; fit it on this extractor's activations."
+        )
+
+
 def _reconstruction(sae, extractor):
     """A function mapping hooked activations to the SAE's reconstruction of them."""
     from sklearn.utils.validation import check_is_fitted
@@ -321,11 +332,7 @@ def _reconstruction(sae, extractor):
     module = sae._inference_module(next(model.parameters()).device)
 
     def reconstruct(hidden_BSD):
-        if hidden_BSD.shape[-1] != sae.n_features_in_:
-            raise ValueError(
-                f"The hook gives {hidden_BSD.shape[-1]} features, but the SAE was fitted on "
-                f"{sae.n_features_in_}."
-            )
+        _check_hook_width(sae, hidden_BSD)
         x_ND = hidden_BSD.reshape(-1, hidden_BSD.shape[-1]).float()
         return module.decode(module.encode(x_ND)).reshape(hidden_BSD.shape)
 
@@ -377,9 +384,9 @@ from ._scoring import (  # noqa: E402  (scorers build on the functions above)
     neg_l0_scorer,
     pareto_front,
     pareto_refit,
-    plot_frontier,
     sae_scoring,
 )
+from .plotting import plot_frontier  # noqa: E402
 
 __all__ = [
     "ExplainedVarianceAccumulator",

@@ -8,7 +8,7 @@ saves the figure to ``path`` when given, and returns the Axes.
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-from ._scoring import plot_frontier
+from ._scoring import pareto_front
 from .metrics import latent_density
 
 __all__ = ["plot_density_histogram", "plot_frontier", "plot_training_curves"]
@@ -139,3 +139,48 @@ def plot_density_histogram(density_or_codes, ax=None, path=None):
     ax.set_ylabel("latents")
     ax.set_title(f"{n_dead} of {len(density)} latents dead ({100 * n_dead / len(density):.1f}%)")
     return _finish(ax, path)
+
+
+def plot_frontier(cv_results, metric="explained_variance", ax=None, path=None):
+    """Plot mean L0 against ``metric`` for every candidate, with the Pareto front.
+
+    Parameters
+    ----------
+    cv_results : dict
+        A search's ``cv_results_`` with ``"neg_l0"`` and ``metric`` among its scores.
+    metric : str, default="explained_variance"
+        The y axis, e.g. ``"loss_recovered"``.
+    ax : matplotlib.axes.Axes, default=None
+        Where to draw; a new figure when None.
+    path : str or path, default=None
+        Save the figure there too.
+
+    Returns
+    -------
+    ax : matplotlib.axes.Axes
+    """
+    plt = _pyplot("plot_frontier")
+    l0 = -np.asarray(cv_results["mean_test_neg_l0"], dtype=float)
+    score = np.asarray(cv_results[f"mean_test_{metric}"], dtype=float)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    labels = [_short_params(params) for params in cv_results["params"]]
+    ax.scatter(l0, score, color="tab:gray", label="candidates")
+    for x, y, label in zip(l0, score, labels, strict=True):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    front = pareto_front(l0, score)
+    ax.plot(l0[front], score[front], "o-", color="tab:blue", label="Pareto front")
+    ax.set_xlabel("L0 (mean active latents per token)")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _finish(ax, path)
+
+
+def _short_params(params):
+    """``{"sae__architecture": "topk", "sae__k": 16}`` -> ``"topk, k=16"``."""
+    parts = []
+    for name, value in params.items():
+        name = name.split("__")[-1]
+        parts.append(str(value) if name == "architecture" else f"{name}={value}")
+    return ", ".join(parts)

@@ -329,3 +329,13 @@ def test_steering_splice_adds_scaled_direction(tiny_model_dir):
         after.remove()
     record.remove()
     torch.testing.assert_close(steered[0] - clean[0], (2.5 * direction).expand(1, 4, 16))
+
+
+def test_sae_reconstruction_outside_inference_mode_builds_no_graph(tiny_model_dir):
+    from skSAE.metrics import _reconstruction
+
+    reconstruct = _reconstruction(perfect_sae(16), extractor_for(tiny_model_dir))
+    hidden = torch.randn(1, 3, 16)
+    out = reconstruct(hidden)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, hidden)
