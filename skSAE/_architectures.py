@@ -2,13 +2,15 @@
 
 Pure torch: no scikit-learn, no NumPy state. Each variant subclasses
 `SparseAutoencoderModule` and overrides `activate` (pre-activations to codes) and,
-where it adds a penalty, `loss`. Everything else (weights, initialisation, decoding,
-the unit-norm decoder constraint, folding the input scale) is shared.
+where it adds a penalty or auxiliary loss, `penalty` or `loss`. Everything else
+(weights, initialisation, decoding, the decoder constraint, the public form of the
+weights) is shared.
 
 Shape suffixes::
 
     N rows of X (tokens, flattened)   B minibatch rows        S sequence positions
     D n_features (d_model, SAE input) F n_components (latents) K active latents (top-k)
+    P dictionary prefixes (matryoshka)
 
 The model, in the units it is trained in::
 
@@ -17,13 +19,22 @@ The model, in the units it is trained in::
 
 There is no pre-encoder bias subtraction: ``b_enc_F`` absorbs it, as in Anthropic's
 April 2024 update. This keeps the public formula ``act(X @ W_enc_ + b_enc_)`` exact,
-and makes the input scale fold into the biases by one multiplication.
+and makes the input normalisation fold into the biases (`to_user_units`).
+
+Every variant exports one *public form* (`export_state`): ``W_enc_DF``, ``b_enc_F``,
+``W_dec_FD`` with unit-norm rows, ``b_dec_D`` and, where codes are thresholded,
+``threshold`` (a scalar for BatchTopK and Matryoshka, one per latent for JumpReLU and
+Gated). Inference from that form is ``act(x @ W_enc + b_enc)`` with
+``act(z) = z * (z > threshold)`` (or ReLU, or top-k), so a gated SAE, for instance,
+is exported as the JumpReLU it is equivalent to (Rajamanoharan et al. 2024a).
 """
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional
 
 
 class LossTerms(NamedTuple):
@@ -32,9 +43,38 @@ class LossTerms(NamedTuple):
     loss: torch.Tensor
     """Scalar to minimise."""
     squared_error: torch.Tensor
-    """Scalar: sum over the batch of squared reconstruction errors."""
-    codes_BF: torch.Tensor
-    """The latent codes of the batch."""
+    """Scalar: sum over the batch of squared reconstruction errors (detached)."""
+    fires_F: torch.Tensor
+    """Rows of the batch on which each latent fired (float, detached)."""
+
+
+PUBLIC_KEYS = ("W_enc_DF", "b_enc_F", "W_dec_FD", "b_dec_D", "threshold")
+
+
+@torch.no_grad()
+def to_user_units(state, scale, mean_D):
+    """The public form for raw inputs, given training saw ``(x - mean_D) * scale``.
+
+    Codes come out divided by ``scale``; this is exact for every variant here, as
+    their activations are positively homogeneous once thresholds scale alike.
+    """
+    user = dict(state)
+    user["b_enc_F"] = state["b_enc_F"] / scale - mean_D @ state["W_enc_DF"]
+    user["b_dec_D"] = state["b_dec_D"] / scale + mean_D
+    if "threshold" in state:
+        user["threshold"] = state["threshold"] / scale
+    return user
+
+
+@torch.no_grad()
+def to_training_units(state, scale, mean_D):
+    """Inverse of `to_user_units`."""
+    trained = dict(state)
+    trained["b_enc_F"] = (state["b_enc_F"] + mean_D @ state["W_enc_DF"]) * scale
+    trained["b_dec_D"] = (state["b_dec_D"] - mean_D) * scale
+    if "threshold" in state:
+        trained["threshold"] = state["threshold"] * scale
+    return trained
 
 
 class SparseAutoencoderModule(nn.Module):
@@ -46,10 +86,28 @@ class SparseAutoencoderModule(nn.Module):
         Input width D.
     n_components : int
         Dictionary size F.
+
+    Attributes
+    ----------
+    sparsity_coefficient : torch.Tensor of shape ()
+        Weight of the sparsity penalty, a buffer so that schedules and the
+        ``target_l0`` calibration change it on the device.
+    unit_norm_decoder : bool
+        Keep decoder rows at unit norm (else the decoder is free and the penalty
+        weights each latent by its decoder norm).
     """
 
-    # Tensors measured in input units: divided by the input scale when folded.
-    scaled_with_input = ("b_enc_F", "b_dec_D")
+    unit_norm_decoder = True
+    # target_l0 calibration (`SparsityCalibrator`): integral gain per unit of learning
+    # rate, and proportional gain. 16 x 3.2e-3 = 0.05 per step was the largest
+    # integral gain that stayed stable for ReLU and gated SAEs on the synthetic set
+    # (targets 2 to 16, within 7%); twice that oscillated.
+    calibration_gains = (16.0, 0.0)
+    # Row norm of a free decoder at initialisation. Conerly et al. (2024) use 0.05 to 1
+    # with a small learning rate; at our default rates rows of norm 0.1 trained worse
+    # (ground-truth cosine 0.70 against 0.90 at norm 1 on the synthetic set), as
+    # Adam's step is then ten times larger relative to the row.
+    free_decoder_norm = 1.0
 
     def __init__(self, n_features, n_components):
         super().__init__()
@@ -57,32 +115,41 @@ class SparseAutoencoderModule(nn.Module):
         self.b_enc_F = nn.Parameter(torch.zeros(n_components))
         self.W_dec_FD = nn.Parameter(torch.zeros(n_components, n_features))
         self.b_dec_D = nn.Parameter(torch.zeros(n_features))
+        self.register_buffer("sparsity_coefficient", torch.zeros(()))
+        self._fired_BF = None
 
     @torch.no_grad()
-    def initialize(self, generator, x_mean_D):
-        """Random unit decoder rows, encoder = decoder transpose, decoder bias at the mean.
+    def initialize(self, generator, x_BD, b_dec_D):
+        """Random decoder rows, encoder = decoder transpose, decoder bias given.
 
         The encoder starts as the decoder's transpose (Conerly et al. 2024; Gao et al.
         2024), scaled so that, with codes of about ``sqrt(D / F)`` per direction, the
-        first reconstructions have the input's size rather than ``sqrt(F / D)`` times it.
-        ``b_enc_F`` cancels the mean, so the first codes see centred inputs.
+        first reconstructions have the input's size. ``b_enc_F`` cancels ``b_dec_D``,
+        so the first codes see centred inputs.
 
         Parameters
         ----------
         generator : torch.Generator
             CPU generator; all randomness comes from it.
-        x_mean_D : torch.Tensor of shape (D,)
-            Mean of the (normalised) training inputs.
+        x_BD : torch.Tensor of shape (B, D)
+            A sample of the (normalised) training inputs.
+        b_dec_D : torch.Tensor of shape (D,)
+            Initial decoder bias: the sample's mean or geometric median.
         """
         n_features, n_components = self.W_enc_DF.shape
         W_dec_FD = torch.randn(n_components, n_features, generator=generator)
         W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        W_enc_DF = W_dec_FD.T * (n_features / n_components) ** 0.5
+        norm = 1.0 if self.unit_norm_decoder else self.free_decoder_norm
+        # Codes times decoder rows are the same for any row norm.
+        W_enc_DF = W_dec_FD.T * ((n_features / n_components) ** 0.5 / norm)
         device = self.W_enc_DF.device
-        self.W_dec_FD.copy_(W_dec_FD.to(device))
+        self.W_dec_FD.copy_(W_dec_FD.to(device) * norm)
         self.W_enc_DF.copy_(W_enc_DF.to(device))
-        self.b_dec_D.copy_(x_mean_D)
-        self.b_enc_F.copy_(-(x_mean_D @ self.W_enc_DF))
+        self.b_dec_D.copy_(b_dec_D)
+        self.b_enc_F.copy_(-(b_dec_D @ self.W_enc_DF))
+
+    def start_at_l0(self, x_BD, target_l0):
+        """Set what the variant can so that training starts at about ``target_l0``."""
 
     def pre_activation(self, x_BD):
         """Encoder pre-activations ``x_BD @ W_enc_DF + b_enc_F``."""
@@ -98,97 +165,138 @@ class SparseAutoencoderModule(nn.Module):
 
     def decode(self, codes_BF):
         """Reconstruction of a batch from its codes, shape (B, D)."""
-        return torch.addmm(self.b_dec_D, codes_BF, self.W_dec_FD)
+        return torch.addmm(self.b_dec_D, codes_BF.to(self.W_dec_FD.dtype), self.W_dec_FD)
 
-    def penalty(self, codes_BF):
+    def penalty(self, codes_BF, pre_BF):
         """Sparsity penalty added to the reconstruction loss (none by default)."""
         return codes_BF.new_zeros(())
 
-    def loss(self, x_BD):
+    def count_fires(self, codes_BF):
+        """Rows on which each latent fired, without a fresh (B, F) allocation per step.
+
+        Codes are non-negative, so sign() marks the latents that fired. Writing into
+        a reused buffer matters on the CPU: a fresh (B, F) tensor per step costs as
+        much as a matrix product in page faults.
+        """
+        codes_BF = codes_BF.detach()
+        if (
+            self._fired_BF is None
+            or self._fired_BF.shape != codes_BF.shape
+            or (self._fired_BF.dtype != codes_BF.dtype or self._fired_BF.device != codes_BF.device)
+        ):
+            self._fired_BF = torch.empty_like(codes_BF)
+        return torch.sign(codes_BF, out=self._fired_BF).sum(dim=0, dtype=torch.float32)
+
+    def loss(self, x_BD, dead_F=None):
         """Mean over the batch of the squared error (summed over D) plus the penalty.
 
         Summing the error over D and averaging over rows is the convention of SAELens
-        and Anthropic's updates, so ``l1_coefficient`` values carry over from them.
+        and Anthropic's updates, so coefficient values carry over from them.
+        ``dead_F`` (a boolean mask) is used by variants with an auxiliary loss on dead
+        latents.
         """
-        codes_BF = self.encode(x_BD)
+        pre_BF = self.pre_activation(x_BD)
+        codes_BF = self.activate(pre_BF)
         x_hat_BD = self.decode(codes_BF)
         squared_error = (x_hat_BD - x_BD).square().sum()
-        n_rows = x_BD.shape[0]
-        loss = squared_error / n_rows + self.penalty(codes_BF)
-        return LossTerms(loss, squared_error.detach(), codes_BF.detach())
+        loss = squared_error / x_BD.shape[0] + self.penalty(codes_BF, pre_BF)
+        return LossTerms(loss, squared_error.detach(), self.count_fires(codes_BF))
 
     @torch.no_grad()
-    def remove_parallel_decoder_grad(self):
-        """Drop the part of each decoder row's gradient along the row itself.
+    def constrain_gradients(self):
+        """Drop the part of each decoder row's gradient along the row (unit-norm decoder).
 
         With unit-norm rows this component only changes the norm, which the
         renormalisation after the step would undo (Bricken et al. 2023).
         """
         grad_FD = self.W_dec_FD.grad
-        if grad_FD is not None:
+        if self.unit_norm_decoder and grad_FD is not None:
             along_F1 = (grad_FD * self.W_dec_FD).sum(dim=1, keepdim=True)
             grad_FD.sub_(along_F1 * self.W_dec_FD)
 
     @torch.no_grad()
-    def normalize_decoder(self):
-        """Rescale every decoder row to unit norm (Bricken et al. 2023)."""
-        self.W_dec_FD.div_(self.W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    def constrain_weights(self):
+        """Rescale every decoder row to unit norm (Bricken et al. 2023), when constrained."""
+        if self.unit_norm_decoder:
+            self.W_dec_FD.div_(self.W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()
-    def folded_state(self, scale):
-        """Weights in the user's units, given inputs were multiplied by ``scale`` in training.
+    def export_state(self):
+        """The public form, in training units: detached copies keyed by `PUBLIC_KEYS`.
 
-        Codes and every tensor in `scaled_with_input` are divided by ``scale``; the
-        directions (``W_enc_DF``, ``W_dec_FD``) are unchanged. This is exact for
-        positively homogeneous activations (ReLU, TopK, thresholds scaled alike).
-
-        Returns
-        -------
-        state : dict of str to torch.Tensor
-            Detached copies, keyed by parameter name.
+        A free decoder's row norms move into the encoder (and thresholds), which
+        leaves codes times decoder rows, and so every reconstruction, unchanged.
         """
-        return {
-            name: (value / scale if name in self.scaled_with_input else value).detach().clone()
-            for name, value in self.state_dict().items()
-        }
+        state = {name: getattr(self, name).detach().clone() for name in PUBLIC_KEYS[:4]}
+        state.update(self._threshold_state())
+        if not self.unit_norm_decoder:
+            norm_F = state["W_dec_FD"].norm(dim=1).clamp_min(1e-12)
+            state["W_dec_FD"] /= norm_F[:, None]
+            state["W_enc_DF"] *= norm_F
+            state["b_enc_F"] *= norm_F
+            if "threshold" in state:
+                state["threshold"] = state["threshold"] * norm_F
+        return state
+
+    def _threshold_state(self):
+        return {}
 
     @torch.no_grad()
-    def load_folded_state(self, state, scale):
-        """Inverse of `folded_state`: load user-unit weights for training at ``scale``."""
-        self.load_state_dict(
-            {
-                name: value * scale if name in self.scaled_with_input else value
-                for name, value in state.items()
-            }
-        )
+    def import_state(self, state):
+        """Load a public form (training units), as `export_state` returns it."""
+        for name in PUBLIC_KEYS[:4]:
+            getattr(self, name).copy_(state[name])
 
 
 class ReLUModule(SparseAutoencoderModule):
-    """ReLU codes with an L1 penalty on unit-norm decoder rows (Bricken et al. 2023).
+    """ReLU codes with an L1 penalty (Bricken et al. 2023; Conerly et al. 2024).
 
     Parameters
     ----------
     n_features, n_components : int
         See `SparseAutoencoderModule`.
-    l1_coefficient : float
-        Weight of the L1 penalty on the codes.
+    decoder_constraint : {"unit_norm", "free"}
+        ``"unit_norm"``: decoder rows renormalised after each step, plain L1.
+        ``"free"``: an unconstrained decoder, and the L1 of each code weighted by its
+        decoder row's norm, so shrinking codes by growing rows does not pay.
     """
 
-    def __init__(self, n_features, n_components, *, l1_coefficient):
+    def __init__(self, n_features, n_components, *, decoder_constraint="unit_norm"):
         super().__init__(n_features, n_components)
-        self.l1_coefficient = l1_coefficient
+        self.unit_norm_decoder = decoder_constraint == "unit_norm"
 
     def activate(self, pre_BF):
         return torch.relu(pre_BF)
 
-    def penalty(self, codes_BF):
-        # Codes are non-negative and the decoder rows have unit norm, so this is the
-        # norm-weighted L1 of Conerly et al. (2024) as well as the plain one.
-        return self.l1_coefficient * codes_BF.sum(dim=1).mean()
+    def penalty(self, codes_BF, pre_BF):
+        if self.unit_norm_decoder:
+            return self.sparsity_coefficient * codes_BF.sum(dim=1).mean()
+        return self.sparsity_coefficient * (codes_BF @ self.W_dec_FD.norm(dim=1)).mean()
+
+
+def _sparse_decode(values_BK, index_BK, W_dec_FD, offsets_B=None):
+    """``codes @ W_dec_FD`` from the active codes only: a gather of K rows per row.
+
+    ``embedding_bag`` sums the selected decoder rows weighted by their codes, and its
+    backward pass touches only those rows (Gao et al. 2024 use a kernel like it).
+    With ``offsets_B``, the inputs are flat and ``offsets_B`` marks where each row's
+    codes start.
+    """
+    return functional.embedding_bag(
+        index_BK,
+        W_dec_FD,
+        offsets_B,
+        mode="sum",
+        per_sample_weights=values_BK.to(W_dec_FD.dtype),
+    )
 
 
 class TopKModule(SparseAutoencoderModule):
     """Keep the k largest pre-activations of each row, then ReLU (Gao et al. 2024).
+
+    Training adds the AuxK loss of Gao et al.: the ``aux_k`` largest pre-activations
+    of the dead latents reconstruct the remaining error, weighted by
+    ``aux_coefficient``, which gives dead latents a gradient back to life.
 
     Parameters
     ----------
@@ -196,18 +304,70 @@ class TopKModule(SparseAutoencoderModule):
         See `SparseAutoencoderModule`.
     k : int
         Number of latents kept per row; at most `n_components`.
+
+    Attributes
+    ----------
+    aux_coefficient : float
+        Weight of the AuxK loss (0 switches it off).
+    aux_k : int
+        Dead latents used per row by AuxK: ``n_features // 2`` (Gao et al. 2024).
+    sparse_decode : bool
+        Decode in training by gathering the active decoder rows (`_sparse_decode`)
+        instead of a dense product with the (B, F) codes.
     """
 
     def __init__(self, n_features, n_components, *, k):
         super().__init__(n_features, n_components)
         self.k = k
+        self.aux_coefficient = 0.0
+        self.aux_k = max(1, min(n_features // 2, n_components))
+        self.sparse_decode = False
+
+    def select(self, pre_BF):
+        """The active codes of each row: values (ReLU applied) and latent indices (B, K)."""
+        values_BK, index_BK = pre_BF.topk(self.k, dim=1, sorted=False)
+        return torch.relu(values_BK), index_BK
 
     def activate(self, pre_BF):
-        values_BK, topk_idx_BK = pre_BF.topk(self.k, dim=1, sorted=False)
-        return torch.zeros_like(pre_BF).scatter_(1, topk_idx_BK, torch.relu(values_BK))
+        values_BK, index_BK = self.select(pre_BF)
+        return torch.zeros_like(pre_BF).scatter_(1, index_BK, values_BK)
+
+    def _reconstruct(self, pre_BF):
+        """Reconstruction and per-latent fire counts of a batch, dense or sparse."""
+        values_BK, index_BK = self.select(pre_BF)
+        if self.sparse_decode:
+            x_hat_BD = _sparse_decode(values_BK, index_BK, self.W_dec_FD) + self.b_dec_D
+        else:
+            codes_BF = torch.zeros_like(pre_BF).scatter(1, index_BK, values_BK)
+            x_hat_BD = self.decode(codes_BF)
+        return x_hat_BD, _fires_from_indices(values_BK, index_BK, pre_BF.shape[1])
+
+    def loss(self, x_BD, dead_F=None):
+        pre_BF = self.pre_activation(x_BD)
+        x_hat_BD, fires_F = self._reconstruct(pre_BF)
+        error_BD = x_BD - x_hat_BD
+        squared_error = error_BD.square().sum()
+        loss = squared_error / x_BD.shape[0]
+        if dead_F is not None and self.aux_coefficient > 0:
+            loss = loss + self.aux_coefficient * self.aux_loss(pre_BF, error_BD.detach(), dead_F)
+        return LossTerms(loss, squared_error.detach(), fires_F)
+
+    def aux_loss(self, pre_BF, error_BD, dead_F):
+        """AuxK: squared error of the dead latents' top-``aux_k`` fit to ``error_BD``."""
+        masked_BF = pre_BF.masked_fill(~dead_F, -math.inf)
+        values_BK, index_BK = masked_BF.topk(min(self.aux_k, pre_BF.shape[1]), dim=1, sorted=False)
+        # Live latents picked when fewer than aux_k are dead carry -inf: ReLU gives 0.
+        aux_BD = _sparse_decode(torch.relu(values_BK), index_BK, self.W_dec_FD)
+        return (aux_BD - error_BD).square().sum() / pre_BF.shape[0]
 
 
-class BatchTopKModule(SparseAutoencoderModule):
+def _fires_from_indices(values_BK, index_BK, n_components):
+    """Rows on which each latent fired, counted from the selected indices (no (B, F) pass)."""
+    fires_F = torch.zeros(n_components, device=values_BK.device)
+    return fires_F.index_add_(0, index_BK.flatten(), (values_BK.detach() > 0).flatten().float())
+
+
+class BatchTopKModule(TopKModule):
     """Keep the ``k * B`` largest codes of a training batch; a threshold at inference.
 
     In training the sparsity budget is shared over the batch, so rows may use more or
@@ -223,36 +383,332 @@ class BatchTopKModule(SparseAutoencoderModule):
         Average number of latents kept per row.
     """
 
-    scaled_with_input = ("b_enc_F", "b_dec_D", "threshold")
     # The threshold is the plain mean of the first 100 batch minima, then an
     # exponential moving average with this weight, so it tracks the codes as they grow.
     threshold_momentum = 0.01
 
     def __init__(self, n_features, n_components, *, k):
-        super().__init__(n_features, n_components)
-        self.k = k
+        super().__init__(n_features, n_components, k=k)
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("n_threshold_updates", torch.zeros(()), persistent=False)
 
-    def load_folded_state(self, state, scale):
-        super().load_folded_state(state, scale)
+    def _threshold_state(self):
+        return {"threshold": self.threshold.detach().clone()}
+
+    @torch.no_grad()
+    def import_state(self, state):
+        super().import_state(state)
+        self.threshold.copy_(state["threshold"])
         # A loaded threshold is settled: continue with the moving average.
         self.n_threshold_updates.fill_(1 / self.threshold_momentum)
+
+    def select_flat(self, pre_BF):
+        """The batch's ``k * B`` largest codes: values and flat indices ``row * F + latent``.
+
+        The indices come sorted, so each row's codes are contiguous; the threshold
+        is updated from the smallest value kept.
+        """
+        flat_N = torch.relu(pre_BF).flatten()
+        n_kept = min(self.k * pre_BF.shape[0], flat_N.numel())
+        values_K, index_K = flat_N.topk(n_kept, sorted=False)
+        index_K, order_K = index_K.sort()
+        values_K = values_K[order_K]
+        self._update_threshold(values_K)
+        return values_K, index_K
+
+    @torch.no_grad()
+    def _update_threshold(self, values_K):
+        # No host sync: an empty minimum leaves the threshold as is.
+        smallest = torch.where(values_K > 0, values_K, torch.inf).min()
+        found = torch.isfinite(smallest)
+        self.n_threshold_updates.add_(found.float())
+        weight = torch.clamp(1 / self.n_threshold_updates, min=self.threshold_momentum)
+        updated = torch.lerp(self.threshold, smallest, weight.clamp(max=1))
+        self.threshold.copy_(torch.where(found, updated, self.threshold))
 
     def activate(self, pre_BF):
         if not self.training:
             return pre_BF * (pre_BF > self.threshold)
-        flat_N = torch.relu(pre_BF).flatten()
-        values_K, index_K = flat_N.topk(min(self.k * pre_BF.shape[0], flat_N.numel()), sorted=False)
-        with torch.no_grad():  # no host sync: an empty minimum leaves the threshold as is
-            smallest = torch.where(values_K > 0, values_K, torch.inf).min()
-            found = torch.isfinite(smallest)
-            self.n_threshold_updates.add_(found.float())
-            weight = torch.clamp(1 / self.n_threshold_updates, min=self.threshold_momentum)
-            updated = torch.lerp(self.threshold, smallest, weight.clamp(max=1))
-            self.threshold.copy_(torch.where(found, updated, self.threshold))
-        return torch.zeros_like(flat_N).scatter_(0, index_K, values_K).view_as(pre_BF)
+        values_K, index_K = self.select_flat(pre_BF)
+        return torch.zeros_like(pre_BF).flatten().scatter(0, index_K, values_K).view_as(pre_BF)
+
+    def _reconstruct(self, pre_BF):
+        n_rows, n_components = pre_BF.shape
+        values_K, index_K = self.select_flat(pre_BF)
+        latent_K = index_K % n_components
+        if self.sparse_decode:
+            rows_K = torch.div(index_K, n_components, rounding_mode="floor")
+            counts_B = torch.bincount(rows_K, minlength=n_rows)
+            offsets_B = counts_B.cumsum(0) - counts_B
+            x_hat_BD = _sparse_decode(values_K, latent_K, self.W_dec_FD, offsets_B) + self.b_dec_D
+        else:
+            codes_N = torch.zeros_like(pre_BF).flatten().scatter(0, index_K, values_K)
+            x_hat_BD = self.decode(codes_N.view_as(pre_BF))
+        return x_hat_BD, _fires_from_indices(values_K, latent_K, n_components)
 
 
-ARCHITECTURES = {"relu": ReLUModule, "topk": TopKModule, "batchtopk": BatchTopKModule}
+class MatryoshkaModule(BatchTopKModule):
+    """BatchTopK whose dictionary prefixes each learn to reconstruct (Bussmann et al. 2025).
+
+    The loss is the mean, over the prefixes ``W_dec_FD[:m]`` for ``m`` in
+    ``prefix_sizes``, of the squared error of the reconstruction from the codes of
+    that prefix alone. Early latents thus carry general directions, and later ones
+    refine them rather than absorb them. Inference is BatchTopK's.
+
+    Parameters
+    ----------
+    n_features, n_components : int
+        See `SparseAutoencoderModule`.
+    k : int
+        Average number of latents kept per row.
+    prefix_sizes : tuple of int
+        Increasing prefix lengths, the last equal to ``n_components``.
+    """
+
+    def __init__(self, n_features, n_components, *, k, prefix_sizes):
+        super().__init__(n_features, n_components, k=k)
+        self.prefix_sizes = tuple(prefix_sizes)
+
+    def loss(self, x_BD, dead_F=None):
+        pre_BF = self.pre_activation(x_BD)
+        n_rows, n_components = pre_BF.shape
+        values_K, index_K = self.select_flat(pre_BF)
+        codes_BF = torch.zeros_like(pre_BF).flatten().scatter(0, index_K, values_K)
+        codes_BF = codes_BF.view_as(pre_BF)
+        x_hat_BD = self.b_dec_D.expand_as(x_BD)
+        prefix_errors_P = []
+        start = 0
+        for stop in self.prefix_sizes:
+            x_hat_BD = x_hat_BD + codes_BF[:, start:stop] @ self.W_dec_FD[start:stop]
+            prefix_errors_P.append((x_hat_BD - x_BD).square().sum())
+            start = stop
+        squared_error = prefix_errors_P[-1]
+        loss = torch.stack(prefix_errors_P).mean() / n_rows
+        if dead_F is not None and self.aux_coefficient > 0:
+            error_BD = (x_BD - x_hat_BD).detach()
+            loss = loss + self.aux_coefficient * self.aux_loss(pre_BF, error_BD, dead_F)
+        fires_F = _fires_from_indices(values_K, index_K % n_components, n_components)
+        return LossTerms(loss, squared_error.detach(), fires_F)
+
+
+def _rectangle(pre_BF, threshold_F, bandwidth):
+    """The kernel window of the straight-through estimators: ``|z - t| < bandwidth / 2``."""
+    return ((pre_BF - threshold_F).abs() < bandwidth / 2).to(pre_BF.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``z * (z > t)``, with a kernel-density pseudo-gradient for ``t``.
+
+    d/dt is ``-(t / bandwidth) * K((z - t) / bandwidth)`` with a rectangle kernel K
+    (Rajamanoharan et al. 2024b); z gets the plain gradient of the mask.
+    """
+
+    @staticmethod
+    def forward(ctx, pre_BF, threshold_F, bandwidth):
+        ctx.save_for_backward(pre_BF, threshold_F)
+        ctx.bandwidth = bandwidth
+        return pre_BF * (pre_BF > threshold_F)
+
+    @staticmethod
+    def backward(ctx, grad_BF):
+        pre_BF, threshold_F = ctx.saved_tensors
+        grad_pre_BF = grad_BF * (pre_BF > threshold_F)
+        window_BF = _rectangle(pre_BF, threshold_F, ctx.bandwidth)
+        grad_threshold_F = -(threshold_F / ctx.bandwidth) * (grad_BF * window_BF).sum(dim=0)
+        return grad_pre_BF, grad_threshold_F.to(threshold_F.dtype), None
+
+
+class _Step(torch.autograd.Function):
+    """``(z > t)`` as a number, with d/dt ``-(1 / bandwidth) * K((z - t) / bandwidth)``.
+
+    As in Rajamanoharan et al. (2024b), z gets no gradient from the L0 penalty.
+    """
+
+    @staticmethod
+    def forward(ctx, pre_BF, threshold_F, bandwidth):
+        ctx.save_for_backward(pre_BF, threshold_F)
+        ctx.bandwidth = bandwidth
+        return (pre_BF > threshold_F).to(pre_BF.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_BF):
+        pre_BF, threshold_F = ctx.saved_tensors
+        window_BF = _rectangle(pre_BF, threshold_F, ctx.bandwidth)
+        grad_threshold_F = -(grad_BF * window_BF).sum(dim=0) / ctx.bandwidth
+        return None, grad_threshold_F.to(threshold_F.dtype), None
+
+
+class JumpReLUModule(SparseAutoencoderModule):
+    """Per-latent learned thresholds and an L0 penalty (Rajamanoharan et al. 2024b).
+
+    ``codes = z * (z > threshold_F)``. The thresholds are trained directly (not as
+    logarithms: Adam moves a parameter by about the learning rate per step, so a
+    log-threshold near 0.01 would crawl) through straight-through estimators with a
+    rectangle kernel of width ``bandwidth``.
+
+    Under these estimators each threshold settles near ``sqrt(c) / 2`` for an L0
+    coefficient c (measured: 0.48 to 0.51 times ``sqrt(c)`` for c from 0.1 to 3 on
+    the synthetic benchmark). Thresholds start there, so the coefficient moves L0
+    from the first step instead of after the thresholds have crawled to it.
+
+    Parameters
+    ----------
+    n_features, n_components : int
+        See `SparseAutoencoderModule`.
+    bandwidth : float
+        Kernel width of the straight-through estimators, in training units.
+    """
+
+    # JumpReLU's L0 follows its coefficient only as fast as Adam moves the thresholds,
+    # so integral control alone lagged and overshot (-13% to +16%); adding a
+    # proportional term kept targets 2 to 16 within 7% on the synthetic set.
+    calibration_gains = (32.0, 10.0)
+
+    def __init__(self, n_features, n_components, *, bandwidth):
+        super().__init__(n_features, n_components)
+        self.bandwidth = bandwidth
+        self.threshold_F = nn.Parameter(torch.zeros(n_components))
+
+    @torch.no_grad()
+    def initialize(self, generator, x_BD, b_dec_D):
+        super().initialize(generator, x_BD, b_dec_D)
+        self.threshold_F.fill_(float(self.sparsity_coefficient.sqrt()) / 2)
+
+    @torch.no_grad()
+    def start_at_l0(self, x_BD, target_l0):
+        """One threshold for all latents, the pre-activation quantile giving ``target_l0``.
+
+        The coefficient then starts where that threshold is the equilibrium.
+        """
+        pre_N = self.pre_activation(x_BD).flatten()
+        n_kept = max(1, min(pre_N.numel(), round(target_l0 * x_BD.shape[0])))
+        threshold = float(pre_N.topk(n_kept, sorted=False).values.min().clamp_min(1e-6))
+        self.threshold_F.fill_(threshold)
+        self.sparsity_coefficient.fill_(4 * threshold**2)
+
+    def activate(self, pre_BF):
+        if not self.training:
+            return pre_BF * (pre_BF > self.threshold_F)
+        return _JumpReLU.apply(pre_BF, self.threshold_F, self.bandwidth)
+
+    def penalty(self, codes_BF, pre_BF):
+        l0_B = _Step.apply(pre_BF, self.threshold_F, self.bandwidth).sum(dim=1)
+        return self.sparsity_coefficient * l0_B.mean()
+
+    @torch.no_grad()
+    def constrain_weights(self):
+        super().constrain_weights()
+        # A negative threshold would let negative codes through.
+        self.threshold_F.clamp_(min=0)
+
+    def _threshold_state(self):
+        return {"threshold": self.threshold_F.detach().clone()}
+
+    @torch.no_grad()
+    def import_state(self, state):
+        super().import_state(state)
+        self.threshold_F.copy_(state["threshold"])
+
+
+class GatedModule(SparseAutoencoderModule):
+    """Separate gate and magnitude paths with shared directions (Rajamanoharan et al. 2024a).
+
+    ``gate = x @ W_enc_DF + b_enc_F`` decides which latents fire,
+    ``magnitude = (x @ W_enc_DF) * exp(r_mag_F) + b_mag_F`` sets their values, and
+    ``codes = (gate > 0) * relu(magnitude)``. The L1 penalty acts on ``relu(gate)``,
+    and an auxiliary loss makes ``relu(gate)`` reconstruct the input through a frozen
+    copy of the decoder, so the gate gets a gradient although the step has none.
+
+    The public form is the equivalent JumpReLU: ``W_enc * exp(r_mag)``, ``b_mag`` and
+    ``threshold = relu(b_mag - exp(r_mag) * b_enc)``.
+
+    Parameters
+    ----------
+    n_features, n_components : int
+        See `SparseAutoencoderModule`.
+    """
+
+    def __init__(self, n_features, n_components):
+        super().__init__(n_features, n_components)
+        self.r_mag_F = nn.Parameter(torch.zeros(n_components))
+        self.b_mag_F = nn.Parameter(torch.zeros(n_components))
+
+    @torch.no_grad()
+    def initialize(self, generator, x_BD, b_dec_D):
+        super().initialize(generator, x_BD, b_dec_D)
+        self.r_mag_F.zero_()
+        self.b_mag_F.copy_(self.b_enc_F)
+
+    def _paths(self, x_BD):
+        base_BF = x_BD @ self.W_enc_DF
+        return base_BF + self.b_enc_F, torch.addcmul(self.b_mag_F, base_BF, self.r_mag_F.exp())
+
+    def encode(self, x_BD):
+        gate_BF, magnitude_BF = self._paths(x_BD)
+        return (gate_BF > 0) * torch.relu(magnitude_BF)
+
+    def loss(self, x_BD, dead_F=None):
+        n_rows = x_BD.shape[0]
+        gate_BF, magnitude_BF = self._paths(x_BD)
+        codes_BF = (gate_BF > 0) * torch.relu(magnitude_BF)
+        squared_error = (self.decode(codes_BF) - x_BD).square().sum()
+        gate_codes_BF = torch.relu(gate_BF)
+        sparsity = self.sparsity_coefficient * gate_codes_BF.sum(dim=1).mean()
+        frozen_BD = torch.addmm(self.b_dec_D.detach(), gate_codes_BF, self.W_dec_FD.detach())
+        auxiliary = (frozen_BD - x_BD).square().sum() / n_rows
+        loss = squared_error / n_rows + sparsity + auxiliary
+        return LossTerms(loss, squared_error.detach(), self.count_fires(codes_BF))
+
+    @torch.no_grad()
+    def export_state(self):
+        scale_F = self.r_mag_F.exp()
+        return {
+            "W_enc_DF": self.W_enc_DF * scale_F,
+            "b_enc_F": self.b_mag_F.clone(),
+            "W_dec_FD": self.W_dec_FD.clone(),
+            "b_dec_D": self.b_dec_D.clone(),
+            "threshold": torch.relu(self.b_mag_F - scale_F * self.b_enc_F),
+        }
+
+    @torch.no_grad()
+    def import_state(self, state):
+        """Load a JumpReLU public form as the gated SAE with ``r_mag = 0`` computing it."""
+        self.W_enc_DF.copy_(state["W_enc_DF"])
+        self.W_dec_FD.copy_(state["W_dec_FD"])
+        self.b_dec_D.copy_(state["b_dec_D"])
+        self.r_mag_F.zero_()
+        self.b_mag_F.copy_(state["b_enc_F"])
+        self.b_enc_F.copy_(state["b_enc_F"] - state["threshold"])
+
+
+ARCHITECTURES = {
+    "relu": ReLUModule,
+    "topk": TopKModule,
+    "batchtopk": BatchTopKModule,
+    "jumprelu": JumpReLUModule,
+    "gated": GatedModule,
+    "matryoshka": MatryoshkaModule,
+}
 """Name of each variant (the estimator's ``architecture``) to its module class."""
+
+# Variants trained with a sparsity coefficient (``target_l0`` can calibrate it).
+COEFFICIENT_ARCHITECTURES = ("relu", "jumprelu", "gated")
+# Variants with a k and the AuxK loss.
+TOPK_ARCHITECTURES = ("topk", "batchtopk", "matryoshka")
+
+
+def use_sparse_decode(module, device):
+    """Whether training should decode `TopKModule` codes sparsely (`_sparse_decode`).
+
+    On the CPU the gather is faster once the dictionary is at least 64 times wider
+    than k (``benchmarks/bench_sparse_decode.py``: 1.15 to 1.6 times at 64, up to 2
+    at 512; slower below 32). Other devices decode densely: the crossover there has
+    not been measured. Matryoshka decodes prefix by prefix and stays dense.
+    """
+    if isinstance(module, MatryoshkaModule) or device.type != "cpu":
+        return False
+    return module.W_dec_FD.shape[0] >= SPARSE_DECODE_MIN_RATIO * module.k
+
+
+# Dictionary width over k from which the sparse decode is faster on the CPU.
+SPARSE_DECODE_MIN_RATIO = 64

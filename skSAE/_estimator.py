@@ -23,7 +23,24 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
 from . import __version__
-from ._architectures import ARCHITECTURES
+from ._architectures import (
+    ARCHITECTURES,
+    COEFFICIENT_ARCHITECTURES,
+    TOPK_ARCHITECTURES,
+    TopKModule,
+    to_training_units,
+    to_user_units,
+    use_sparse_decode,
+)
+from ._recipe import (
+    DeadLatentTracker,
+    SparsityCalibrator,
+    decay_factor,
+    default_learning_rate,
+    geometric_median,
+    resample_dead_latents,
+    warmup_factor,
+)
 from ._sklearn_compat import Interval, StrOptions, _fit_context
 from ._utils import (
     is_streamed,
@@ -53,6 +70,8 @@ _PUBLIC_NAMES = {
     "b_dec_D": "b_dec_",
     "threshold": "threshold_",
 }
+# Private torch objects: rebuilt from the NumPy state, never pickled or restored.
+_RUNTIME_STATE = ("_module", "_optimizer", "_generator", "_compiled_loss")
 
 
 class TrainingDivergedError(ValueError):
@@ -73,24 +92,85 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         ``round(expansion_factor * n_features_in_)``.
     expansion_factor : float, default=8
         Dictionary size relative to the input width, used when ``n_components=None``.
-    architecture : {"topk", "batchtopk", "relu"}, default="topk"
+    architecture : {"topk", "batchtopk", "matryoshka", "jumprelu", "gated", "relu"}, \
+            default="topk"
         ``"topk"`` keeps the ``k`` largest pre-activations of each row (Gao et al. 2024);
         ``"batchtopk"`` keeps the ``k * batch`` largest of a training batch and, at
         inference, every pre-activation above the learned `threshold_` (Bussmann et al.
-        2024); ``"relu"`` uses ReLU codes with an L1 penalty (Bricken et al. 2023).
+        2024); ``"matryoshka"`` is BatchTopK trained so that every prefix in
+        `prefix_sizes` of the dictionary reconstructs on its own (Bussmann et al.
+        2025); ``"jumprelu"`` learns one threshold per latent under an L0 penalty
+        (Rajamanoharan et al. 2024b); ``"gated"`` has separate gate and magnitude
+        paths under an L1 penalty (Rajamanoharan et al. 2024a) and is stored as the
+        JumpReLU it equals; ``"relu"`` uses ReLU codes with an L1 penalty (Bricken et
+        al. 2023).
     k : int, default=32
-        Active latents per row (at most, and on average for ``"batchtopk"``; all
-        latents when ``k >= n_components``). Only used when ``architecture`` is
-        ``"topk"`` or ``"batchtopk"``.
+        Active latents per row (at most for ``"topk"``, on average for
+        ``"batchtopk"`` and ``"matryoshka"``; all latents when ``k >= n_components``).
+        Only used by those three architectures.
     l1_coefficient : float, default=1.0
-        Weight of the L1 penalty on the codes, measured in the normalised units the
-        model trains in (see Notes). Only used when ``architecture="relu"``.
-    learning_rate : float, default=1e-3
-        Adam step size.
+        Weight of the L1 penalty on the codes, in the normalised units the model trains
+        in (see Notes). Only used when ``architecture`` is ``"relu"`` or ``"gated"``.
+    l0_coefficient : float, default=1.0
+        Weight of the L0 penalty, in training units: a code is kept when it is worth
+        more than about ``sqrt(l0_coefficient)``, where the thresholds start. Only used
+        when ``architecture="jumprelu"``.
+    target_l0 : float, default=None
+        When set, the sparsity coefficient (`l1_coefficient` or `l0_coefficient`,
+        which then only give the starting value) is calibrated during training so that
+        the mean L0 reaches ``target_l0``; the result is `sparsity_coefficient_`. Only
+        used by ``"relu"``, ``"gated"`` and ``"jumprelu"``.
+    bandwidth : float, default=0.1
+        Kernel width of JumpReLU's straight-through estimators, in training units.
+        Only used when ``architecture="jumprelu"``.
+    prefix_sizes : array-like of int, default=None
+        Increasing dictionary prefix lengths that must each reconstruct; the last is
+        ``n_components`` (appended when missing). ``None`` means
+        ``n_components // 2**j`` for ``j = 4, ..., 0``. Only used when
+        ``architecture="matryoshka"``.
+    decoder_constraint : {"unit_norm", "free"}, default="unit_norm"
+        ``"unit_norm"`` keeps decoder rows at unit norm; ``"free"`` leaves them free,
+        starts them at norm 0.1 and weights each code's L1 by its decoder norm
+        (Conerly et al. 2024). Either way `components_` has unit rows: the norms are
+        folded into the encoder. Only used when ``architecture="relu"``.
+    with_mean : bool, default=False
+        Subtract the training mean before scaling (see Notes). The mean is folded into
+        the biases, so results stay in the units of ``X``.
+    decoder_bias_init : {"mean", "geometric_median"}, default="mean"
+        Starting point of `b_dec_`, computed on up to 65,536 training rows.
+    learning_rate : float, default=None
+        Adam step size. ``None`` means ``2e-4 / sqrt(n_components / 2**14)`` (Gao et al.
+        2024): 2e-4 at 16,384 latents, 3.2e-3 at 64.
+    warmup_steps : int, default=0
+        Steps of linear learning-rate warm-up at the start of training.
+    decay_fraction : float, default=0.2
+        Fraction of the steps of each `fit` over which the learning rate decays
+        linearly to zero at the end (Conerly et al. 2024). `partial_fit` never decays.
+    sparsity_warmup_steps : int, default=0
+        Steps over which the sparsity coefficient grows linearly from zero.
+    max_grad_norm : float, default=None
+        Clip the gradient's global norm to this value before each step.
+    dead_window : int, default=1_000_000
+        A latent that has not fired in this many training rows (or in all rows seen,
+        if fewer) is dead: it counts in `dead_fraction_`, gets the AuxK loss and, with
+        `resample_dead`, is resampled.
+    aux_coefficient : float, default=1/32
+        Weight of the AuxK loss (Gao et al. 2024), which trains the dead latents to
+        reconstruct the remaining error. Only used by ``"topk"``, ``"batchtopk"`` and
+        ``"matryoshka"``; 0 switches it off.
+    resample_dead : bool, default=False
+        Re-initialise dead latents towards badly reconstructed rows (Bricken et al.
+        2023), checked every 32 steps. Only used when ``architecture="relu"``.
     batch_size : int, default=4096
         Rows per optimisation step (``min(batch_size, n_samples)``).
     max_iter : int, default=10
         Passes over ``X`` made by `fit`.
+    mixed_precision : bool, default=False
+        Run the training forward pass under bfloat16 autocast (weights and Adam stay
+        float32). Faster on recent GPUs; on a CPU it is usually slower.
+    compile : bool, default=False
+        Compile the training loss with `torch.compile` (needs a C++ compiler on the
+        CPU; the first steps are slow while it compiles).
     device : str, default="auto"
         Torch device for training and inference: ``"auto"`` (CUDA when available),
         ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``. Resolved at each call, so a model
@@ -115,15 +195,25 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         Decoder directions, one unit-norm row per latent.
     b_dec_ : ndarray of shape (n_features_in_,)
         Decoder bias: the reconstruction of an all-zero code.
-    threshold_ : ndarray of shape ()
-        Inference threshold of ``architecture="batchtopk"`` (absent otherwise): a
-        running mean of the smallest code kept in each training batch.
+    threshold_ : ndarray of shape () or (n_components,)
+        Codes are kept where the pre-activation exceeds it: one value for
+        ``"batchtopk"`` and ``"matryoshka"`` (a running mean of the smallest code kept
+        in each training batch), one per latent for ``"jumprelu"`` and ``"gated"``.
+        Absent for the other architectures.
     input_scale_ : float
         Factor the inputs were multiplied by in training so that their mean squared norm
-        equals ``n_features_in_``. Already folded into the attributes above.
+        (after centring, with `with_mean`) equals ``n_features_in_``.
+    input_mean_ : ndarray of shape (n_features_in_,)
+        Mean subtracted in training (zeros unless `with_mean`). Both are already
+        folded into the attributes above.
+    sparsity_coefficient_ : float
+        The L1 or L0 coefficient at the end of training, after calibration to
+        `target_l0` when set (only for ``"relu"``, ``"gated"`` and ``"jumprelu"``).
     latent_frequency_ : ndarray of shape (n_components,)
         Fraction of the rows of the last training pass on which each latent fired.
-        Latents at 0 are dead.
+    dead_fraction_ : float
+        Fraction of latents that did not fire in the last `dead_window` training rows
+        (or in all rows seen, if fewer).
     loss_curve_ : list of float
         Mean training loss of each pass, in normalised units.
     n_iter_ : int
@@ -141,14 +231,18 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
 
     Notes
     -----
-    Training normalisation: inputs are multiplied by ``input_scale_`` so that their mean
-    squared norm is ``n_features_in_``; the loss is the squared error summed over
-    features and averaged over rows, plus ``l1_coefficient`` times the summed codes
-    (ReLU). After training the scale is folded into the biases and the codes, so
+    Training normalisation: inputs are mapped to ``(X - input_mean_) * input_scale_``,
+    whose mean squared norm is ``n_features_in_``; the loss is the squared error
+    summed over features and averaged over rows, plus the sparsity penalty. After
+    training the normalisation is folded into the biases, thresholds and codes, so
     `transform`, `inverse_transform` and every attribute are in the units of ``X``.
 
-    Decoder rows are kept at unit norm: the gradient component along each row is
-    removed before the Adam step, and the rows are renormalised after it.
+    Every architecture's `transform` is ``act(X @ W_enc_ + b_enc_)`` row by row, with
+    ``act`` ReLU, top-k, or ``z * (z > threshold_)``; `inverse_transform` of the codes
+    is the reconstruction trained on.
+
+    Unit-norm decoder rows are kept so by removing the gradient component along each
+    row before the Adam step and renormalising after it.
 
     ``X`` may be a NumPy array, a torch tensor on any device, an `h5py.Dataset` or a
     `numpy.memmap`; the last two are read in chunks (blocks in random order, rows
@@ -158,7 +252,15 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     References
     ----------
     Bricken et al. (2023), "Towards Monosemanticity", Transformer Circuits Thread.
+    Conerly et al. (2024), "Circuits Updates - April 2024", Transformer Circuits Thread.
     Gao et al. (2024), "Scaling and evaluating sparse autoencoders", arXiv:2406.04093.
+    Rajamanoharan et al. (2024a), "Improving dictionary learning with gated sparse
+    autoencoders", arXiv:2404.16014.
+    Rajamanoharan et al. (2024b), "Jumping ahead: improving reconstruction fidelity
+    with JumpReLU sparse autoencoders", arXiv:2407.14435.
+    Bussmann et al. (2024), "BatchTopK sparse autoencoders", arXiv:2412.06410.
+    Bussmann et al. (2025), "Learning multi-level features with Matryoshka sparse
+    autoencoders", arXiv:2503.17547.
 
     Examples
     --------
@@ -179,9 +281,25 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         "architecture": [StrOptions(set(ARCHITECTURES))],
         "k": [Interval(Integral, 1, None, closed="left")],
         "l1_coefficient": [Interval(Real, 0, None, closed="left")],
-        "learning_rate": [Interval(Real, 0, None, closed="neither")],
+        "l0_coefficient": [Interval(Real, 0, None, closed="left")],
+        "target_l0": [Interval(Real, 0, None, closed="neither"), None],
+        "bandwidth": [Interval(Real, 0, None, closed="neither")],
+        "prefix_sizes": ["array-like", None],
+        "decoder_constraint": [StrOptions({"unit_norm", "free"})],
+        "with_mean": ["boolean"],
+        "decoder_bias_init": [StrOptions({"mean", "geometric_median"})],
+        "learning_rate": [Interval(Real, 0, None, closed="neither"), None],
+        "warmup_steps": [Interval(Integral, 0, None, closed="left")],
+        "decay_fraction": [Interval(Real, 0, 1, closed="both")],
+        "sparsity_warmup_steps": [Interval(Integral, 0, None, closed="left")],
+        "max_grad_norm": [Interval(Real, 0, None, closed="neither"), None],
+        "dead_window": [Interval(Integral, 1, None, closed="left")],
+        "aux_coefficient": [Interval(Real, 0, None, closed="left")],
+        "resample_dead": ["boolean"],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "mixed_precision": ["boolean"],
+        "compile": ["boolean"],
         "device": [str],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -197,9 +315,25 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         architecture="topk",
         k=32,
         l1_coefficient=1.0,
-        learning_rate=1e-3,
+        l0_coefficient=1.0,
+        target_l0=None,
+        bandwidth=0.1,
+        prefix_sizes=None,
+        decoder_constraint="unit_norm",
+        with_mean=False,
+        decoder_bias_init="mean",
+        learning_rate=None,
+        warmup_steps=0,
+        decay_fraction=0.2,
+        sparsity_warmup_steps=0,
+        max_grad_norm=None,
+        dead_window=1_000_000,
+        aux_coefficient=1 / 32,
+        resample_dead=False,
         batch_size=4096,
         max_iter=10,
+        mixed_precision=False,
+        compile=False,
         device="auto",
         random_state=None,
         verbose=0,
@@ -211,9 +345,25 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.architecture = architecture
         self.k = k
         self.l1_coefficient = l1_coefficient
+        self.l0_coefficient = l0_coefficient
+        self.target_l0 = target_l0
+        self.bandwidth = bandwidth
+        self.prefix_sizes = prefix_sizes
+        self.decoder_constraint = decoder_constraint
+        self.with_mean = with_mean
+        self.decoder_bias_init = decoder_bias_init
         self.learning_rate = learning_rate
+        self.warmup_steps = warmup_steps
+        self.decay_fraction = decay_fraction
+        self.sparsity_warmup_steps = sparsity_warmup_steps
+        self.max_grad_norm = max_grad_norm
+        self.dead_window = dead_window
+        self.aux_coefficient = aux_coefficient
+        self.resample_dead = resample_dead
         self.batch_size = batch_size
         self.max_iter = max_iter
+        self.mixed_precision = mixed_precision
+        self.compile = compile
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -250,7 +400,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             data = self._validated(X, reset=not continuing, device=device)
             if not continuing or self._architecture_fitted != self.architecture:
                 self._initialize(data, device)
-            self._train(data, n_epochs=self.max_iter, device=device)
+            self._train(data, n_epochs=self.max_iter, device=device, decay=True)
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -292,34 +442,82 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         return max(1, round(self.expansion_factor * n_features))
 
     def _module_options(self, architecture, n_components):
-        """The estimator parameters that ``architecture``'s module takes."""
-        if architecture in ("topk", "batchtopk"):
+        """The estimator parameters that ``architecture``'s module is built with."""
+        if architecture in TOPK_ARCHITECTURES:
             # The k largest of fewer than k values are all of them.
-            return {"k": min(self.k, n_components)}
-        return {"l1_coefficient": self.l1_coefficient}
+            options = {"k": min(self.k, n_components)}
+            if architecture == "matryoshka":
+                options["prefix_sizes"] = self._prefix_sizes(n_components)
+            return options
+        if architecture == "relu":
+            return {"decoder_constraint": self.decoder_constraint}
+        if architecture == "jumprelu":
+            return {"bandwidth": self.bandwidth}
+        return {}
+
+    def _prefix_sizes(self, n_components):
+        """Validated `prefix_sizes`, ending at ``n_components``."""
+        if self.prefix_sizes is None:
+            sizes = [n_components // 2**j for j in range(4, -1, -1)]
+            return tuple(sorted({size for size in sizes if size > 0}))
+        sizes = np.asarray(self.prefix_sizes)
+        if (
+            sizes.ndim != 1
+            or sizes.size == 0
+            or not np.issubdtype(sizes.dtype, np.integer)
+            or sizes[0] < 1
+            or np.any(np.diff(sizes) <= 0)
+            or sizes[-1] > n_components
+        ):
+            raise ValueError(
+                "prefix_sizes must be strictly increasing positive integers no larger than "
+                f"n_components={n_components}, got {self.prefix_sizes!r}."
+            )
+        sizes = [int(size) for size in sizes]
+        return tuple(sizes if sizes[-1] == n_components else [*sizes, n_components])
+
+    def _base_coefficient(self):
+        """The sparsity coefficient parameter of the architecture being trained."""
+        return self.l0_coefficient if self.architecture == "jumprelu" else self.l1_coefficient
 
     def _initialize(self, data, device):
-        """Fresh random state, input scale, module and optimizer."""
+        """Fresh random state, input normalisation, module and optimizer."""
         n_components = self._n_components(self.n_features_in_)
         self._random_state = check_random_state(self.random_state)
         self._generator = torch_generator(self._random_state)
         sample_BD = data.sample(_INIT_SAMPLE_ROWS, self._random_state).to(device)
-        mean_squared_norm = float(sample_BD.double().square().sum(dim=1).mean())
+        mean_D = sample_BD.double().mean(dim=0) if self.with_mean else None
+        centred_BD = sample_BD.double() if mean_D is None else sample_BD.double() - mean_D
+        mean_squared_norm = float(centred_BD.square().sum(dim=1).mean())
         # Mean squared norm = n_features after scaling (Conerly et al. 2024), so that
-        # l1_coefficient and learning_rate mean the same at any activation scale.
+        # coefficients and learning rates mean the same at any activation scale.
         self.input_scale_ = (
             math.sqrt(self.n_features_in_ / mean_squared_norm) if (mean_squared_norm > 0) else 1.0
         )
-        module_class = ARCHITECTURES[self.architecture]
-        module = module_class(
+        self.input_mean_ = np.zeros(self.n_features_in_, np.float32)
+        if mean_D is not None:
+            self.input_mean_ = to_numpy(mean_D.float())
+        x_BD = (centred_BD * self.input_scale_).float()
+        if self.decoder_bias_init == "geometric_median":
+            b_dec_D = geometric_median(x_BD)
+        else:
+            b_dec_D = x_BD.mean(dim=0)
+        module = ARCHITECTURES[self.architecture](
             self.n_features_in_,
             n_components,
             **self._module_options(self.architecture, n_components),
         )
         module.to(device)
-        module.initialize(self._generator, (sample_BD * self.input_scale_).mean(dim=0))
+        module.sparsity_coefficient.fill_(self._base_coefficient())
+        module.initialize(self._generator, x_BD, b_dec_D)
+        if self.target_l0 is not None and self.architecture in COEFFICIENT_ARCHITECTURES:
+            module.start_at_l0(x_BD, self.target_l0)
+        if self.architecture in COEFFICIENT_ARCHITECTURES:
+            self.sparsity_coefficient_ = float(module.sparsity_coefficient)
         self._module = module
         self._optimizer = None
+        self._rows_since_fired = None
+        self._rows_seen = 0
         self.loss_curve_ = []
         self.n_iter_ = 0
         self.n_steps_ = 0
@@ -329,66 +527,145 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         module = getattr(self, "_module", None)
         n_components = self.components_.shape[0] if module is None else module.W_dec_FD.shape[0]
         options = self._module_options(self.architecture, n_components)
-        if module is None or type(module) is not ARCHITECTURES[self.architecture]:
+        if (
+            module is None
+            or type(module) is not ARCHITECTURES[self.architecture]
+            or getattr(module, "prefix_sizes", None) != options.get("prefix_sizes")
+        ):
             module = ARCHITECTURES[self.architecture](self.n_features_in_, n_components, **options)
-            module.load_folded_state(self._numpy_state_as_tensors(), self.input_scale_)
+            mean_D = torch.from_numpy(self.input_mean_)
+            module.import_state(to_training_units(self._numpy_state(), self.input_scale_, mean_D))
             self._module = module
             self._optimizer = None
+            self._compiled_loss = None
         for name, value in options.items():
             setattr(module, name, value)
         if next(module.parameters()).device != device:
             module.to(device)
             self._optimizer = None  # Adam's moments live on the old device
         if self._optimizer is None:
-            self._optimizer = torch.optim.Adam(module.parameters(), lr=self.learning_rate)
-        for group in self._optimizer.param_groups:
-            group["lr"] = self.learning_rate
+            self._optimizer = torch.optim.Adam(module.parameters(), lr=self._learning_rate())
         if getattr(self, "_generator", None) is None:
             self._generator = torch_generator(self._random_state)
+        if isinstance(module, TopKModule):
+            module.aux_coefficient = self.aux_coefficient
+            module.sparse_decode = use_sparse_decode(module, device)
         return module, self._optimizer
 
-    def _train(self, data, n_epochs, device):
+    def _learning_rate(self):
+        if self.learning_rate is not None:
+            return self.learning_rate
+        n_components = self.components_.shape[0] if self._is_fitted() else None
+        if n_components is None:
+            n_components = self._module.W_dec_FD.shape[0]
+        return default_learning_rate(n_components)
+
+    def _loss_function(self, module):
+        """``module.loss``, compiled once per module when `compile` is set."""
+        if not self.compile:
+            return module.loss
+        compiled = getattr(self, "_compiled_loss", None)
+        if compiled is None or compiled[0] is not module:
+            compiled = (module, torch.compile(module.loss))
+            self._compiled_loss = compiled
+        return compiled[1]
+
+    def _train(self, data, n_epochs, device, decay=False):
         module, optimizer = self._training_module(device)
+        module.train()
         scale = self.input_scale_
+        mean_D = torch.from_numpy(self.input_mean_).to(device) if self.with_mean else None
         batch_size = min(self.batch_size, data.n_rows)
         steps_per_epoch = math.ceil(data.n_rows / batch_size)
+        total_steps = n_epochs * steps_per_epoch
+        base_lr = self._learning_rate()
+        n_components = module.W_dec_FD.shape[0]
+        tracker = DeadLatentTracker(
+            n_components,
+            self.dead_window,
+            device,
+            None if self._rows_since_fired is None else torch.from_numpy(self._rows_since_fired),
+            self._rows_seen,
+        )
+        uses_coefficient = self.architecture in COEFFICIENT_ARCHITECTURES
+        calibrator = None
+        if uses_coefficient and self.target_l0 is not None:
+            calibrator = SparsityCalibrator(
+                self.sparsity_coefficient_,
+                self.target_l0,
+                device,
+                proportional=module.calibration_gains[1],
+            )
+        base_coefficient = self._base_coefficient()
+        if uses_coefficient:
+            module.sparsity_coefficient.fill_(base_coefficient)
+        use_aux = isinstance(module, TopKModule) and self.aux_coefficient > 0
+        resample = self.resample_dead and self.architecture == "relu"
+        any_dead = bool(tracker.dead_F().any()) if (use_aux or resample) else False
+        loss_function = self._loss_function(module)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.mixed_precision)
         progress = tqdm(
-            total=n_epochs * steps_per_epoch,
+            total=total_steps,
             disable=not self.verbose,
             file=sys.stdout,
             desc=f"SparseAutoencoder({self.architecture})",
             unit="step",
         )
-        last_good = module.folded_state(1.0)
+        last_good = _snapshot(module)
         last_good_step = self.n_steps_
         try:
             for epoch in range(n_epochs):
-                # latent_frequency_ describes the last pass only, so earlier passes skip
-                # the count (a (B, F) pass per step) unless the progress bar shows L0.
-                count_fires = bool(self.verbose) or epoch == n_epochs - 1
-                stats = _EpochStats(module.W_dec_FD.shape[0], device, count_fires)
+                stats = _EpochStats(n_components, device)
                 for x_BD in data.batches(batch_size, self._generator, self._random_state, device):
-                    x_BD = x_BD * scale
-                    terms = module.loss(x_BD)
+                    x_BD = (x_BD - mean_D) * scale if mean_D is not None else x_BD * scale
+                    step = epoch * steps_per_epoch + stats.n_steps
+                    lr_factor = warmup_factor(self.n_steps_, self.warmup_steps)
+                    if decay:
+                        lr_factor *= decay_factor(step, total_steps, self.decay_fraction)
+                    for group in optimizer.param_groups:
+                        group["lr"] = base_lr * lr_factor
+                    if calibrator is not None:
+                        warm = warmup_factor(self.n_steps_, self.sparsity_warmup_steps)
+                        module.sparsity_coefficient.copy_(calibrator.coefficient * warm)
+                    elif uses_coefficient and self.n_steps_ <= self.sparsity_warmup_steps:
+                        warm = warmup_factor(self.n_steps_, self.sparsity_warmup_steps)
+                        module.sparsity_coefficient.fill_(base_coefficient * warm)
+                    dead_F = tracker.dead_F() if use_aux and any_dead else None
+                    with autocast:
+                        terms = loss_function(x_BD, dead_F)
                     optimizer.zero_grad(set_to_none=True)
                     terms.loss.backward()
-                    module.remove_parallel_decoder_grad()
+                    module.constrain_gradients()
+                    if self.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(module.parameters(), self.max_grad_norm)
                     optimizer.step()
-                    module.normalize_decoder()
+                    module.constrain_weights()
                     stats.update(x_BD, terms)
+                    tracker.update(terms.fires_F, x_BD.shape[0])
+                    if calibrator is not None:
+                        gain = module.calibration_gains[0] * base_lr * lr_factor
+                        calibrator.update(terms.fires_F, x_BD.shape[0], gain)
                     self.n_steps_ += 1
                     progress.update(1)
                     if self.n_steps_ % _CHECK_EVERY == 0:
                         summary = stats.summary(module)
                         if not summary["finite"]:
                             self._diverged(module, last_good, last_good_step)
-                        last_good = module.folded_state(1.0)
+                        if use_aux or resample:
+                            dead_F = tracker.dead_F()
+                            any_dead = bool(dead_F.any())
+                            if resample and any_dead:
+                                resample_dead_latents(
+                                    module, optimizer, dead_F, x_BD, self._generator
+                                )
+                                tracker.rows_since_fired_F[dead_F] = 0
+                        last_good = _snapshot(module)
                         last_good_step = self.n_steps_
                         progress.set_postfix(_postfix(summary), refresh=False)
                 summary = stats.summary(module)
                 if not summary["finite"]:
                     self._diverged(module, last_good, last_good_step)
-                last_good = module.folded_state(1.0)
+                last_good = _snapshot(module)
                 last_good_step = self.n_steps_
                 progress.set_postfix(_postfix(summary), refresh=False)
                 self.loss_curve_.append(summary["loss"])
@@ -396,6 +673,13 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                 self.n_iter_ += 1
         finally:
             progress.close()
+        self._rows_since_fired = to_numpy(tracker.rows_since_fired_F)
+        self._rows_seen = tracker.rows_seen
+        self.dead_fraction_ = float(tracker.dead_F().float().mean())
+        if uses_coefficient:
+            self.sparsity_coefficient_ = float(
+                base_coefficient if calibrator is None else calibrator.coefficient
+            )
         self._export(module)
 
     def _diverged(self, module, last_good, last_good_step):
@@ -405,21 +689,27 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         raise TrainingDivergedError(
             f"Training diverged at step {self.n_steps_}: the loss or the weights became "
             f"NaN or infinite. The weights of step {last_good_step} (the last finite check) "
-            f"were kept. Lower learning_rate (now {self.learning_rate}) and refit, or check "
-            "X for extreme values."
+            f"were kept. Lower learning_rate (now {self._learning_rate():.3g}) and refit, or "
+            "check X for extreme values."
         )
 
     def _export(self, module):
-        """Copy the module's weights, in the user's units, to the NumPy attributes."""
-        state = module.folded_state(self.input_scale_)
+        """Copy the module's public form, in the user's units, to the NumPy attributes."""
+        mean_D = torch.from_numpy(self.input_mean_).to(module.W_enc_DF.device)
+        state = to_user_units(module.export_state(), self.input_scale_, mean_D)
         for name, public in _PUBLIC_NAMES.items():
             if name in state:
                 setattr(self, public, to_numpy(state[name]))
             elif hasattr(self, public):  # left over from another architecture
                 delattr(self, public)
+        if self.architecture not in COEFFICIENT_ARCHITECTURES and hasattr(
+            self, "sparsity_coefficient_"
+        ):
+            del self.sparsity_coefficient_
         self._architecture_fitted = self.architecture
 
-    def _numpy_state_as_tensors(self):
+    def _numpy_state(self):
+        """The public form in the user's units, as CPU tensors."""
         return {
             name: torch.from_numpy(np.asarray(getattr(self, public)))
             for name, public in _PUBLIC_NAMES.items()
@@ -437,7 +727,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         saved = {
             key: copy.deepcopy(value) if key in ("loss_curve_", "_random_state") else value
             for key, value in self.__dict__.items()
-            if key not in ("_module", "_optimizer", "_generator")
+            if key not in _RUNTIME_STATE
         }
         generator = getattr(self, "_generator", None)
         generator_state = None if generator is None else generator.get_state()
@@ -451,6 +741,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             # Rebuilt from the restored arrays at the next call, with a fresh Adam state.
             self._module = None
             self._optimizer = None
+            self._compiled_loss = None
             if generator_state is not None:
                 self._generator = torch.Generator("cpu")
                 self._generator.set_state(generator_state)
@@ -466,7 +757,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             n_components,
             **self._module_options(self._architecture_fitted, n_components),
         )
-        module.load_folded_state(self._numpy_state_as_tensors(), 1.0)
+        module.import_state(self._numpy_state())
         # Frozen, so a splice run outside inference_mode builds no autograd graph.
         return module.to(device).eval().requires_grad_(False)
 
@@ -574,11 +865,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         return tags
 
     def __getstate__(self):
-        state = {
-            key: value
-            for key, value in self.__dict__.items()
-            if key not in ("_module", "_optimizer", "_generator")
-        }
+        state = {key: value for key, value in self.__dict__.items() if key not in _RUNTIME_STATE}
         state["_sksae_version"] = __version__
         return state
 
@@ -608,35 +895,32 @@ def _to_csr(codes_HF):
     return sp.csr_matrix(codes)
 
 
+def _snapshot(module):
+    """Copies of the module's state, to restore if training diverges."""
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
 class _EpochStats:
     """Device-side running sums of one pass; read (one sync) only at checks."""
 
-    def __init__(self, n_components, device, count_fires=True):
-        self.count_fires = count_fires
+    def __init__(self, n_components, device):
         self.fires_F = torch.zeros(n_components, device=device)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.squared_error = torch.zeros((), dtype=torch.float64, device=device)
         self.x_sum_D = None
         self.x_squares = torch.zeros((), dtype=torch.float64, device=device)
         self.n_rows = 0
-        self._fired_BF = None
+        self.n_steps = 0
 
     def update(self, x_BD, terms):
-        n_rows = x_BD.shape[0]
-        codes_BF = terms.codes_BF
-        # Codes are non-negative, so sign() marks the latents that fired. Writing into a
-        # reused buffer avoids a fresh (B, F) allocation per step, whose page faults
-        # made this count cost as much as a matrix product on the CPU.
-        if self.count_fires:
-            if self._fired_BF is None or self._fired_BF.shape != codes_BF.shape:
-                self._fired_BF = torch.empty_like(codes_BF)
-            self.fires_F += torch.sign(codes_BF, out=self._fired_BF).sum(dim=0)
-        self.loss_sum += terms.loss.detach() * n_rows
+        self.fires_F += terms.fires_F
+        self.loss_sum += terms.loss.detach() * x_BD.shape[0]
         self.squared_error += terms.squared_error
         x_sum_D = x_BD.sum(dim=0, dtype=torch.float64)
         self.x_sum_D = x_sum_D if self.x_sum_D is None else self.x_sum_D + x_sum_D
         self.x_squares += x_BD.square().sum(dtype=torch.float64)
-        self.n_rows += n_rows
+        self.n_rows += x_BD.shape[0]
+        self.n_steps += 1
 
     def summary(self, module):
         """Python floats of the pass so far, with a finiteness flag (one sync)."""

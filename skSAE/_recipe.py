@@ -1,0 +1,204 @@
+"""Training-recipe pieces that are not one architecture's maths: pure torch, no sklearn.
+
+Learning-rate and sparsity schedules, the default learning rate, the geometric
+median, dead-latent tracking and the sparsity-coefficient calibration of
+``target_l0``. Each is small and tested against a plain reference on its own.
+
+Shape suffixes: N rows, B minibatch rows, D n_features, F n_components.
+"""
+
+import math
+
+import torch
+
+
+def default_learning_rate(n_components):
+    """Adam step size for a dictionary of ``n_components`` latents.
+
+    ``2e-4 / sqrt(n_components / 2**14)``: the width scaling fitted by Gao et al.
+    (2024), which gives 2e-4 at 16k latents, 4e-4 at 4k and 3.2e-3 at 64.
+    """
+    return 2e-4 / math.sqrt(n_components / 2**14)
+
+
+def warmup_factor(step, warmup_steps):
+    """Linear warm-up multiplier at a 0-based ``step``: ``(step + 1) / warmup_steps``, then 1.
+
+    Used for the learning rate and for the sparsity coefficient (Conerly et al.
+    2024 warm the L1 coefficient up over the first 5% of training).
+    """
+    if not warmup_steps or step >= warmup_steps:
+        return 1.0
+    return (step + 1) / warmup_steps
+
+
+def decay_factor(step, total_steps, decay_fraction):
+    """Learning-rate multiplier for a final linear decay to zero.
+
+    1 until the last ``decay_fraction`` of ``total_steps``, then falling linearly, so
+    that the step after the last would be at zero (Conerly et al. 2024 decay over the
+    last fifth of training).
+    """
+    decay_steps = round(decay_fraction * total_steps)
+    remaining = total_steps - step
+    if decay_steps == 0 or remaining > decay_steps:
+        return 1.0
+    return remaining / decay_steps
+
+
+@torch.no_grad()
+def geometric_median(x_ND, max_iter=100, tol=1e-7):
+    """The point minimising the summed Euclidean distance to the rows (Weiszfeld).
+
+    Parameters
+    ----------
+    x_ND : torch.Tensor of shape (N, D)
+    max_iter : int
+        Weiszfeld iterations at most.
+    tol : float
+        Stop when the point moves less than ``tol`` times the rows' mean norm.
+
+    Returns
+    -------
+    median_D : torch.Tensor of shape (D,), float32
+    """
+    x_ND = x_ND.double()
+    median_D = x_ND.mean(dim=0)
+    scale = float(x_ND.norm(dim=1).mean()) or 1.0
+    for _ in range(max_iter):
+        # Rows at the current point get a tiny floor, the usual Weiszfeld safeguard.
+        weights_N = 1 / (x_ND - median_D).norm(dim=1).clamp_min(1e-12 * scale)
+        updated_D = weights_N @ x_ND / weights_N.sum()
+        moved = float((updated_D - median_D).norm())
+        median_D = updated_D
+        if moved < tol * scale:
+            break
+    return median_D.float()
+
+
+class DeadLatentTracker:
+    """Training rows seen since each latent last fired; dead after ``window`` rows.
+
+    A latent is dead when it has not fired in the last ``min(window, rows_seen)``
+    rows: over a short run, "never fired" (Gao et al. 2024 use 10M tokens).
+    Updates stay on the device, with no host synchronisation.
+
+    Parameters
+    ----------
+    n_components : int
+    window : int
+        Rows without a firing after which a latent counts as dead.
+    device : torch.device
+    rows_since_fired_F : torch.Tensor or None
+        Counts to continue from (a later `partial_fit`); zeros when None.
+    rows_seen : int
+        Rows seen before, with ``rows_since_fired_F``.
+    """
+
+    def __init__(self, n_components, window, device, rows_since_fired_F=None, rows_seen=0):
+        self.window = window
+        if rows_since_fired_F is None:
+            rows_since_fired_F = torch.zeros(n_components, dtype=torch.float64)
+        self.rows_since_fired_F = rows_since_fired_F.to(device, torch.float64)
+        self.rows_seen = rows_seen
+
+    def update(self, fires_F, n_rows):
+        """Record a batch of ``n_rows`` rows; ``fires_F`` counts each latent's firings."""
+        self.rows_since_fired_F = torch.where(fires_F > 0, 0.0, self.rows_since_fired_F + n_rows)
+        self.rows_seen += n_rows
+
+    def dead_F(self):
+        """Boolean mask of the dead latents (none before any row is seen)."""
+        if self.rows_seen == 0:
+            return torch.zeros_like(self.rows_since_fired_F, dtype=torch.bool)
+        return self.rows_since_fired_F >= min(self.window, self.rows_seen)
+
+
+class SparsityCalibrator:
+    """Steers a sparsity coefficient so that the training L0 reaches ``target_l0``.
+
+    Integral control in log space: after each batch, with the error
+    ``e = log((L0 + 1) / (target_l0 + 1))`` of the batch L0 smoothed by an exponential
+    moving average, ``log c_I += gain * e`` and the coefficient is
+    ``exp(log c_I + proportional * e)``. Adding one keeps the logarithm finite
+    at L0 = 0. The caller makes the gain proportional to the learning rate, since the
+    weights follow a new coefficient at that pace. All on the device, no host
+    synchronisation.
+
+    Parameters
+    ----------
+    coefficient : float
+        Starting coefficient (positive).
+    target_l0 : float
+    device : torch.device
+    smoothing : float
+        Weight of the newest batch in the L0 moving average.
+    proportional : float
+        Proportional gain (0: integral control only).
+    """
+
+    def __init__(self, coefficient, target_l0, device, smoothing=0.1, proportional=0.0):
+        self.log_coefficient = torch.tensor(math.log(max(coefficient, 1e-8)), device=device)
+        self.log_target = math.log(target_l0 + 1)
+        self.smoothing = smoothing
+        self.proportional = proportional
+        self.l0_average = None
+        self.error = None
+
+    @property
+    def coefficient(self):
+        """The current coefficient, a 0-d tensor on the device."""
+        if self.error is None:
+            return self.log_coefficient.exp()
+        return (self.log_coefficient + self.proportional * self.error).exp()
+
+    def update(self, fires_F, n_rows, gain):
+        """Move the coefficient after a batch whose latents fired ``fires_F`` times.
+
+        ``gain`` is the log-coefficient change per batch at an L0 ``e`` times too large.
+        """
+        l0 = fires_F.sum() / n_rows
+        if self.l0_average is None:
+            self.l0_average = l0.detach().clone()
+        else:
+            self.l0_average.lerp_(l0, self.smoothing)
+        self.error = torch.log1p(self.l0_average) - self.log_target
+        self.log_coefficient += gain * self.error
+
+
+@torch.no_grad()
+def resample_dead_latents(module, optimizer, dead_F, x_BD, generator):
+    """Point dead latents at badly reconstructed inputs (Bricken et al. 2023).
+
+    Each dead latent gets, as its decoder row, the direction of the reconstruction
+    error of a row of ``x_BD`` drawn with probability proportional to its squared
+    error; its encoder column is that direction at 0.2 times the mean norm of the
+    live encoder columns, its bias centres it on ``b_dec_D``, and Adam forgets its
+    moments.
+
+    Returns
+    -------
+    n_resampled : int
+    """
+    dead_index = dead_F.nonzero().flatten()
+    if dead_index.numel() == 0:
+        return 0
+    error_BD = x_BD - module.decode(module.encode(x_BD))
+    weights_B = error_BD.square().sum(dim=1).double().cpu()
+    if not float(weights_B.sum()) > 0:
+        return 0
+    rows = torch.multinomial(weights_B, dead_index.numel(), replacement=True, generator=generator)
+    directions_KD = error_BD[rows.to(x_BD.device)]
+    directions_KD /= directions_KD.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    alive_F = ~dead_F
+    encoder_norm_F = module.W_enc_DF.norm(dim=0)
+    live_norm = encoder_norm_F[alive_F].mean() if bool(alive_F.any()) else encoder_norm_F.mean()
+    decoder_norm = 1.0 if module.unit_norm_decoder else module.W_dec_FD.norm(dim=1).mean()
+    module.W_dec_FD[dead_index] = directions_KD * decoder_norm
+    module.W_enc_DF[:, dead_index] = directions_KD.T * (0.2 * live_norm)
+    module.b_enc_F[dead_index] = -(module.b_dec_D @ module.W_enc_DF[:, dead_index])
+    for parameter, dim in ((module.W_dec_FD, 0), (module.W_enc_DF, 1), (module.b_enc_F, 0)):
+        for moment in optimizer.state.get(parameter, {}).values():
+            if moment.dim() > 0:  # exp_avg, exp_avg_sq; not the step count
+                moment.index_fill_(dim, dead_index, 0.0)
+    return int(dead_index.numel())
