@@ -151,9 +151,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     max_grad_norm : float, default=None
         Clip the gradient's global norm to this value before each step.
     dead_window : int, default=1_000_000
-        A latent that has not fired in this many training rows (or in all rows seen,
-        if fewer) is dead: it counts in `dead_fraction_`, gets the AuxK loss and, with
-        `resample_dead`, is resampled.
+        A latent that has not fired in the last ``min(dead_window, n_samples)``
+        training rows is dead: it counts in `dead_fraction_`, gets the AuxK loss and,
+        with `resample_dead`, is resampled.
     aux_coefficient : float, default=1/32
         Weight of the AuxK loss (Gao et al. 2024), which trains the dead latents to
         reconstruct the remaining error. Only used by ``"topk"``, ``"batchtopk"`` and
@@ -212,8 +212,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     latent_frequency_ : ndarray of shape (n_components,)
         Fraction of the rows of the last training pass on which each latent fired.
     dead_fraction_ : float
-        Fraction of latents that did not fire in the last `dead_window` training rows
-        (or in all rows seen, if fewer).
+        Fraction of latents that did not fire in the last ``min(dead_window,
+        n_samples)`` training rows (see `dead_window`).
     loss_curve_ : list of float
         Mean training loss of each pass, in normalised units.
     n_iter_ : int
@@ -580,9 +580,10 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         total_steps = n_epochs * steps_per_epoch
         base_lr = self._learning_rate()
         n_components = module.W_dec_FD.shape[0]
+        # A latent silent for a whole pass over X is dead even within the window.
         tracker = DeadLatentTracker(
             n_components,
-            self.dead_window,
+            min(self.dead_window, data.n_rows),
             device,
             None if self._rows_since_fired is None else torch.from_numpy(self._rows_since_fired),
             self._rows_seen,

@@ -5,6 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from skSAE import SparseAutoencoder
+from skSAE._architectures import ARCHITECTURES
 
 
 @st.composite
@@ -12,7 +13,8 @@ def fitted_cases(draw):
     n_samples = draw(st.integers(2, 40))
     n_features = draw(st.integers(1, 12))
     n_components = draw(st.integers(1, 24))
-    architecture = draw(st.sampled_from(["topk", "batchtopk", "relu"]))
+    architecture = draw(st.sampled_from(sorted(ARCHITECTURES)))
+    with_mean = draw(st.booleans())
     k = draw(st.integers(1, 8))
     seed = draw(st.integers(0, 2**16))
     X = np.random.default_rng(seed).normal(size=(n_samples, n_features)) * draw(
@@ -22,6 +24,7 @@ def fitted_cases(draw):
         n_components=n_components,
         architecture=architecture,
         k=k,
+        with_mean=with_mean,
         max_iter=1,
         batch_size=16,
         random_state=seed,
@@ -51,9 +54,13 @@ def test_shapes_and_dtypes(case):
 def test_sparsity_constraints(case):
     sae, X = fit(case)
     codes = sae.transform(X)
-    assert (codes >= 0).all()  # ReLU and TopK codes are non-negative
+    assert (codes >= 0).all()  # every architecture's codes are non-negative
     if sae.architecture == "topk":
         assert ((codes != 0).sum(axis=1) <= sae.k).all()
+    if hasattr(sae, "threshold_"):  # thresholded codes: exactly act(X @ W_enc_ + b_enc_)
+        pre = X.astype(np.float32) @ sae.W_enc_ + sae.b_enc_
+        expected = np.where(pre > sae.threshold_, pre, 0)
+        np.testing.assert_allclose(codes, expected, rtol=1e-4, atol=1e-5 * np.abs(pre).max())
 
 
 @given(fitted_cases(), st.data())
@@ -78,7 +85,7 @@ def test_inverse_transform_of_zero_codes_is_decoder_bias(case):
     np.testing.assert_array_equal(sae.inverse_transform(zeros), np.tile(sae.b_dec_, (3, 1)))
 
 
-@given(st.integers(0, 2**16), st.sampled_from(["topk", "batchtopk", "relu"]))
+@given(st.integers(0, 2**16), st.sampled_from(sorted(ARCHITECTURES)))
 def test_same_seed_same_model(seed, architecture):
     X = np.random.default_rng(seed).normal(size=(30, 4))
     params = dict(
