@@ -98,6 +98,8 @@ class SparseAutoencoderModule(nn.Module):
     """
 
     unit_norm_decoder = True
+    # Whether the public form has a "threshold".
+    has_threshold = False
     # target_l0 calibration (`SparsityCalibrator`): integral gain per unit of learning
     # rate, and proportional gain. 16 x 3.2e-3 = 0.05 per step was the largest
     # integral gain that stayed stable for ReLU and gated SAEs on the synthetic set
@@ -383,6 +385,7 @@ class BatchTopKModule(TopKModule):
         Average number of latents kept per row.
     """
 
+    has_threshold = True
     # The threshold is the plain mean of the first 100 batch minima, then an
     # exponential moving average with this weight, so it tracks the codes as they grow.
     threshold_momentum = 0.01
@@ -563,6 +566,7 @@ class JumpReLUModule(SparseAutoencoderModule):
     # so integral control alone lagged and overshot (-13% to +16%); adding a
     # proportional term kept targets 2 to 16 within 7% on the synthetic set.
     calibration_gains = (32.0, 10.0)
+    has_threshold = True
 
     def __init__(self, n_features, n_components, *, bandwidth):
         super().__init__(n_features, n_components)
@@ -627,6 +631,8 @@ class GatedModule(SparseAutoencoderModule):
     n_features, n_components : int
         See `SparseAutoencoderModule`.
     """
+
+    has_threshold = True
 
     def __init__(self, n_features, n_components):
         super().__init__(n_features, n_components)

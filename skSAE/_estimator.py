@@ -533,6 +533,12 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             or getattr(module, "prefix_sizes", None) != options.get("prefix_sizes")
         ):
             module = ARCHITECTURES[self.architecture](self.n_features_in_, n_components, **options)
+            if module.has_threshold and not hasattr(self, "threshold_"):
+                raise ValueError(
+                    f"partial_fit cannot continue a model fitted with architecture="
+                    f"{self._architecture_fitted!r} as architecture={self.architecture!r}: "
+                    "it has no threshold_ to start from. Call fit to train a new model."
+                )
             mean_D = torch.from_numpy(self.input_mean_)
             module.import_state(to_training_units(self._numpy_state(), self.input_scale_, mean_D))
             self._module = module

@@ -276,3 +276,14 @@ def test_sparsity_coefficient_only_for_coefficient_architectures(small_X):
     assert sae.sparsity_coefficient_ == 1.0
     sae.set_params(architecture="topk").fit(small_X)
     assert not hasattr(sae, "sparsity_coefficient_")
+
+
+def test_partial_fit_refuses_to_invent_a_threshold(small_X):
+    sae = SparseAutoencoder(n_components=8, k=2, max_iter=1, random_state=0).fit(small_X)
+    components = sae.components_.copy()
+    sae.set_params(architecture="jumprelu")
+    with pytest.raises(ValueError, match="architecture='topk' as architecture='jumprelu'"):
+        sae.partial_fit(small_X)
+    np.testing.assert_array_equal(sae.components_, components)  # the model is intact
+    sae.set_params(architecture="relu").partial_fit(small_X)  # no threshold needed
+    assert sae.n_iter_ == 2

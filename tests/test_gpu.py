@@ -10,14 +10,16 @@ import pytest
 import torch
 
 from skSAE import SparseAutoencoder
+from skSAE._architectures import ARCHITECTURES
 
 pytestmark = pytest.mark.gpu
 
 FAST = dict(n_components=64, k=8, max_iter=3, batch_size=128, random_state=0)
 
 
-def test_cpu_and_cuda_transform_agree(small_X):
-    sae = SparseAutoencoder(device="cuda", **FAST).fit(small_X)
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_cpu_and_cuda_transform_agree(small_X, architecture):
+    sae = SparseAutoencoder(device="cuda", architecture=architecture, **FAST).fit(small_X)
     on_cuda = sae.transform(small_X)
     on_cpu = sae.set_params(device="cpu").transform(small_X)
     np.testing.assert_allclose(on_cuda, on_cpu, rtol=1e-4, atol=1e-4)
@@ -46,14 +48,23 @@ def test_cuda_model_loads_on_cpu_only_machine(tmp_path, small_X):
     subprocess.run([sys.executable, "-c", script], check=True, env=env)
 
 
-def test_training_loop_syncs_only_at_checks(monkeypatch, small_X):
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_training_loop_syncs_only_at_checks(monkeypatch, small_X, architecture):
     import warnings
 
     import skSAE._estimator as estimator_module
 
     monkeypatch.setattr(estimator_module, "_CHECK_EVERY", 1000)
     X = np.tile(small_X, (20, 1))  # 4000 rows: 125 steps of 32 rows in one pass
-    sae = SparseAutoencoder(device="cuda", n_components=64, k=8, max_iter=1, batch_size=32)
+    sae = SparseAutoencoder(
+        device="cuda",
+        architecture=architecture,
+        target_l0=8 if architecture in ("relu", "jumprelu", "gated") else None,
+        n_components=64,
+        k=8,
+        max_iter=1,
+        batch_size=32,
+    )
     sae.fit(X[:64])  # warm-up: CUDA context, kernels
     torch.cuda.set_sync_debug_mode("warn")
     try:
@@ -65,3 +76,14 @@ def test_training_loop_syncs_only_at_checks(monkeypatch, small_X):
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     # Setup and the end-of-pass summary may sync a few times; 125 steps must not.
     assert len(syncs) < 20, [str(w.message) for w in syncs[:5]]
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_mixed_precision_on_cuda_trains_close_to_float32(architecture):
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(4096, 32)) * (rng.random((4096, 32)) < 0.2)).astype(np.float32)
+    options = dict(architecture=architecture, n_components=128, k=8, max_iter=5, batch_size=512)
+    full = SparseAutoencoder(device="cuda", random_state=0, **options).fit(X)
+    mixed = SparseAutoencoder(device="cuda", mixed_precision=True, random_state=0, **options)
+    mixed.fit(X)
+    assert mixed.score(X) == pytest.approx(full.score(X), abs=0.05)
