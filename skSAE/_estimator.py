@@ -584,7 +584,6 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         batch_size = min(self.batch_size, data.n_rows)
         steps_per_epoch = math.ceil(data.n_rows / batch_size)
         total_steps = n_epochs * steps_per_epoch
-        base_lr = self._learning_rate()
         n_components = module.W_dec_FD.shape[0]
         # A latent silent for a whole pass over X is dead even within the window.
         tracker = DeadLatentTracker(
@@ -594,18 +593,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             None if self._rows_since_fired is None else torch.from_numpy(self._rows_since_fired),
             self._rows_seen,
         )
-        uses_coefficient = self.architecture in COEFFICIENT_ARCHITECTURES
-        calibrator = None
-        if uses_coefficient and self.target_l0 is not None:
-            calibrator = SparsityCalibrator(
-                self.sparsity_coefficient_,
-                self.target_l0,
-                device,
-                proportional=module.calibration_gains[1],
-            )
-        base_coefficient = self._base_coefficient()
-        if uses_coefficient:
-            module.sparsity_coefficient.fill_(base_coefficient)
+        schedule = _Schedule(self, module, total_steps, decay, device)
         use_aux = isinstance(module, TopKModule) and self.aux_coefficient > 0
         resample = self.resample_dead and self.architecture == "relu"
         any_dead = bool(tracker.dead_F().any()) if (use_aux or resample) else False
@@ -625,18 +613,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                 stats = _EpochStats(n_components, device)
                 for x_BD in data.batches(batch_size, self._generator, self._random_state, device):
                     x_BD = (x_BD - mean_D) * scale if mean_D is not None else x_BD * scale
-                    step = epoch * steps_per_epoch + stats.n_steps
-                    lr_factor = warmup_factor(self.n_steps_, self.warmup_steps)
-                    if decay:
-                        lr_factor *= decay_factor(step, total_steps, self.decay_fraction)
-                    for group in optimizer.param_groups:
-                        group["lr"] = base_lr * lr_factor
-                    if calibrator is not None:
-                        warm = warmup_factor(self.n_steps_, self.sparsity_warmup_steps)
-                        module.sparsity_coefficient.copy_(calibrator.coefficient * warm)
-                    elif uses_coefficient and self.n_steps_ <= self.sparsity_warmup_steps:
-                        warm = warmup_factor(self.n_steps_, self.sparsity_warmup_steps)
-                        module.sparsity_coefficient.fill_(base_coefficient * warm)
+                    schedule.apply(optimizer, epoch * steps_per_epoch + stats.n_steps)
                     dead_F = tracker.dead_F() if use_aux and any_dead else None
                     with autocast:
                         terms = loss_function(x_BD, dead_F)
@@ -649,9 +626,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                     module.constrain_weights()
                     stats.update(x_BD, terms)
                     tracker.update(terms.fires_F, x_BD.shape[0])
-                    if calibrator is not None:
-                        gain = module.calibration_gains[0] * base_lr * lr_factor
-                        calibrator.update(terms.fires_F, x_BD.shape[0], gain)
+                    schedule.observe(terms.fires_F, x_BD.shape[0])
                     self.n_steps_ += 1
                     progress.update(1)
                     if self.n_steps_ % _CHECK_EVERY == 0:
@@ -683,10 +658,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self._rows_since_fired = to_numpy(tracker.rows_since_fired_F)
         self._rows_seen = tracker.rows_seen
         self.dead_fraction_ = float(tracker.dead_F().float().mean())
-        if uses_coefficient:
-            self.sparsity_coefficient_ = float(
-                base_coefficient if calibrator is None else calibrator.coefficient
-            )
+        if self.architecture in COEFFICIENT_ARCHITECTURES:
+            self.sparsity_coefficient_ = schedule.coefficient()
         self._export(module)
 
     def _diverged(self, module, last_good, last_good_step):
@@ -900,6 +873,64 @@ def _to_csr(codes_HF):
     """A CSR matrix of a block of codes, built from its non-zeros only."""
     codes = to_numpy(codes_HF)
     return sp.csr_matrix(codes)
+
+
+class _Schedule:
+    """The learning rate and the sparsity coefficient of each step of one call.
+
+    Learning-rate warm-up (over the estimator's steps so far) and final decay (over
+    this call, when ``decay``); sparsity warm-up; and the ``target_l0`` calibration,
+    whose gain follows the learning rate. Sets them on the optimizer and the module
+    without host synchronisation.
+    """
+
+    def __init__(self, estimator, module, total_steps, decay, device):
+        self.estimator = estimator
+        self.module = module
+        self.total_steps = total_steps
+        self.decay = decay
+        self.base_lr = estimator._learning_rate()
+        self.lr = self.base_lr
+        self.uses_coefficient = estimator.architecture in COEFFICIENT_ARCHITECTURES
+        self.base_coefficient = estimator._base_coefficient()
+        self.calibrator = None
+        if self.uses_coefficient and estimator.target_l0 is not None:
+            self.calibrator = SparsityCalibrator(
+                estimator.sparsity_coefficient_,
+                estimator.target_l0,
+                device,
+                proportional=module.calibration_gains[1],
+            )
+        if self.uses_coefficient:
+            module.sparsity_coefficient.fill_(self.base_coefficient)
+
+    def apply(self, optimizer, step):
+        """Set the rate and coefficient of this call's 0-based ``step``."""
+        estimator = self.estimator
+        done = estimator.n_steps_
+        factor = warmup_factor(done, estimator.warmup_steps)
+        if self.decay:
+            factor *= decay_factor(step, self.total_steps, estimator.decay_fraction)
+        self.lr = self.base_lr * factor
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr
+        warm = warmup_factor(done, estimator.sparsity_warmup_steps)
+        if self.calibrator is not None:
+            self.module.sparsity_coefficient.copy_(self.calibrator.coefficient * warm)
+        elif self.uses_coefficient and done <= estimator.sparsity_warmup_steps:
+            self.module.sparsity_coefficient.fill_(self.base_coefficient * warm)
+
+    def observe(self, fires_F, n_rows):
+        """Let the calibration see the L0 of the batch just trained on."""
+        if self.calibrator is not None:
+            gain = self.module.calibration_gains[0] * self.lr
+            self.calibrator.update(fires_F, n_rows, gain)
+
+    def coefficient(self):
+        """The coefficient reached: calibrated, or the parameter (a Python float)."""
+        if self.calibrator is None:
+            return float(self.base_coefficient)
+        return float(self.calibrator.coefficient)
 
 
 def _snapshot(module):
