@@ -18,3 +18,31 @@ def test_bench_training_quick_prints_table():
     assert "ratio ours/hand" in result.stdout
     rows = [line.split()[:2] for line in result.stdout.splitlines()]
     assert ["cpu", "relu"] in rows and ["cpu", "topk"] in rows
+
+
+def test_bench_frontier_quick_prints_tables(tmp_path):
+    # --quick: tiny synthetic set and a tiny random Llama built on the fly (no model
+    # package needed); about 5 s on 2 idle cores.
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_frontier.py"), "--quick", "--output", tmp_path],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "== synthetic" in result.stdout and "== real" in result.stdout
+    knobs = {
+        "reference": "l1_coefficient",
+        "relu": "target_l0",
+        "topk": "k",
+        "batchtopk": "k",
+        "matryoshka": "k",
+        "jumprelu": "target_l0",
+        "gated": "target_l0",
+    }
+    rows = [line.split()[:2] for line in result.stdout.splitlines()]
+    for architecture, knob in knobs.items():
+        # One table row per knob value, in both tables (synthetic, real).
+        assert rows.count([architecture, knob]) >= 4, architecture
+    assert "FAILED" not in result.stdout
+    assert (tmp_path / "frontier_quick.json").exists()
