@@ -100,11 +100,14 @@ class SparseAutoencoderModule(nn.Module):
     unit_norm_decoder = True
     # Whether the public form has a "threshold".
     has_threshold = False
-    # target_l0 calibration (`SparsityCalibrator`): integral gain per unit of learning
-    # rate, and proportional gain. 16 x 3.2e-3 = 0.05 per step was the largest
-    # integral gain that stayed stable for ReLU and gated SAEs on the synthetic set
-    # (targets 2 to 16, within 7%); twice that oscillated.
-    calibration_gains = (16.0, 0.0)
+    # target_l0 calibration (`SparsityCalibrator`): gain per unit of learning rate.
+    # 16 x 3.2e-3 = 0.05 per step was the largest that stayed stable for ReLU and
+    # gated SAEs on the synthetic set (targets 2 to 16, within 7%); twice that
+    # oscillated.
+    calibration_gain = 16.0
+    # Whether target_l0 moves the thresholds (`nudge_thresholds`) rather than the
+    # sparsity coefficient.
+    calibrates_thresholds = False
     # Row norm of a free decoder at initialisation. Conerly et al. (2024) use 0.05 to 1
     # with a small learning rate; at our default rates rows of norm 0.1 trained worse
     # (ground-truth cosine 0.70 against 0.90 at norm 1 on the synthetic set), as
@@ -562,10 +565,13 @@ class JumpReLUModule(SparseAutoencoderModule):
         Kernel width of the straight-through estimators, in training units.
     """
 
-    # JumpReLU's L0 follows its coefficient only as fast as Adam moves the thresholds,
-    # so integral control alone lagged and overshot (-13% to +16%); adding a
-    # proportional term kept targets 2 to 16 within 7% on the synthetic set.
-    calibration_gains = (32.0, 10.0)
+    # JumpReLU's L0 follows its coefficient only as fast as Adam moves the thresholds
+    # (about the learning rate per step), so calibrating the coefficient lagged and
+    # ran away (coefficients of 1e-11 to 1e8, L0 off by -34% to +264%). target_l0
+    # therefore scales the thresholds directly, by exp(gain * error) per step, and the
+    # coefficient follows as their equilibrium, 4 * mean(threshold)**2.
+    calibrates_thresholds = True
+    threshold_calibration_gain = 0.1
     has_threshold = True
 
     def __init__(self, n_features, n_components, *, bandwidth):
@@ -589,6 +595,12 @@ class JumpReLUModule(SparseAutoencoderModule):
         threshold = float(pre_N.topk(n_kept, sorted=False).values.min().clamp_min(1e-6))
         self.threshold_F.fill_(threshold)
         self.sparsity_coefficient.fill_(4 * threshold**2)
+
+    @torch.no_grad()
+    def nudge_thresholds(self, error):
+        """Scale every threshold by ``exp(gain * error)``, ``error`` the log L0 excess."""
+        self.threshold_F.mul_(torch.exp(self.threshold_calibration_gain * error))
+        self.sparsity_coefficient.copy_(4 * self.threshold_F.mean().square())
 
     def activate(self, pre_BF):
         if not self.training:

@@ -896,10 +896,7 @@ class _Schedule:
         self.calibrator = None
         if self.uses_coefficient and estimator.target_l0 is not None:
             self.calibrator = SparsityCalibrator(
-                estimator.sparsity_coefficient_,
-                estimator.target_l0,
-                device,
-                proportional=module.calibration_gains[1],
+                estimator.sparsity_coefficient_, estimator.target_l0, device
             )
         if self.uses_coefficient:
             module.sparsity_coefficient.fill_(self.base_coefficient)
@@ -915,21 +912,27 @@ class _Schedule:
         for group in optimizer.param_groups:
             group["lr"] = self.lr
         warm = warmup_factor(done, estimator.sparsity_warmup_steps)
-        if self.calibrator is not None:
+        if self.calibrator is not None and not self.module.calibrates_thresholds:
             self.module.sparsity_coefficient.copy_(self.calibrator.coefficient * warm)
         elif self.uses_coefficient and done <= estimator.sparsity_warmup_steps:
             self.module.sparsity_coefficient.fill_(self.base_coefficient * warm)
 
     def observe(self, fires_F, n_rows):
         """Let the calibration see the L0 of the batch just trained on."""
-        if self.calibrator is not None:
-            gain = self.module.calibration_gains[0] * self.lr
-            self.calibrator.update(fires_F, n_rows, gain)
+        if self.calibrator is None:
+            return
+        if self.module.calibrates_thresholds:
+            self.calibrator.update(fires_F, n_rows, 0.0)
+            self.module.nudge_thresholds(self.calibrator.error)
+        else:
+            self.calibrator.update(fires_F, n_rows, self.module.calibration_gain * self.lr)
 
     def coefficient(self):
         """The coefficient reached: calibrated, or the parameter (a Python float)."""
         if self.calibrator is None:
             return float(self.base_coefficient)
+        if self.module.calibrates_thresholds:
+            return float(self.module.sparsity_coefficient)
         return float(self.calibrator.coefficient)
 
 

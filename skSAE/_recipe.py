@@ -119,8 +119,7 @@ class SparsityCalibrator:
 
     Integral control in log space: after each batch, with the error
     ``e = log((L0 + 1) / (target_l0 + 1))`` of the batch L0 smoothed by an exponential
-    moving average, ``log c_I += gain * e`` and the coefficient is
-    ``exp(log c_I + proportional * e)``. Adding one keeps the logarithm finite
+    moving average, ``log c += gain * e``. Adding one keeps the logarithm finite
     at L0 = 0. The caller makes the gain proportional to the learning rate, since the
     weights follow a new coefficient at that pace. All on the device, no host
     synchronisation.
@@ -133,24 +132,24 @@ class SparsityCalibrator:
     device : torch.device
     smoothing : float
         Weight of the newest batch in the L0 moving average.
-    proportional : float
-        Proportional gain (0: integral control only).
+
+    Attributes
+    ----------
+    error : torch.Tensor of shape () or None
+        The smoothed log L0 excess ``e`` after the last update.
     """
 
-    def __init__(self, coefficient, target_l0, device, smoothing=0.1, proportional=0.0):
+    def __init__(self, coefficient, target_l0, device, smoothing=0.1):
         self.log_coefficient = torch.tensor(math.log(max(coefficient, 1e-8)), device=device)
         self.log_target = math.log(target_l0 + 1)
         self.smoothing = smoothing
-        self.proportional = proportional
         self.l0_average = None
         self.error = None
 
     @property
     def coefficient(self):
         """The current coefficient, a 0-d tensor on the device."""
-        if self.error is None:
-            return self.log_coefficient.exp()
-        return (self.log_coefficient + self.proportional * self.error).exp()
+        return self.log_coefficient.exp()
 
     def update(self, fires_F, n_rows, gain):
         """Move the coefficient after a batch whose latents fired ``fires_F`` times.
