@@ -42,7 +42,7 @@ Metrics, on the held-out rows unless said otherwise:
 - ``L0``: mean count of non-zero codes per row of ``transform``;
   ``L0/tgt`` is it over the target (``target_l0`` or ``k``).
 - ``EV``: variance explained, ``sae.score`` (1 - FVU).
-- ``dead``: ``sae.dead_fraction_`` (latents that never fired in training);
+- ``dead``: ``sae.dead_fraction_`` (latents silent over the last pass of training);
   ``dead(ho)``: fraction of latents never active on the held-out rows.
 - ``cos`` (synthetic only): ground-truth recovery, the mean over the true
   directions of the largest cosine similarity with any row of ``components_``.

@@ -30,16 +30,19 @@ import torch
 
 from skSAE._architectures import SPARSE_DECODE_MIN_RATIO, BatchTopKModule, TopKModule
 
-# (D, F, k): F/k from 8 to 1024 at two widths.
+# (D, F, k): F/k from 16 to 512 at three widths.
 GRID = [
     (64, 256, 16),
-    (64, 512, 16),
+    (64, 256, 4),
     (64, 512, 8),
     (64, 1024, 8),
+    (256, 1024, 32),
+    (256, 2048, 32),
+    (256, 4096, 32),
     (512, 1024, 64),
-    (512, 2048, 64),
     (512, 2048, 32),
     (512, 4096, 32),
+    (576, 4608, 32),
     (512, 16384, 32),
 ]
 QUICK_GRID = [(16, 64, 8), (16, 256, 4)]

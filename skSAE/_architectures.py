@@ -10,7 +10,7 @@ Shape suffixes::
 
     N rows of X (tokens, flattened)   B minibatch rows        S sequence positions
     D n_features (d_model, SAE input) F n_components (latents) K active latents (top-k)
-    P dictionary prefixes (matryoshka)
+    P dictionary prefixes (matryoshka) A dead latents (AuxK)
 
 The model, in the units it is trained in::
 
@@ -29,7 +29,6 @@ Gated). Inference from that form is ``act(x @ W_enc + b_enc)`` with
 is exported as the JumpReLU it is equivalent to (Rajamanoharan et al. 2024a).
 """
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -192,13 +191,13 @@ class SparseAutoencoderModule(nn.Module):
             self._fired_BF = torch.empty_like(codes_BF)
         return torch.sign(codes_BF, out=self._fired_BF).sum(dim=0, dtype=torch.float32)
 
-    def loss(self, x_BD, dead_F=None):
+    def loss(self, x_BD, dead_latents=None):
         """Mean over the batch of the squared error (summed over D) plus the penalty.
 
         Summing the error over D and averaging over rows is the convention of SAELens
         and Anthropic's updates, so coefficient values carry over from them.
-        ``dead_F`` (a boolean mask) is used by variants with an auxiliary loss on dead
-        latents.
+        ``dead_latents`` (indices, shape (A,)) is used by variants with an auxiliary
+        loss on dead latents.
         """
         pre_BF = self.pre_activation(x_BD)
         codes_BF = self.activate(pre_BF)
@@ -347,22 +346,26 @@ class TopKModule(SparseAutoencoderModule):
             x_hat_BD = self.decode(codes_BF)
         return x_hat_BD, _fires_from_indices(values_BK, index_BK, pre_BF.shape[1])
 
-    def loss(self, x_BD, dead_F=None):
+    def loss(self, x_BD, dead_latents=None):
         pre_BF = self.pre_activation(x_BD)
         x_hat_BD, fires_F = self._reconstruct(pre_BF)
         error_BD = x_BD - x_hat_BD
         squared_error = error_BD.square().sum()
         loss = squared_error / x_BD.shape[0]
-        if dead_F is not None and self.aux_coefficient > 0:
-            loss = loss + self.aux_coefficient * self.aux_loss(pre_BF, error_BD.detach(), dead_F)
+        if dead_latents is not None and self.aux_coefficient > 0:
+            aux = self.aux_loss(pre_BF, error_BD.detach(), dead_latents)
+            loss = loss + self.aux_coefficient * aux
         return LossTerms(loss, squared_error.detach(), fires_F)
 
-    def aux_loss(self, pre_BF, error_BD, dead_F):
-        """AuxK: squared error of the dead latents' top-``aux_k`` fit to ``error_BD``."""
-        masked_BF = pre_BF.masked_fill(~dead_F, -math.inf)
-        values_BK, index_BK = masked_BF.topk(min(self.aux_k, pre_BF.shape[1]), dim=1, sorted=False)
-        # Live latents picked when fewer than aux_k are dead carry -inf: ReLU gives 0.
-        aux_BD = _sparse_decode(torch.relu(values_BK), index_BK, self.W_dec_FD)
+    def aux_loss(self, pre_BF, error_BD, dead_latents):
+        """AuxK: squared error of the dead latents' top-``aux_k`` fit to ``error_BD``.
+
+        Only the dead latents' columns are searched, so the cost follows their number
+        rather than the dictionary's size.
+        """
+        pre_BA = pre_BF.index_select(1, dead_latents)
+        values_BK, index_BK = pre_BA.topk(min(self.aux_k, pre_BA.shape[1]), dim=1, sorted=False)
+        aux_BD = _sparse_decode(torch.relu(values_BK), dead_latents[index_BK], self.W_dec_FD)
         return (aux_BD - error_BD).square().sum() / pre_BF.shape[0]
 
 
@@ -475,7 +478,7 @@ class MatryoshkaModule(BatchTopKModule):
         super().__init__(n_features, n_components, k=k)
         self.prefix_sizes = tuple(prefix_sizes)
 
-    def loss(self, x_BD, dead_F=None):
+    def loss(self, x_BD, dead_latents=None):
         pre_BF = self.pre_activation(x_BD)
         n_rows, n_components = pre_BF.shape
         values_K, index_K = self.select_flat(pre_BF)
@@ -490,9 +493,9 @@ class MatryoshkaModule(BatchTopKModule):
             start = stop
         squared_error = prefix_errors_P[-1]
         loss = torch.stack(prefix_errors_P).mean() / n_rows
-        if dead_F is not None and self.aux_coefficient > 0:
+        if dead_latents is not None and self.aux_coefficient > 0:
             error_BD = (x_BD - x_hat_BD).detach()
-            loss = loss + self.aux_coefficient * self.aux_loss(pre_BF, error_BD, dead_F)
+            loss = loss + self.aux_coefficient * self.aux_loss(pre_BF, error_BD, dead_latents)
         fires_F = _fires_from_indices(values_K, index_K % n_components, n_components)
         return LossTerms(loss, squared_error.detach(), fires_F)
 
@@ -665,7 +668,7 @@ class GatedModule(SparseAutoencoderModule):
         gate_BF, magnitude_BF = self._paths(x_BD)
         return (gate_BF > 0) * torch.relu(magnitude_BF)
 
-    def loss(self, x_BD, dead_F=None):
+    def loss(self, x_BD, dead_latents=None):
         n_rows = x_BD.shape[0]
         gate_BF, magnitude_BF = self._paths(x_BD)
         codes_BF = (gate_BF > 0) * torch.relu(magnitude_BF)

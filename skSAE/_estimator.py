@@ -596,7 +596,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         schedule = _Schedule(self, module, total_steps, decay, device)
         use_aux = isinstance(module, TopKModule) and self.aux_coefficient > 0
         resample = self.resample_dead and self.architecture == "relu"
-        any_dead = bool(tracker.dead_F().any()) if (use_aux or resample) else False
+        # Indices of the dead latents as of the last check (a host sync, every 32 steps).
+        dead_latents = _dead_latents(tracker) if (use_aux or resample) else None
         loss_function = self._loss_function(module)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.mixed_precision)
         progress = tqdm(
@@ -614,9 +615,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                 for x_BD in data.batches(batch_size, self._generator, self._random_state, device):
                     x_BD = (x_BD - mean_D) * scale if mean_D is not None else x_BD * scale
                     schedule.apply(optimizer, epoch * steps_per_epoch + stats.n_steps)
-                    dead_F = tracker.dead_F() if use_aux and any_dead else None
                     with autocast:
-                        terms = loss_function(x_BD, dead_F)
+                        terms = loss_function(x_BD, dead_latents if use_aux else None)
                     optimizer.zero_grad(set_to_none=True)
                     terms.loss.backward()
                     module.constrain_gradients()
@@ -634,13 +634,14 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                         if not summary["finite"]:
                             self._diverged(module, last_good, last_good_step)
                         if use_aux or resample:
-                            dead_F = tracker.dead_F()
-                            any_dead = bool(dead_F.any())
-                            if resample and any_dead:
+                            dead_latents = _dead_latents(tracker)
+                            if resample and dead_latents is not None:
+                                dead_F = tracker.dead_F()
                                 resample_dead_latents(
                                     module, optimizer, dead_F, x_BD, self._generator
                                 )
                                 tracker.rows_since_fired_F[dead_F] = 0
+                                dead_latents = None
                         last_good = _snapshot(module)
                         last_good_step = self.n_steps_
                         progress.set_postfix(_postfix(summary), refresh=False)
@@ -934,6 +935,12 @@ class _Schedule:
         if self.module.calibrates_thresholds:
             return float(self.module.sparsity_coefficient)
         return float(self.calibrator.coefficient)
+
+
+def _dead_latents(tracker):
+    """Indices of the tracker's dead latents, or None when there are none."""
+    dead_A = tracker.dead_F().nonzero().flatten()
+    return dead_A if dead_A.numel() else None
 
 
 def _snapshot(module):

@@ -35,9 +35,9 @@ def batch(seed=1):
     return torch.randn(B, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def loss_and_grads(module, x_BD, dead_F=None):
+def loss_and_grads(module, x_BD, dead_latents=None):
     module.zero_grad()
-    terms = module.loss(x_BD, dead_F)
+    terms = module.loss(x_BD, dead_latents)
     terms.loss.backward()
     grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
     return terms, grads
@@ -50,9 +50,9 @@ def test_sparse_decode_equals_dense_decode(cls):
     dead_F[::3] = True
     module.aux_coefficient = 0.5
     module.sparse_decode = False
-    dense, dense_grads = loss_and_grads(module, batch(), dead_F)
+    dense, dense_grads = loss_and_grads(module, batch(), dead_F.nonzero().flatten())
     module.sparse_decode = True
-    sparse, sparse_grads = loss_and_grads(module, batch(), dead_F)
+    sparse, sparse_grads = loss_and_grads(module, batch(), dead_F.nonzero().flatten())
     torch.testing.assert_close(sparse.loss, dense.loss)
     torch.testing.assert_close(sparse.fires_F, dense.fires_F)
     assert sparse_grads.keys() == dense_grads.keys()
@@ -67,7 +67,7 @@ def test_topk_loss_and_auxk_match_a_plain_reference():
     dead_F = torch.zeros(F, dtype=torch.bool)
     dead_F[:5] = True
     x_BD = batch()
-    terms = module.loss(x_BD, dead_F)
+    terms = module.loss(x_BD, dead_F.nonzero().flatten())
     with torch.no_grad():
         pre = x_BD @ module.W_enc_DF + module.b_enc_F
         codes = torch.zeros_like(pre)
