@@ -722,9 +722,10 @@ def use_sparse_decode(module, device):
     """Whether training should decode `TopKModule` codes sparsely (`_sparse_decode`).
 
     On the CPU the gather is faster once the dictionary is at least 64 times wider
-    than k (``benchmarks/bench_sparse_decode.py``: 1.15 to 1.6 times at 64, up to 2
-    at 512; slower below 32). Other devices decode densely: the crossover there has
-    not been measured. Matryoshka decodes prefix by prefix and stays dense.
+    than k (``benchmarks/bench_sparse_decode.py``, widths 64 to 576: 1.03 to 1.61
+    times at 64, 1.11 to 2.01 at 128 and more; 0.76 to 1.07 at 16). Other devices
+    decode densely: the crossover there has not been measured. Matryoshka decodes
+    prefix by prefix and stays dense.
     """
     if isinstance(module, MatryoshkaModule) or device.type != "cpu":
         return False
