@@ -46,3 +46,17 @@ def test_bench_frontier_quick_prints_tables(tmp_path):
         assert rows.count([architecture, knob]) >= 4, architecture
     assert "FAILED" not in result.stdout
     assert (tmp_path / "frontier_quick.json").exists()
+
+
+def test_bench_sparse_decode_quick_checks_and_times_both_paths():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_sparse_decode.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("TopKModule")]
+    assert len(rows) == 2
+    # The float64 comparison of the two paths, last column.
+    assert all(float(row[-1]) < 1e-10 for row in rows)
