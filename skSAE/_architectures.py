@@ -97,8 +97,9 @@ class SparseAutoencoderModule(nn.Module):
     """
 
     unit_norm_decoder = True
-    # Whether the public form has a "threshold".
+    # Whether the public form has a "threshold", and the tensor that holds it (if any).
     has_threshold = False
+    threshold_attribute = None
     # target_l0 calibration (`SparsityCalibrator`): gain per unit of learning rate.
     # 16 x 3.2e-3 = 0.05 per step was the largest that stayed stable for ReLU and
     # gated SAEs on the synthetic set (targets 2 to 16, within 7%); twice that
@@ -243,13 +244,17 @@ class SparseAutoencoderModule(nn.Module):
         return state
 
     def _threshold_state(self):
-        return {}
+        if self.threshold_attribute is None:
+            return {}
+        return {"threshold": getattr(self, self.threshold_attribute).detach().clone()}
 
     @torch.no_grad()
     def import_state(self, state):
         """Load a public form (training units), as `export_state` returns it."""
         for name in PUBLIC_KEYS[:4]:
             getattr(self, name).copy_(state[name])
+        if self.threshold_attribute is not None:
+            getattr(self, self.threshold_attribute).copy_(state["threshold"])
 
 
 class ReLUModule(SparseAutoencoderModule):
@@ -392,6 +397,7 @@ class BatchTopKModule(TopKModule):
     """
 
     has_threshold = True
+    threshold_attribute = "threshold"
     # The threshold is the plain mean of the first 100 batch minima, then an
     # exponential moving average with this weight, so it tracks the codes as they grow.
     threshold_momentum = 0.01
@@ -401,13 +407,9 @@ class BatchTopKModule(TopKModule):
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("n_threshold_updates", torch.zeros(()), persistent=False)
 
-    def _threshold_state(self):
-        return {"threshold": self.threshold.detach().clone()}
-
     @torch.no_grad()
     def import_state(self, state):
         super().import_state(state)
-        self.threshold.copy_(state["threshold"])
         # A loaded threshold is settled: continue with the moving average.
         self.n_threshold_updates.fill_(1 / self.threshold_momentum)
 
@@ -576,6 +578,7 @@ class JumpReLUModule(SparseAutoencoderModule):
     calibrates_thresholds = True
     threshold_calibration_gain = 0.1
     has_threshold = True
+    threshold_attribute = "threshold_F"
 
     def __init__(self, n_features, n_components, *, bandwidth):
         super().__init__(n_features, n_components)
@@ -619,14 +622,6 @@ class JumpReLUModule(SparseAutoencoderModule):
         super().constrain_weights()
         # A negative threshold would let negative codes through.
         self.threshold_F.clamp_(min=0)
-
-    def _threshold_state(self):
-        return {"threshold": self.threshold_F.detach().clone()}
-
-    @torch.no_grad()
-    def import_state(self, state):
-        super().import_state(state)
-        self.threshold_F.copy_(state["threshold"])
 
 
 class GatedModule(SparseAutoencoderModule):
