@@ -151,9 +151,10 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     max_grad_norm : float, default=None
         Clip the gradient's global norm to this value before each step.
     dead_window : int, default=1_000_000
-        A latent that has not fired in the last ``min(dead_window, n_samples)``
-        training rows is dead: it counts in `dead_fraction_`, gets the AuxK loss and,
-        with `resample_dead`, is resampled.
+        A latent that has not fired in the last `dead_window` training rows (in `fit`,
+        at most one pass over ``X``; never more than the rows seen) is dead: it counts
+        in `dead_fraction_`, gets the AuxK loss and, with `resample_dead`, is
+        resampled.
     aux_coefficient : float, default=1/32
         Weight of the AuxK loss (Gao et al. 2024), which trains the dead latents to
         reconstruct the remaining error. Only used by ``"topk"``, ``"batchtopk"`` and
@@ -212,8 +213,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     latent_frequency_ : ndarray of shape (n_components,)
         Fraction of the rows of the last training pass on which each latent fired.
     dead_fraction_ : float
-        Fraction of latents that did not fire in the last ``min(dead_window,
-        n_samples)`` training rows (see `dead_window`).
+        Fraction of latents that are dead at the end of training (see `dead_window`).
     loss_curve_ : list of float
         Mean training loss of each pass, in normalised units.
     n_iter_ : int
@@ -400,7 +400,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             data = self._validated(X, reset=not continuing, device=device)
             if not continuing or self._architecture_fitted != self.architecture:
                 self._initialize(data, device)
-            self._train(data, n_epochs=self.max_iter, device=device, decay=True)
+            self._train(data, n_epochs=self.max_iter, device=device, whole_fit=True)
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -576,7 +576,12 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             self._compiled_loss = compiled
         return compiled[1]
 
-    def _train(self, data, n_epochs, device, decay=False):
+    def _train(self, data, n_epochs, device, whole_fit=False):
+        """Train for ``n_epochs`` passes over ``data``.
+
+        ``whole_fit`` (from `fit`): ``data`` is all the training data, so the learning
+        rate decays at the end and a latent silent for a whole pass counts as dead.
+        """
         module, optimizer = self._training_module(device)
         module.train()
         scale = self.input_scale_
@@ -585,15 +590,15 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         steps_per_epoch = math.ceil(data.n_rows / batch_size)
         total_steps = n_epochs * steps_per_epoch
         n_components = module.W_dec_FD.shape[0]
-        # A latent silent for a whole pass over X is dead even within the window.
+        # In fit, a latent silent for a whole pass over X is dead even within the window.
         tracker = DeadLatentTracker(
             n_components,
-            min(self.dead_window, data.n_rows),
+            min(self.dead_window, data.n_rows) if whole_fit else self.dead_window,
             device,
             None if self._rows_since_fired is None else torch.from_numpy(self._rows_since_fired),
             self._rows_seen,
         )
-        schedule = _Schedule(self, module, total_steps, decay, device)
+        schedule = _Schedule(self, module, total_steps, whole_fit, device)
         use_aux = isinstance(module, TopKModule) and self.aux_coefficient > 0
         resample = self.resample_dead and self.architecture == "relu"
         # Indices of the dead latents as of the last check (a host sync, every 32 steps).

@@ -287,3 +287,12 @@ def test_partial_fit_refuses_to_invent_a_threshold(small_X):
     np.testing.assert_array_equal(sae.components_, components)  # the model is intact
     sae.set_params(architecture="relu").partial_fit(small_X)  # no threshold needed
     assert sae.n_iter_ == 2
+
+
+def test_partial_fit_dead_window_spans_calls(small_X):
+    sae = SparseAutoencoder(n_components=64, k=1, random_state=0, dead_window=10**6)
+    sae.partial_fit(small_X[:100]).partial_fit(small_X[100:])
+    # Dead means silent for all 200 rows seen, not just for the last call's 100.
+    silent_for_all = sae._rows_since_fired >= 200
+    assert sae.dead_fraction_ == pytest.approx(silent_for_all.mean())
+    assert sae.dead_fraction_ <= np.mean(sae.latent_frequency_ == 0)
