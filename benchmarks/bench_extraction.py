@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import torch
+from _shared import save_character_llama
 
 from skSAE import ActivationExtractor, corpora
 
@@ -48,27 +49,9 @@ def extractor_tokens_per_second(extractor, texts):
 def tiny_model_dir():
     import tempfile
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     folder = tempfile.mkdtemp()
-    chars = sorted(set("".join(corpora.pydoc_texts()[:20]).lower()))
-    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", *chars])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>"
-    ).save_pretrained(folder)
-    config = LlamaConfig(
-        num_hidden_layers=8,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=len(vocab),
-        max_position_embeddings=256,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    texts = [text.lower() for text in corpora.pydoc_texts()[:20]]
+    save_character_llama(folder, texts, n_layers=8, hidden_size=64)
     return folder
 
 

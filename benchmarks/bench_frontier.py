@@ -80,6 +80,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _shared import busy_cpu_seconds, save_character_llama
 
 import skSAE
 from skSAE import ActivationExtractor, SparseAutoencoder, corpora
@@ -191,31 +192,7 @@ def make_synthetic(config, seed=SEED):
 
 def save_tiny_model(folder):
     """Save a random 4-block Llama with a character tokenizer to ``folder``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    chars = sorted(set("".join(corpora.pydoc_texts())))
-    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", *chars])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>"
-    ).save_pretrained(folder)
-    config = LlamaConfig(
-        num_hidden_layers=4,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=len(vocab),
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=1,
-        pad_token_id=0,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(SEED)  # inside fork_rng: the global generator is restored after
-        LlamaForCausalLM(config).save_pretrained(folder)
+    save_character_llama(folder, corpora.pydoc_texts(), n_layers=4, hidden_size=32, seed=SEED)
 
 
 def real_model(quick, scratch):
@@ -285,17 +262,6 @@ def split_by_document(doc_index, test_tokens, seed=SEED):
 
 
 # ------------------------------------------------------------------------- fitting
-
-
-def busy_cpu_seconds():
-    """CPU seconds all processes of the machine have used since boot (Linux); else None."""
-    try:
-        with open("/proc/stat") as stat:
-            ticks = [int(value) for value in stat.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    idle = ticks[3] + ticks[4]  # idle and iowait
-    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def sweep_values(architecture, config):

@@ -45,6 +45,7 @@ import time
 
 import numpy as np
 import torch
+from _shared import busy_cpu_seconds
 
 import skSAE
 import skSAE._architectures
@@ -171,17 +172,6 @@ def explained_variance(X, weights, architecture, k, device):
         residual = (x_hat_ND - x_ND).double().square().sum()
         total = (x_ND.double() - x_ND.double().mean(dim=0)).square().sum()
         return float(1 - residual / total)
-
-
-def busy_cpu_seconds():
-    """CPU seconds all processes of the machine have used since boot (Linux); else None."""
-    try:
-        with open("/proc/stat") as stat:
-            ticks = [int(value) for value in stat.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    idle = ticks[3] + ticks[4]  # idle and iowait
-    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def timed(fit, X, device, **options):
