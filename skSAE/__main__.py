@@ -12,6 +12,7 @@ import joblib
 import numpy as np
 
 from . import ActivationExtractor, SparseAutoencoder, corpora
+from ._architectures import ARCHITECTURES
 from .metrics import loss_recovered_details, mean_l0
 
 
@@ -28,9 +29,13 @@ def parse_args(argv=None):
     parser.add_argument(
         "--held-out-tokens", type=int, default=4_000, help="held-out tokens for the metrics (about)"
     )
-    parser.add_argument("--architecture", default="topk", choices=["topk", "relu"])
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--l1-coefficient", type=float, default=1.0)
+    parser.add_argument("--architecture", default="topk", choices=sorted(ARCHITECTURES))
+    parser.add_argument("--k", type=int, default=32, help="topk, batchtopk, matryoshka")
+    parser.add_argument("--l1-coefficient", type=float, default=1.0, help="relu, gated")
+    parser.add_argument("--l0-coefficient", type=float, default=1.0, help="jumprelu")
+    parser.add_argument(
+        "--target-l0", type=float, default=None, help="relu, gated, jumprelu: calibrate to this L0"
+    )
     parser.add_argument("--expansion-factor", type=float, default=8)
     parser.add_argument("--max-iter", type=int, default=5)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
@@ -78,6 +83,8 @@ def main(argv=None):
         architecture=args.architecture,
         k=args.k,
         l1_coefficient=args.l1_coefficient,
+        l0_coefficient=args.l0_coefficient,
+        target_l0=args.target_l0,
         expansion_factor=args.expansion_factor,
         max_iter=args.max_iter,
         learning_rate=args.learning_rate,
