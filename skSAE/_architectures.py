@@ -272,7 +272,11 @@ class ReLUModule(SparseAutoencoderModule):
 
     def __init__(self, n_features, n_components, *, decoder_constraint="unit_norm"):
         super().__init__(n_features, n_components)
-        self.unit_norm_decoder = decoder_constraint == "unit_norm"
+        self.decoder_constraint = decoder_constraint
+
+    @property
+    def unit_norm_decoder(self):
+        return self.decoder_constraint == "unit_norm"
 
     def activate(self, pre_BF):
         return torch.relu(pre_BF)

@@ -585,7 +585,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         module, optimizer = self._training_module(device)
         module.train()
         scale = self.input_scale_
-        mean_D = torch.from_numpy(self.input_mean_).to(device) if self.with_mean else None
+        # The normalisation was fixed at initialisation (with_mean may have changed since).
+        mean_D = torch.from_numpy(self.input_mean_).to(device) if self.input_mean_.any() else None
         batch_size = min(self.batch_size, data.n_rows)
         steps_per_epoch = math.ceil(data.n_rows / batch_size)
         total_steps = n_epochs * steps_per_epoch
@@ -904,7 +905,9 @@ class _Schedule:
             self.calibrator = SparsityCalibrator(
                 estimator.sparsity_coefficient_, estimator.target_l0, device
             )
-        if self.uses_coefficient:
+        # A calibrated coefficient is set each step by `apply`, or, for thresholds
+        # calibrated directly, kept at their equilibrium by the module.
+        if self.uses_coefficient and self.calibrator is None:
             module.sparsity_coefficient.fill_(self.base_coefficient)
 
     def apply(self, optimizer, step):
@@ -928,8 +931,7 @@ class _Schedule:
         if self.calibrator is None:
             return
         if self.module.calibrates_thresholds:
-            self.calibrator.update(fires_F, n_rows, 0.0)
-            self.module.nudge_thresholds(self.calibrator.error)
+            self.module.nudge_thresholds(self.calibrator.measure(fires_F, n_rows))
         else:
             self.calibrator.update(fires_F, n_rows, self.module.calibration_gain * self.lr)
 

@@ -151,10 +151,13 @@ class SparsityCalibrator:
         """The current coefficient, a 0-d tensor on the device."""
         return self.log_coefficient.exp()
 
-    def update(self, fires_F, n_rows, gain):
-        """Move the coefficient after a batch whose latents fired ``fires_F`` times.
+    def measure(self, fires_F, n_rows):
+        """Fold a batch whose latents fired ``fires_F`` times into the smoothed error.
 
-        ``gain`` is the log-coefficient change per batch at an L0 ``e`` times too large.
+        Returns
+        -------
+        error : torch.Tensor of shape ()
+            ``log((L0 + 1) / (target_l0 + 1))`` of the smoothed L0.
         """
         l0 = fires_F.sum() / n_rows
         if self.l0_average is None:
@@ -162,7 +165,11 @@ class SparsityCalibrator:
         else:
             self.l0_average.lerp_(l0, self.smoothing)
         self.error = torch.log1p(self.l0_average) - self.log_target
-        self.log_coefficient += gain * self.error
+        return self.error
+
+    def update(self, fires_F, n_rows, gain):
+        """`measure` a batch, then move the log-coefficient by ``gain`` times the error."""
+        self.log_coefficient += gain * self.measure(fires_F, n_rows)
 
 
 @torch.no_grad()

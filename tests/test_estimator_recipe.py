@@ -240,6 +240,7 @@ def test_mixed_precision_trains_close_to_float32(sparse_dataset, held_out):
     mixed = SparseAutoencoder(**options, mixed_precision=True).fit(X)
     assert mixed.components_.dtype == np.float32
     assert mixed.score(held_out) == pytest.approx(full.score(held_out), abs=0.05)
+    assert not np.array_equal(mixed.components_, full.components_)  # bf16 did run
 
 
 @pytest.mark.slow
@@ -249,6 +250,7 @@ def test_compiled_loss_trains_like_the_eager_one(sparse_dataset, held_out):
     eager = SparseAutoencoder(**options).fit(X)
     compiled = SparseAutoencoder(**options, compile=True).fit(X)
     np.testing.assert_allclose(compiled.components_, eager.components_, atol=1e-3)
+    assert compiled._compiled_loss[0] is compiled._module  # the compiled loss trained it
 
 
 def test_prefix_sizes_are_validated_and_completed(small_X):
@@ -296,3 +298,35 @@ def test_partial_fit_dead_window_spans_calls(small_X):
     silent_for_all = sae._rows_since_fired >= 200
     assert sae.dead_fraction_ == pytest.approx(silent_for_all.mean())
     assert sae.dead_fraction_ <= np.mean(sae.latent_frequency_ == 0)
+
+
+def test_normalisation_is_fixed_at_initialisation(sparse_dataset):
+    # The mean is part of the fitted model: turning with_mean off later must not make
+    # training see uncentred rows while the export still folds the mean in.
+    X, _ = sparse_dataset
+    X = X[:2048] + 5
+    sae = SparseAutoencoder(
+        n_components=64, k=4, with_mean=True, max_iter=3, batch_size=128, random_state=0
+    )
+    before = sae.fit(X).score(X)
+    # A large step makes the mismatch show within one pass: measured 0.52 -> 0.12 when
+    # training read the parameter, 0.52 -> 0.61 with the mean kept from initialisation.
+    sae.set_params(with_mean=False, learning_rate=0.03).partial_fit(X)
+    assert sae.input_mean_.any()
+    assert sae.score(X) > before
+
+
+def test_decoder_constraint_change_reaches_the_training_module(small_X):
+    sae = SparseAutoencoder(n_components=16, architecture="relu", max_iter=1, random_state=0)
+    sae.fit(small_X).set_params(decoder_constraint="free").partial_fit(small_X)
+    assert not sae._module.unit_norm_decoder
+    sae.set_params(decoder_constraint="unit_norm").partial_fit(small_X)
+    np.testing.assert_allclose(np.linalg.norm(sae._module.W_dec_FD.detach(), axis=1), 1, rtol=1e-5)
+
+
+def test_fit_decodes_sparsely_for_wide_dictionaries(small_X):
+    # On the CPU: 64 * k latents or more take the gather decode, fewer the dense one.
+    wide = SparseAutoencoder(n_components=128, k=2, max_iter=1, random_state=0).fit(small_X)
+    narrow = SparseAutoencoder(n_components=64, k=2, max_iter=1, random_state=0).fit(small_X)
+    assert wide._module.sparse_decode and not narrow._module.sparse_decode
+    assert wide.score(small_X) > 0
