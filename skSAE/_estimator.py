@@ -32,6 +32,7 @@ from ._architectures import (
     to_user_units,
     use_sparse_decode,
 )
+from ._array_metrics import ExplainedVarianceAccumulator
 from ._recipe import (
     DeadLatentTracker,
     SparsityCalibrator,
@@ -51,7 +52,6 @@ from ._utils import (
     torch_generator,
 )
 from .cache import iter_chunks
-from .metrics import ExplainedVarianceAccumulator
 
 # Steps between the loop's only host/device synchronisations: a finiteness check of
 # the loss and weights (to stop a diverging run) and the progress-bar refresh.
@@ -72,6 +72,26 @@ _PUBLIC_NAMES = {
 }
 # Private torch objects: rebuilt from the NumPy state, never pickled or restored.
 _RUNTIME_STATE = ("_module", "_optimizer", "_generator", "_compiled_loss")
+
+
+def inference_module(sae, device):
+    """A frozen torch module of a fitted SAE, in the user's units, on ``device``.
+
+    For package code that runs the SAE inside a model's forward pass (splices,
+    steering, top activations): ``module.encode(x_ND)`` and ``module.decode(codes_NF)``
+    equal `SparseAutoencoder.transform` and `SparseAutoencoder.inverse_transform`.
+    """
+    return sae._inference_module(device)
+
+
+def check_input_width(sae, activations):
+    """Raise a ValueError unless the activations' last axis is the SAE's input width."""
+    width = activations.shape[-1]
+    if width != sae.n_features_in_:
+        raise ValueError(
+            f"The hook gives {width} features, but the SAE was fitted on "
+            f"{sae.n_features_in_}; fit it on this extractor's activations."
+        )
 
 
 class TrainingDivergedError(ValueError):

@@ -10,7 +10,8 @@ ending in one; the SAE is then scored in its own input space
 import numpy as np
 from sklearn.pipeline import Pipeline
 
-from . import metrics
+from ._array_metrics import mean_l0
+from ._loss_recovered import loss_recovered
 
 
 def _split(estimator):
@@ -28,7 +29,7 @@ def _sae_inputs(estimator, X):
 def neg_l0_scorer(estimator, X, y=None):
     """Minus the mean number of active latents per row (greater is sparser)."""
     sae, inputs = _sae_inputs(estimator, X)
-    return -metrics.mean_l0(sae.transform(inputs))
+    return -mean_l0(sae.transform(inputs))
 
 
 def explained_variance_scorer(estimator, X, y=None):
@@ -60,7 +61,7 @@ def loss_recovered_scorer(estimator, X, y=None):
             "ActivationExtractor and a SparseAutoencoder, scored on texts; for an SAE on "
             "activations use skSAE.metrics.LossRecoveredScorer(extractor, texts)."
         )
-    return metrics.loss_recovered(estimator[-1], estimator[-2], X)
+    return loss_recovered(estimator[-1], estimator[-2], X)
 
 
 class LossRecoveredScorer:
@@ -94,7 +95,7 @@ class LossRecoveredScorer:
 
     def __call__(self, estimator, X=None, y=None):
         _, sae = _split(estimator)
-        return metrics.loss_recovered(sae, self.extractor, self.texts, ablation=self.ablation)
+        return loss_recovered(sae, self.extractor, self.texts, ablation=self.ablation)
 
 
 _SCORERS = {

@@ -25,9 +25,9 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
+from ._estimator import check_input_width, inference_module
 from ._utils import resolve_device
 from .extraction import _check_texts
-from .metrics import _check_hook_width
 
 # Bins of each latent's activation histogram (before trailing empty bins are trimmed).
 _HISTOGRAM_BINS = 64
@@ -168,14 +168,14 @@ def top_activating_examples(
 
     model, tokenizer = extractor._load()
     device = resolve_device(sae.device)
-    module = sae._inference_module(device)
+    module = inference_module(sae, device)
     latents_L = torch.tensor(latents, device=device)
     state = _RunningState(len(latents), k, _RESERVOIR_SIZE if n_quantile_samples else 0)
     progress = tqdm(disable=not verbose, file=sys.stdout, unit="tok", desc="top activations")
     try:
         with torch.inference_mode():
             for acts_ND, _, doc_N, position_N in extractor._iter_extract(texts):
-                _check_hook_width(sae, acts_ND)
+                check_input_width(sae, acts_ND)
                 x_ND = torch.from_numpy(acts_ND).to(device)
                 codes_NL = module.encode(x_ND).index_select(1, latents_L).cpu()
                 state.update(codes_NL, torch.from_numpy(doc_N), torch.from_numpy(position_N), rng)
@@ -616,7 +616,7 @@ def _steering_replacement(sae, extractor, latent, scale, ablate):
     ablated = [] if ablate is None else _check_latents(ablate, n_components, "ablate")
     model, _ = extractor._load()
     device = next(model.parameters()).device
-    module = sae._inference_module(device)
+    module = inference_module(sae, device)
     direction_D = (
         torch.from_numpy(sae.components_[latent]).to(device) if latent is not None else None
     )
@@ -624,7 +624,7 @@ def _steering_replacement(sae, extractor, latent, scale, ablate):
     W_ablated_AD = module.W_dec_FD.detach().index_select(0, ablated_A)
 
     def replace(hidden_BSD):
-        _check_hook_width(sae, hidden_BSD)
+        check_input_width(sae, hidden_BSD)
         new_BSD = hidden_BSD.float()
         if ablated:
             x_ND = new_BSD.reshape(-1, new_BSD.shape[-1])

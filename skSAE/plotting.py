@@ -8,8 +8,8 @@ saves the figure to ``path`` when given, and returns the Axes.
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
+from ._array_metrics import latent_density
 from ._scoring import pareto_front
-from .metrics import latent_density
 
 __all__ = ["plot_density_histogram", "plot_frontier", "plot_training_curves"]
 

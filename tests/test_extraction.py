@@ -332,7 +332,7 @@ def test_steering_splice_adds_scaled_direction(tiny_model_dir):
 
 
 def test_sae_reconstruction_outside_inference_mode_builds_no_graph(tiny_model_dir):
-    from skSAE.metrics import _reconstruction
+    from skSAE._loss_recovered import _reconstruction
 
     reconstruct = _reconstruction(perfect_sae(16), extractor_for(tiny_model_dir))
     hidden = torch.randn(1, 3, 16)
