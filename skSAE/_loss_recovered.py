@@ -92,7 +92,7 @@ def _baseline_cross_entropies(extractor, key, texts, ablation):
 def _reconstruction(sae, extractor):
     """A function mapping hooked activations to the SAE's reconstruction of them."""
     check_is_fitted(sae)
-    model, _ = extractor._load()
+    model, _ = extractor.load()
     module = inference_module(sae, next(model.parameters()).device)
 
     def reconstruct(hidden_BSD):

@@ -132,15 +132,15 @@ class ActivationCache:
                 for name in _COLUMNS:
                     file[name].resize(rows, axis=0)
             file.attrs["complete"] = False
-            for parts in extractor._iter_extract(texts, first_document=documents_done):
+            for batch in extractor.iter_batches(texts, first_document=documents_done):
                 if "activations" not in file:
-                    _create_datasets(file, parts[0].shape[1])
-                n_new = parts[0].shape[0]
-                for name, values in zip(_COLUMNS, parts, strict=False):
+                    _create_datasets(file, batch.activations.shape[1])
+                n_new = batch.activations.shape[0]
+                for name in _COLUMNS:
                     file[name].resize(rows + n_new, axis=0)
-                    file[name][rows:] = values
+                    file[name][rows:] = getattr(batch, name)
                 rows += n_new
-                file.attrs["documents_done"] = extractor._documents_done
+                file.attrs["documents_done"] = batch.documents_done
                 file.flush()
             if "activations" not in file:
                 raise ValueError("No token was kept: the texts are too short.")

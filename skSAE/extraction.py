@@ -48,6 +48,25 @@ class Extraction(NamedTuple):
     """Int64 array of shape (n_tokens,): index of the token within its text's tokens."""
 
 
+class ExtractedBatch(NamedTuple):
+    """The rows of one forward batch of `ActivationExtractor.iter_batches`.
+
+    The first four fields are those of `Extraction`, for the rows of this batch only.
+    """
+
+    activations: np.ndarray
+    """Float32 array of shape (n_rows, d_model); ``n_rows`` may be 0."""
+    token_ids: np.ndarray
+    """Int64 array of shape (n_rows,): the token at each row."""
+    doc_index: np.ndarray
+    """Int64 array of shape (n_rows,): index in ``texts`` of the text each row came from."""
+    position: np.ndarray
+    """Int64 array of shape (n_rows,): index of the token within its text's tokens."""
+    documents_done: int
+    """Number of leading texts whose rows have all been yielded, this batch included
+    (``len(texts)`` after the last batch): a resume can start at this text."""
+
+
 class SplicedLosses(NamedTuple):
     """Next-token cross-entropies of a clean run and of spliced runs on the same tokens."""
 
@@ -298,36 +317,62 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
         return params
 
     def _extract_now(self, texts):
-        parts = list(self._iter_extract(texts))
-        if not parts:
+        parts = list(self.iter_batches(texts))
+        if sum(part.activations.shape[0] for part in parts) == 0:
             raise ValueError(
                 "No token was kept: the texts are too short once special tokens and "
                 "the first position of each context are dropped."
             )
-        return Extraction(*(np.concatenate(column) for column in zip(*parts, strict=False)))
+        columns = Extraction._fields
+        return Extraction(
+            *(np.concatenate([getattr(part, name) for part in parts]) for name in columns)
+        )
 
-    def _iter_extract(self, texts, first_document=0):
-        """Yield (activations, token_ids, doc_index, position) arrays batch by batch.
+    def iter_batches(self, texts, first_document=0):
+        """The rows of `extract`, one forward batch at a time (bounded memory).
 
-        After each yield, ``self._documents_done`` is the number of leading texts whose
-        rows have all been yielded.
+        The model is loaded, the hook resolved and the texts checked when this method
+        is called, before the first batch is computed.
+
+        Parameters
+        ----------
+        texts : list of str
+            Texts.
+        first_document : int, default=0
+            Start at this text (to resume an interrupted extraction): the rows of
+            earlier texts are not computed.
+
+        Returns
+        -------
+        batches : iterator of ExtractedBatch
+            The rows of each batch of contexts, in text order. A batch may hold no row
+            (its tokens were all dropped); ``documents_done`` still advances.
         """
-        model, _ = self._load()
-        device = next(model.parameters()).device
+        texts = _check_texts(texts)
+        if not (isinstance(first_document, Integral) and 0 <= first_document <= len(texts)):
+            raise ValueError(
+                f"first_document must be an int in 0..{len(texts)} (the number of texts), "
+                f"got {first_document!r}."
+            )
+        model, _ = self.load()
         module = self._hook_module()
+        batches = self._batches(texts, next(model.parameters()).device, int(first_document))
+        return self._generate_batches(model, module, batches)
+
+    def _generate_batches(self, model, module, batches):
         captured = []
 
         def capture(module, args, output):
             captured.append(output[0] if isinstance(output, tuple) else output)
             raise _StopForward
 
-        handle = module.register_forward_hook(capture)
         n_kept = 0
         started = time.perf_counter()
         progress = tqdm(disable=not self.verbose, file=sys.stdout, unit="tok", desc="extracting")
+        handle = module.register_forward_hook(capture)
         try:
             with torch.inference_mode():
-                for batch in self._batches(texts, device, first_document):
+                for batch in batches:
                     captured.clear()
                     try:
                         model(input_ids=batch.input_ids_BS, attention_mask=batch.attention_mask_BS)
@@ -341,12 +386,12 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
                     acts_ND = captured[0][keep_BS].to("cpu", torch.float32).numpy()
                     n_kept += acts_ND.shape[0]
                     progress.update(acts_ND.shape[0])
-                    self._documents_done = batch.documents_done
-                    yield (
-                        acts_ND,
-                        batch.input_ids_BS[keep_BS].cpu().numpy(),
-                        batch.doc_BS[keep_BS].cpu().numpy(),
-                        batch.position_BS[keep_BS].cpu().numpy(),
+                    yield ExtractedBatch(
+                        activations=acts_ND,
+                        token_ids=batch.input_ids_BS[keep_BS].cpu().numpy(),
+                        doc_index=batch.doc_BS[keep_BS].cpu().numpy(),
+                        position=batch.position_BS[keep_BS].cpu().numpy(),
+                        documents_done=batch.documents_done,
                     )
         finally:
             handle.remove()
@@ -375,7 +420,7 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
         model : transformers.PreTrainedModel
             The loaded model, spliced until the block exits.
         """
-        model, _ = self._load()
+        model, _ = self.load()
         module = self._hook_module()
 
         def replace(module, args, output):
@@ -414,7 +459,7 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
             mean KL divergence of each spliced model from the clean one.
         """
         texts = _check_texts(texts)
-        model, _ = self._load()
+        model, _ = self.load()
         if model.get_output_embeddings() is None:
             raise ValueError(
                 f"{type(model).__name__} has no language-model head, so cross-entropy "
@@ -474,7 +519,7 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
 
     def _batches(self, texts, device, first_document=0):
         """Contexts of ``context_size`` tokens, padded into batches of ``batch_size``."""
-        _, tokenizer = self._load()
+        _, tokenizer = self.load()
         prefix, suffix = _special_template(tokenizer)
         content = self.context_size - len(prefix) - len(suffix)
         if content < 1:
@@ -492,18 +537,17 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
             encoded = tokenizer(group, add_special_tokens=False)["input_ids"]
             for offset, ids in enumerate(encoded):
                 doc = group_start + offset
-                for start in range(0, max(len(ids), 1), content):
-                    piece = ids[start : start + content]
-                    if not piece:
-                        continue
-                    pending.append((doc, start, prefix + piece + suffix, len(prefix), len(suffix)))
+                for start in range(0, len(ids), content):
                     if len(pending) == self.batch_size:
-                        yield self._collate(pending, special_ids, pad_id, device)
+                        # Contexts come in text order: every text before `doc` is done.
+                        yield self._collate(pending, special_ids, pad_id, device, doc)
                         pending = []
+                    piece = ids[start : start + content]
+                    pending.append((doc, start, prefix + piece + suffix, len(prefix), len(suffix)))
         if pending:
-            yield self._collate(pending, special_ids, pad_id, device)
+            yield self._collate(pending, special_ids, pad_id, device, len(texts))
 
-    def _collate(self, contexts, special_ids, pad_id, device):
+    def _collate(self, contexts, special_ids, pad_id, device, documents_done):
         """Pad contexts into one batch with its keep mask and row provenance."""
         width = max(len(ids) for _, _, ids, _, _ in contexts)
         shape = (len(contexts), width)
@@ -534,14 +578,21 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
             torch.from_numpy(keep).to(device),
             torch.from_numpy(doc).to(device),
             torch.from_numpy(position).to(device),
-            # Contexts come in document order: every earlier document is complete.
-            documents_done=contexts[-1][0],
+            documents_done=documents_done,
         )
 
     # ----------------------------------------------------------------- loading
 
-    def _load(self):
-        """The model and tokenizer, loaded once and kept in ``model_``/``tokenizer_``."""
+    def load(self):
+        """The model and tokenizer, loaded at the first call and kept.
+
+        Returns
+        -------
+        model : transformers.PreTrainedModel
+            `model_`, in eval mode on `device`, in `dtype`.
+        tokenizer : transformers tokenizer
+            `tokenizer_`.
+        """
         if getattr(self, "model_", None) is not None:
             return self.model_, self.tokenizer_
         self._validate_params()
@@ -561,7 +612,7 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
 
     def _hook_module(self):
         """The module whose output is read or replaced, checked against the model."""
-        model, _ = self._load()
+        model, _ = self.load()
         if self.hook not in HOOKS:
             modules = dict(model.named_modules())
             if self.hook in modules and self.hook != "":

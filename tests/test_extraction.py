@@ -100,7 +100,7 @@ def test_submodule_hooks_capture_their_module(tiny_model_dir, hook):
 
 
 def test_module_path_hook(tiny_model_dir):
-    model = extractor_for(tiny_model_dir)._load()[0]
+    model = extractor_for(tiny_model_dir).load()[0]
     path = next(name for name, _ in model.named_modules() if name.endswith("1.mlp"))
     by_path = extractor_for(tiny_model_dir, hook=path).transform(TEXTS[:2])
     by_name = extractor_for(tiny_model_dir, hook="mlp_out").transform(TEXTS[:2])
@@ -109,7 +109,7 @@ def test_module_path_hook(tiny_model_dir):
 
 def test_forward_stops_after_hooked_block(tiny_model_dir):
     extractor = extractor_for(tiny_model_dir).set_params(layer=0)
-    extractor._load()
+    extractor.load()
     from skSAE.extraction import _find_blocks
 
     calls = []
@@ -169,7 +169,7 @@ def test_zero_splice_equals_manual_zero_ablation(tiny_model_dir):
     extractor = extractor_for(tiny_model_dir)
     spliced = extractor.cross_entropy(TEXTS[:2], replacement=torch.zeros_like)
     # Reference: zero the block output at every position but the first, by hand.
-    model, tokenizer = extractor._load()
+    model, tokenizer = extractor.load()
     block = extractor._hook_module()
 
     def zero_after_first(module, args, output):
@@ -249,20 +249,20 @@ def test_store_equals_in_memory_and_trains_sae(tiny_model_dir, tmp_path):
 def test_interrupted_store_resumes(tiny_model_dir, tmp_path, monkeypatch):
     texts = TEXTS * 3
     extractor = extractor_for(tiny_model_dir)
-    original = ActivationExtractor._iter_extract
+    original = ActivationExtractor.iter_batches
 
     def interrupted(self, texts, first_document=0):
-        for count, parts in enumerate(original(self, texts, first_document)):
+        for count, batch in enumerate(original(self, texts, first_document)):
             if count == 2:
                 raise KeyboardInterrupt
-            yield parts
+            yield batch
 
-    monkeypatch.setattr(ActivationExtractor, "_iter_extract", interrupted)
+    monkeypatch.setattr(ActivationExtractor, "iter_batches", interrupted)
     with pytest.raises(KeyboardInterrupt):
         extractor.extract(texts, store=tmp_path / "acts.h5")
     partial = ActivationCache(tmp_path / "acts.h5")
     assert not partial.attrs["complete"] and 0 < partial.n_rows
-    monkeypatch.setattr(ActivationExtractor, "_iter_extract", original)
+    monkeypatch.setattr(ActivationExtractor, "iter_batches", original)
     resumed = extractor.extract(texts, store=tmp_path / "acts.h5").read()
     expected = extractor.extract(texts)
     for got, want in zip(resumed, expected, strict=False):
@@ -339,3 +339,41 @@ def test_sae_reconstruction_outside_inference_mode_builds_no_graph(tiny_model_di
     out = reconstruct(hidden)
     assert not out.requires_grad
     torch.testing.assert_close(out, hidden)
+
+
+def test_iter_batches_concatenate_to_extract(tiny_model_dir):
+    extractor = extractor_for(tiny_model_dir)
+    texts = TEXTS * 2
+    batches = list(extractor.iter_batches(texts))
+    assert len(batches) > 1
+    whole = extractor.extract(texts)
+    for name in whole._fields:
+        np.testing.assert_array_equal(
+            np.concatenate([getattr(batch, name) for batch in batches]), getattr(whole, name)
+        )
+    done = [batch.documents_done for batch in batches]
+    assert done == sorted(done) and done[-1] == len(texts)
+    # Every text before documents_done has all its rows in the batches so far.
+    seen = np.array([], dtype=np.int64)
+    for batch in batches:
+        seen = np.concatenate([seen, batch.doc_index])
+        for doc in range(batch.documents_done):
+            assert (seen == doc).sum() == (whole.doc_index == doc).sum()
+
+
+def test_iter_batches_from_first_document_skips_earlier_texts(tiny_model_dir):
+    extractor = extractor_for(tiny_model_dir)
+    whole = extractor.extract(TEXTS)
+    rest = list(extractor.iter_batches(TEXTS, first_document=1))
+    doc_index = np.concatenate([batch.doc_index for batch in rest])
+    np.testing.assert_array_equal(doc_index, whole.doc_index[whole.doc_index >= 1])
+    with pytest.raises(ValueError, match=r"first_document must be an int in 0\.\.4"):
+        extractor.iter_batches(TEXTS, first_document=5)
+
+
+def test_load_returns_the_kept_model_and_tokenizer(tiny_model_dir):
+    extractor = extractor_for(tiny_model_dir)
+    model, tokenizer = extractor.load()
+    assert model is extractor.model_ and tokenizer is extractor.tokenizer_
+    assert extractor.load()[0] is model
+    assert not model.training
