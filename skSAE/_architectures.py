@@ -31,6 +31,7 @@ is exported as the JumpReLU it is equivalent to (Rajamanoharan et al. 2024a).
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional
@@ -96,6 +97,16 @@ class SparseAutoencoderModule(nn.Module):
         weights each latent by its decoder norm).
     """
 
+    # What the variant needs and supports, asked by the estimator instead of its name.
+    # The estimator parameters the module is built with (see `resolve_options`).
+    option_names = ()
+    # The estimator parameter holding the sparsity coefficient (None: no coefficient,
+    # so no target_l0 calibration).
+    coefficient_name = None
+    # Whether training adds the AuxK loss on dead latents (`configure_training`).
+    supports_aux_loss = False
+    # Whether dead latents may be resampled (`skSAE._recipe.resample_dead_latents`).
+    supports_resampling = False
     unit_norm_decoder = True
     # Whether the public form has a "threshold", and the tensor that holds it (if any).
     has_threshold = False
@@ -152,6 +163,27 @@ class SparseAutoencoderModule(nn.Module):
         self.W_enc_DF.copy_(W_enc_DF.to(device))
         self.b_dec_D.copy_(b_dec_D)
         self.b_enc_F.copy_(-(b_dec_D @ self.W_enc_DF))
+
+    @classmethod
+    def resolve_options(cls, params, n_components):
+        """The constructor options from the estimator's parameters (a plain dict).
+
+        Parameters
+        ----------
+        params : dict
+            The estimator's `get_params()`.
+        n_components : int
+            The dictionary size F.
+
+        Returns
+        -------
+        options : dict
+            Keyword arguments of the constructor, checked and resolved.
+        """
+        return {name: params[name] for name in cls.option_names}
+
+    def configure_training(self, *, aux_coefficient, device):
+        """Set the training-only settings of a call: AuxK weight, decode path."""
 
     def start_at_l0(self, x_BD, target_l0):
         """Set what the variant can so that training starts at about ``target_l0``."""
@@ -270,6 +302,10 @@ class ReLUModule(SparseAutoencoderModule):
         decoder row's norm, so shrinking codes by growing rows does not pay.
     """
 
+    option_names = ("decoder_constraint",)
+    coefficient_name = "l1_coefficient"
+    supports_resampling = True
+
     def __init__(self, n_features, n_components, *, decoder_constraint="unit_norm"):
         super().__init__(n_features, n_components)
         self.decoder_constraint = decoder_constraint
@@ -329,12 +365,24 @@ class TopKModule(SparseAutoencoderModule):
         instead of a dense product with the (B, F) codes.
     """
 
+    option_names = ("k",)
+    supports_aux_loss = True
+
     def __init__(self, n_features, n_components, *, k):
         super().__init__(n_features, n_components)
         self.k = k
         self.aux_coefficient = 0.0
         self.aux_k = max(1, min(n_features // 2, n_components))
         self.sparse_decode = False
+
+    @classmethod
+    def resolve_options(cls, params, n_components):
+        # The k largest of fewer than k values are all of them.
+        return {"k": min(params["k"], n_components)}
+
+    def configure_training(self, *, aux_coefficient, device):
+        self.aux_coefficient = aux_coefficient
+        self.sparse_decode = use_sparse_decode(self, device)
 
     def select(self, pre_BF):
         """The active codes of each row: values (ReLU applied) and latent indices (B, K)."""
@@ -443,7 +491,7 @@ class BatchTopKModule(TopKModule):
 
     def activate(self, pre_BF):
         if not self.training:
-            return pre_BF * (pre_BF > self.threshold)
+            return torch.where(pre_BF > self.threshold, pre_BF, 0.0)
         values_K, index_K = self.select_flat(pre_BF)
         return torch.zeros_like(pre_BF).flatten().scatter(0, index_K, values_K).view_as(pre_BF)
 
@@ -480,9 +528,17 @@ class MatryoshkaModule(BatchTopKModule):
         Increasing prefix lengths, the last equal to ``n_components``.
     """
 
+    option_names = ("k", "prefix_sizes")
+
     def __init__(self, n_features, n_components, *, k, prefix_sizes):
         super().__init__(n_features, n_components, k=k)
         self.prefix_sizes = tuple(prefix_sizes)
+
+    @classmethod
+    def resolve_options(cls, params, n_components):
+        options = super().resolve_options(params, n_components)
+        options["prefix_sizes"] = resolve_prefix_sizes(params["prefix_sizes"], n_components)
+        return options
 
     def loss(self, x_BD, dead_latents=None):
         pre_BF = self.pre_activation(x_BD)
@@ -522,7 +578,7 @@ class _JumpReLU(torch.autograd.Function):
     def forward(ctx, pre_BF, threshold_F, bandwidth):
         ctx.save_for_backward(pre_BF, threshold_F)
         ctx.bandwidth = bandwidth
-        return pre_BF * (pre_BF > threshold_F)
+        return torch.where(pre_BF > threshold_F, pre_BF, 0.0)
 
     @staticmethod
     def backward(ctx, grad_BF):
@@ -583,6 +639,8 @@ class JumpReLUModule(SparseAutoencoderModule):
     threshold_calibration_gain = 0.1
     has_threshold = True
     threshold_attribute = "threshold_F"
+    option_names = ("bandwidth",)
+    coefficient_name = "l0_coefficient"
 
     def __init__(self, n_features, n_components, *, bandwidth):
         super().__init__(n_features, n_components)
@@ -614,7 +672,7 @@ class JumpReLUModule(SparseAutoencoderModule):
 
     def activate(self, pre_BF):
         if not self.training:
-            return pre_BF * (pre_BF > self.threshold_F)
+            return torch.where(pre_BF > self.threshold_F, pre_BF, 0.0)
         return _JumpReLU.apply(pre_BF, self.threshold_F, self.bandwidth)
 
     def penalty(self, codes_BF, pre_BF):
@@ -647,6 +705,7 @@ class GatedModule(SparseAutoencoderModule):
     """
 
     has_threshold = True
+    coefficient_name = "l1_coefficient"
 
     def __init__(self, n_features, n_components):
         super().__init__(n_features, n_components)
@@ -711,10 +770,51 @@ ARCHITECTURES = {
 }
 """Name of each variant (the estimator's ``architecture``) to its module class."""
 
-# Variants trained with a sparsity coefficient (``target_l0`` can calibrate it).
-COEFFICIENT_ARCHITECTURES = ("relu", "jumprelu", "gated")
-# Variants with a k and the AuxK loss.
-TOPK_ARCHITECTURES = ("topk", "batchtopk", "matryoshka")
+
+def build_module(architecture, n_features, n_components, options):
+    """The module of ``architecture`` with its resolved constructor ``options``.
+
+    Parameters
+    ----------
+    architecture : str
+        A key of `ARCHITECTURES`.
+    n_features, n_components : int
+        Input width D and dictionary size F.
+    options : dict
+        From ``ARCHITECTURES[architecture].resolve_options(params, n_components)``.
+
+    Returns
+    -------
+    module : SparseAutoencoderModule
+    """
+    return ARCHITECTURES[architecture](n_features, n_components, **options)
+
+
+def resolve_prefix_sizes(prefix_sizes, n_components):
+    """Matryoshka's prefix lengths: increasing, ending at ``n_components`` (a tuple).
+
+    ``None`` gives ``n_components // 2**j`` for ``j = 4, ..., 0``; given sizes must be
+    strictly increasing positive integers no larger than ``n_components``, which is
+    appended when missing.
+    """
+    if prefix_sizes is None:
+        sizes = [n_components // 2**j for j in range(4, -1, -1)]
+        return tuple(sorted({size for size in sizes if size > 0}))
+    sizes = np.asarray(prefix_sizes)
+    if (
+        sizes.ndim != 1
+        or sizes.size == 0
+        or not np.issubdtype(sizes.dtype, np.integer)
+        or sizes[0] < 1
+        or np.any(np.diff(sizes) <= 0)
+        or sizes[-1] > n_components
+    ):
+        raise ValueError(
+            "prefix_sizes must be strictly increasing positive integers no larger than "
+            f"n_components={n_components}, got {prefix_sizes!r}."
+        )
+    sizes = [int(size) for size in sizes]
+    return tuple(sizes if sizes[-1] == n_components else [*sizes, n_components])
 
 
 def use_sparse_decode(module, device):

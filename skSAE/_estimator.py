@@ -1,10 +1,11 @@
 """`SparseAutoencoder`: the scikit-learn estimator around the torch modules.
 
 This module is sklearn glue: parameters, validation, the fit/partial_fit loops, the
-NumPy <-> torch hand-over and pickling. The maths lives in `_architectures`.
+NumPy <-> torch hand-over and pickling. The maths lives in `_architectures`, the
+schedules and running statistics in `_recipe`, and the data readers in `_data`.
 
 Shape suffixes: N rows of X, B minibatch rows, H rows of a chunk, D n_features,
-F n_components.
+F n_components, A dead latents.
 """
 
 import copy
@@ -19,48 +20,34 @@ import scipy.sparse as sp
 import torch
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils import check_array, check_random_state
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-from . import __version__
-from ._architectures import (
-    ARCHITECTURES,
-    COEFFICIENT_ARCHITECTURES,
-    TOPK_ARCHITECTURES,
-    TopKModule,
-    to_training_units,
-    to_user_units,
-    use_sparse_decode,
-)
+from ._architectures import ARCHITECTURES, build_module, to_training_units, to_user_units
 from ._array_metrics import ExplainedVarianceAccumulator
+from ._data import CHUNK_BYTES, validated_data
 from ._recipe import (
     DeadLatentTracker,
-    SparsityCalibrator,
-    decay_factor,
+    TrainingSchedule,
+    TrainingStatistics,
     default_learning_rate,
     geometric_median,
     resample_dead_latents,
-    warmup_factor,
 )
 from ._sklearn_compat import Interval, StrOptions, _fit_context
-from ._utils import (
-    is_streamed,
-    is_torch_tensor,
-    read_only_tensor,
-    resolve_device,
-    to_numpy,
-    torch_generator,
-)
-from .cache import iter_chunks
+from ._utils import resolve_device, to_numpy, torch_generator
+from ._version import __version__
 
-# Steps between the loop's only host/device synchronisations: a finiteness check of
-# the loss and weights (to stop a diverging run) and the progress-bar refresh.
+# Steps between the loop's only host/device synchronisations: a check of the loss and
+# weights (to stop a diverging run), of the dead latents, and the progress-bar refresh.
 _CHECK_EVERY = 32
+# A squared reconstruction error this many times the variance of the rows means
+# divergence, even while finite: a model that predicts the mean has ratio 1, and a
+# fresh one about 2 (measured at learning_rate=10: 25 to 900 within 32 steps, for
+# every architecture; NaN for gated).
+_DIVERGED_ERROR_RATIO = 10.0
 # Rows used to estimate the input scale and mean at initialisation.
 _INIT_SAMPLE_ROWS = 65_536
-# Bytes of one chunk read from disk, and of one block of codes at inference.
-_CHUNK_BYTES = 64 * 2**20
-
 
 # Module state names and the fitted attributes that hold them (in the user's units).
 _PUBLIC_NAMES = {
@@ -95,7 +82,11 @@ def check_input_width(sae, activations):
 
 
 class TrainingDivergedError(ValueError):
-    """Training produced a non-finite loss or weights; the last finite weights are kept."""
+    """Training diverged (NaN/inf, or a loss far above its start); good weights are kept."""
+
+
+class TrainingInterruptedWarning(UserWarning):
+    """Training was interrupted (`KeyboardInterrupt`); the weights trained so far are kept."""
 
 
 class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -133,8 +124,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         in (see Notes). Only used when ``architecture`` is ``"relu"`` or ``"gated"``.
     l0_coefficient : float, default=1.0
         Weight of the L0 penalty, in training units: a code is kept when it is worth
-        more than about ``sqrt(l0_coefficient)``, where the thresholds start. Only used
-        when ``architecture="jumprelu"``.
+        more than about ``sqrt(l0_coefficient) / 2``, where the thresholds start (their
+        measured equilibrium). Only used when ``architecture="jumprelu"``.
     target_l0 : float, default=None
         When set, the sparsity coefficient (`l1_coefficient` or `l0_coefficient`,
         which then only give the starting value) is calibrated during training so that
@@ -150,7 +141,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         ``architecture="matryoshka"``.
     decoder_constraint : {"unit_norm", "free"}, default="unit_norm"
         ``"unit_norm"`` keeps decoder rows at unit norm; ``"free"`` leaves them free,
-        starts them at norm 0.1 and weights each code's L1 by its decoder norm
+        starts them at norm 1 and weights each code's L1 by its decoder norm
         (Conerly et al. 2024). Either way `components_` has unit rows: the norms are
         folded into the encoder. Only used when ``architecture="relu"``.
     with_mean : bool, default=False
@@ -237,9 +228,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     loss_curve_ : list of float
         Mean training loss of each pass, in normalised units.
     n_iter_ : int
-        Passes over the data made so far.
+        Passes over the data completed by the weights held.
     n_steps_ : int
-        Optimisation steps made so far.
+        Optimisation steps that made the weights held.
     n_features_in_ : int
         Number of features seen during `fit`.
     feature_names_in_ : ndarray of shape (n_features_in_,)
@@ -251,6 +242,20 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
 
     Notes
     -----
+    Parameters are read when `fit` or `partial_fit` starts. What they make of the
+    model (the architecture, ``k``, `prefix_sizes`, `decoder_constraint`,
+    `bandwidth`) is frozen into the fitted model, so `set_params` after fitting never
+    changes the codes of the model held: `fit` builds a new model with the new
+    values, and `partial_fit` continues the fitted weights with them (rebuilding the
+    torch module, with a fresh Adam state, when one of them changed; the dictionary
+    size and the input normalisation stay those of the first call). `device` and
+    `sparse_output` are read at every call.
+
+    Interrupting training (Ctrl-C, `KeyboardInterrupt`) keeps the weights trained so
+    far: the call stops, warns with `TrainingInterruptedWarning` and returns the
+    fitted estimator, as `MLPClassifier` does. An interrupt before the call's first
+    step leaves the estimator as it was and is re-raised.
+
     Training normalisation: inputs are mapped to ``(X - input_mean_) * input_scale_``,
     whose mean squared norm is ``n_features_in_``; the loss is the squared error
     summed over features and averaged over rows, plus the sparsity penalty. After
@@ -411,14 +416,15 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         Raises
         ------
         TrainingDivergedError
-            A `ValueError` raised when the loss or the weights become NaN/inf; the
-            weights of the last finite check are kept.
+            A `ValueError` raised when the loss or the weights become NaN/inf, or the
+            loss grows far above where it started. The weights of the last good check
+            are kept; when no step was good, the estimator is left as it was.
         """
         continuing = self.warm_start and self._is_fitted()
         with self._restore_state_on_error():
             device = resolve_device(self.device)
-            data = self._validated(X, reset=not continuing, device=device)
-            if not continuing or self._architecture_fitted != self.architecture:
+            data = validated_data(self, X, reset=not continuing, device=device)
+            if not continuing or self._fit_architecture != self.architecture:
                 self._initialize(data, device)
             self._train(data, n_epochs=self.max_iter, device=device, whole_fit=True)
         return self
@@ -446,7 +452,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         first_call = not self._is_fitted()
         with self._restore_state_on_error():
             device = resolve_device(self.device)
-            data = self._validated(X, reset=first_call, device=device)
+            data = validated_data(self, X, reset=first_call, device=device)
             if first_call:
                 self._initialize(data, device)
             self._train(data, n_epochs=1, device=device)
@@ -461,48 +467,19 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             return self.n_components
         return max(1, round(self.expansion_factor * n_features))
 
-    def _module_options(self, architecture, n_components):
-        """The estimator parameters that ``architecture``'s module is built with."""
-        if architecture in TOPK_ARCHITECTURES:
-            # The k largest of fewer than k values are all of them.
-            options = {"k": min(self.k, n_components)}
-            if architecture == "matryoshka":
-                options["prefix_sizes"] = self._prefix_sizes(n_components)
-            return options
-        if architecture == "relu":
-            return {"decoder_constraint": self.decoder_constraint}
-        if architecture == "jumprelu":
-            return {"bandwidth": self.bandwidth}
-        return {}
+    def _resolve_options(self, architecture, n_components):
+        """The constructor options of ``architecture``'s module, from the parameters now."""
+        return ARCHITECTURES[architecture].resolve_options(self.get_params(), n_components)
 
-    def _prefix_sizes(self, n_components):
-        """Validated `prefix_sizes`, ending at ``n_components``."""
-        if self.prefix_sizes is None:
-            sizes = [n_components // 2**j for j in range(4, -1, -1)]
-            return tuple(sorted({size for size in sizes if size > 0}))
-        sizes = np.asarray(self.prefix_sizes)
-        if (
-            sizes.ndim != 1
-            or sizes.size == 0
-            or not np.issubdtype(sizes.dtype, np.integer)
-            or sizes[0] < 1
-            or np.any(np.diff(sizes) <= 0)
-            or sizes[-1] > n_components
-        ):
-            raise ValueError(
-                "prefix_sizes must be strictly increasing positive integers no larger than "
-                f"n_components={n_components}, got {self.prefix_sizes!r}."
-            )
-        sizes = [int(size) for size in sizes]
-        return tuple(sizes if sizes[-1] == n_components else [*sizes, n_components])
-
-    def _base_coefficient(self):
-        """The sparsity coefficient parameter of the architecture being trained."""
-        return self.l0_coefficient if self.architecture == "jumprelu" else self.l1_coefficient
+    def _coefficient(self, architecture):
+        """The sparsity coefficient parameter ``architecture`` trains with, or None."""
+        name = ARCHITECTURES[architecture].coefficient_name
+        return None if name is None else getattr(self, name)
 
     def _initialize(self, data, device):
-        """Fresh random state, input normalisation, module and optimizer."""
+        """Fresh random state, input normalisation, module and counters."""
         n_components = self._n_components(self.n_features_in_)
+        options = self._resolve_options(self.architecture, n_components)
         self._random_state = check_random_state(self.random_state)
         self._generator = torch_generator(self._random_state)
         sample_BD = data.sample(_INIT_SAMPLE_ROWS, self._random_state).to(device)
@@ -522,19 +499,19 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             b_dec_D = geometric_median(x_BD)
         else:
             b_dec_D = x_BD.mean(dim=0)
-        module = ARCHITECTURES[self.architecture](
-            self.n_features_in_,
-            n_components,
-            **self._module_options(self.architecture, n_components),
-        )
+        module = build_module(self.architecture, self.n_features_in_, n_components, options)
         module.to(device)
-        module.sparsity_coefficient.fill_(self._base_coefficient())
+        coefficient = self._coefficient(self.architecture)
+        if coefficient is not None:
+            module.sparsity_coefficient.fill_(coefficient)
         module.initialize(self._generator, x_BD, b_dec_D)
-        if self.target_l0 is not None and self.architecture in COEFFICIENT_ARCHITECTURES:
-            module.start_at_l0(x_BD, self.target_l0)
-        if self.architecture in COEFFICIENT_ARCHITECTURES:
+        if coefficient is not None:
+            if self.target_l0 is not None:
+                module.start_at_l0(x_BD, self.target_l0)
             self.sparsity_coefficient_ = float(module.sparsity_coefficient)
         self._module = module
+        self._fit_architecture = self.architecture
+        self._fit_options = options
         self._optimizer = None
         self._rows_since_fired = None
         self._rows_seen = 0
@@ -543,48 +520,43 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.n_steps_ = 0
 
     def _training_module(self, device):
-        """The module and optimizer, rebuilt from the NumPy state after unpickling."""
+        """The module and optimizer for this call, rebuilt when the options changed.
+
+        A missing module (after unpickling, or a failed call) and a change of
+        architecture or of a module option since the last call rebuild it from the
+        fitted NumPy state, with a fresh Adam state.
+        """
         module = getattr(self, "_module", None)
         n_components = self.components_.shape[0] if module is None else module.W_dec_FD.shape[0]
-        options = self._module_options(self.architecture, n_components)
+        options = self._resolve_options(self.architecture, n_components)
         if (
             module is None
-            or type(module) is not ARCHITECTURES[self.architecture]
-            or getattr(module, "prefix_sizes", None) != options.get("prefix_sizes")
+            or self._fit_architecture != self.architecture
+            or self._fit_options != options
         ):
-            module = ARCHITECTURES[self.architecture](self.n_features_in_, n_components, **options)
-            if module.has_threshold and not hasattr(self, "threshold_"):
+            if ARCHITECTURES[self.architecture].has_threshold and not hasattr(self, "threshold_"):
                 raise ValueError(
                     f"partial_fit cannot continue a model fitted with architecture="
-                    f"{self._architecture_fitted!r} as architecture={self.architecture!r}: "
+                    f"{self._fit_architecture!r} as architecture={self.architecture!r}: "
                     "it has no threshold_ to start from. Call fit to train a new model."
                 )
+            module = build_module(self.architecture, self.n_features_in_, n_components, options)
             mean_D = torch.from_numpy(self.input_mean_)
             module.import_state(to_training_units(self._numpy_state(), self.input_scale_, mean_D))
             self._module = module
+            self._fit_architecture = self.architecture
+            self._fit_options = options
             self._optimizer = None
             self._compiled_loss = None
-        for name, value in options.items():
-            setattr(module, name, value)
         if next(module.parameters()).device != device:
             module.to(device)
             self._optimizer = None  # Adam's moments live on the old device
         if self._optimizer is None:
-            self._optimizer = torch.optim.Adam(module.parameters(), lr=self._learning_rate())
+            self._optimizer = torch.optim.Adam(module.parameters())
         if getattr(self, "_generator", None) is None:
             self._generator = torch_generator(self._random_state)
-        if isinstance(module, TopKModule):
-            module.aux_coefficient = self.aux_coefficient
-            module.sparse_decode = use_sparse_decode(module, device)
+        module.configure_training(aux_coefficient=self.aux_coefficient, device=device)
         return module, self._optimizer
-
-    def _learning_rate(self):
-        if self.learning_rate is not None:
-            return self.learning_rate
-        n_components = self.components_.shape[0] if self._is_fitted() else None
-        if n_components is None:
-            n_components = self._module.W_dec_FD.shape[0]
-        return default_learning_rate(n_components)
 
     def _loss_function(self, module):
         """``module.loss``, compiled once per module when `compile` is set."""
@@ -597,20 +569,61 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         return compiled[1]
 
     def _train(self, data, n_epochs, device, whole_fit=False):
-        """Train for ``n_epochs`` passes over ``data``.
+        """Train for ``n_epochs`` passes over ``data``: `_minibatch_step` per batch, with
+        a `_check` every `_CHECK_EVERY` steps and at the end of each pass.
 
         ``whole_fit`` (from `fit`): ``data`` is all the training data, so the learning
         rate decays at the end and a latent silent for a whole pass counts as dead.
         """
+        run = self._start_run(data, n_epochs, device, whole_fit)
+        progress = tqdm(
+            total=run.total_steps,
+            disable=not self.verbose,
+            file=sys.stdout,
+            desc=f"SparseAutoencoder({self.architecture})",
+            unit="step",
+        )
+        try:
+            for _ in range(n_epochs):
+                totals = TrainingStatistics(run.n_components, device)
+                window = TrainingStatistics(run.n_components, device)
+                for x_BD in data.batches(run.batch_size, self._generator, device):
+                    self._minibatch_step(run, window, x_BD)
+                    progress.update(1)
+                    if self.n_steps_ % _CHECK_EVERY == 0:
+                        progress.set_postfix(_postfix(self._check(run, window)), refresh=False)
+                        totals.add(window)
+                        window = TrainingStatistics(run.n_components, device)
+                if window.n_rows:
+                    progress.set_postfix(_postfix(self._check(run, window)), refresh=False)
+                    totals.add(window)
+                self.loss_curve_.append(float(totals.loss_sum) / totals.n_rows)
+                self.latent_frequency_ = to_numpy(totals.fires_F) / totals.n_rows
+                self.n_iter_ += 1
+                run.last_good["n_iter"] = self.n_iter_
+        except KeyboardInterrupt:
+            # Keep what was trained (MLPClassifier does the same); nothing trained in
+            # this call: re-raise, and the caller restores the estimator.
+            if self.n_steps_ == run.steps_before:
+                raise
+            self._keep_interrupted(run)
+        finally:
+            progress.close()
+        self._finish(run)
+
+    def _start_run(self, data, n_epochs, device, whole_fit):
+        """The torch state of one training call."""
         module, optimizer = self._training_module(device)
         module.train()
-        scale = self.input_scale_
-        # The normalisation was fixed at initialisation (with_mean may have changed since).
-        mean_D = torch.from_numpy(self.input_mean_).to(device) if self.input_mean_.any() else None
+        n_components = module.W_dec_FD.shape[0]
         batch_size = min(self.batch_size, data.n_rows)
         steps_per_epoch = math.ceil(data.n_rows / batch_size)
         total_steps = n_epochs * steps_per_epoch
-        n_components = module.W_dec_FD.shape[0]
+        learning_rate = (
+            self.learning_rate
+            if self.learning_rate is not None
+            else default_learning_rate(n_components)
+        )
         # In fit, a latent silent for a whole pass over X is dead even within the window.
         tracker = DeadLatentTracker(
             n_components,
@@ -619,86 +632,158 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             None if self._rows_since_fired is None else torch.from_numpy(self._rows_since_fired),
             self._rows_seen,
         )
-        schedule = _Schedule(self, module, total_steps, whole_fit, device)
-        use_aux = isinstance(module, TopKModule) and self.aux_coefficient > 0
-        resample = self.resample_dead and self.architecture == "relu"
-        # Indices of the dead latents as of the last check (a host sync, every 32 steps).
-        dead_latents = _dead_latents(tracker) if (use_aux or resample) else None
-        loss_function = self._loss_function(module)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.mixed_precision)
-        progress = tqdm(
-            total=total_steps,
-            disable=not self.verbose,
-            file=sys.stdout,
-            desc=f"SparseAutoencoder({self.architecture})",
-            unit="step",
+        schedule = TrainingSchedule(
+            module,
+            learning_rate=learning_rate,
+            total_steps=total_steps,
+            steps_before=self.n_steps_,
+            warmup_steps=self.warmup_steps,
+            sparsity_warmup_steps=self.sparsity_warmup_steps,
+            decay_fraction=self.decay_fraction if whole_fit else 0.0,
+            coefficient=self._coefficient(self.architecture),
+            target_l0=self.target_l0,
+            start_coefficient=getattr(self, "sparsity_coefficient_", None),
+            device=device,
         )
-        last_good = _snapshot(module)
-        last_good_step = self.n_steps_
-        try:
-            for epoch in range(n_epochs):
-                stats = _EpochStats(n_components, device)
-                for x_BD in data.batches(batch_size, self._generator, self._random_state, device):
-                    x_BD = (x_BD - mean_D) * scale if mean_D is not None else x_BD * scale
-                    schedule.apply(optimizer, epoch * steps_per_epoch + stats.n_steps)
-                    with autocast:
-                        terms = loss_function(x_BD, dead_latents if use_aux else None)
-                    optimizer.zero_grad(set_to_none=True)
-                    terms.loss.backward()
-                    module.constrain_gradients()
-                    if self.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(module.parameters(), self.max_grad_norm)
-                    optimizer.step()
-                    module.constrain_weights()
-                    stats.update(x_BD, terms)
-                    tracker.update(terms.fires_F, x_BD.shape[0])
-                    schedule.observe(terms.fires_F, x_BD.shape[0])
-                    self.n_steps_ += 1
-                    progress.update(1)
-                    if self.n_steps_ % _CHECK_EVERY == 0:
-                        summary = stats.summary(module)
-                        if not summary["finite"]:
-                            self._diverged(module, last_good, last_good_step)
-                        if use_aux or resample:
-                            dead_latents = _dead_latents(tracker)
-                            if resample and dead_latents is not None:
-                                dead_F = tracker.dead_F()
-                                resample_dead_latents(
-                                    module, optimizer, dead_F, x_BD, self._generator
-                                )
-                                tracker.rows_since_fired_F[dead_F] = 0
-                                dead_latents = None
-                        last_good = _snapshot(module)
-                        last_good_step = self.n_steps_
-                        progress.set_postfix(_postfix(summary), refresh=False)
-                summary = stats.summary(module)
-                if not summary["finite"]:
-                    self._diverged(module, last_good, last_good_step)
-                last_good = _snapshot(module)
-                last_good_step = self.n_steps_
-                progress.set_postfix(_postfix(summary), refresh=False)
-                self.loss_curve_.append(summary["loss"])
-                self.latent_frequency_ = to_numpy(stats.fires_F) / stats.n_rows
-                self.n_iter_ += 1
-        finally:
-            progress.close()
+        use_aux = module.supports_aux_loss and self.aux_coefficient > 0
+        resample = self.resample_dead and module.supports_resampling
+        run = _TrainingRun(
+            module=module,
+            optimizer=optimizer,
+            schedule=schedule,
+            tracker=tracker,
+            loss_function=self._loss_function(module),
+            autocast=torch.autocast(
+                device.type, dtype=torch.bfloat16, enabled=self.mixed_precision
+            ),
+            n_components=n_components,
+            batch_size=batch_size,
+            total_steps=total_steps,
+            learning_rate=learning_rate,
+            steps_before=self.n_steps_,
+            use_aux=use_aux,
+            resample=resample,
+            # The normalisation was fixed at initialisation (with_mean may have changed).
+            mean_D=torch.from_numpy(self.input_mean_).to(device)
+            if self.input_mean_.any()
+            else None,
+            scale=self.input_scale_,
+        )
+        # Indices of the dead latents as of the last check (a host sync, every 32 steps).
+        run.dead_latents = _dead_latents(tracker) if (use_aux or resample) else None
+        run.last_good = self._good_state(run)
+        return run
+
+    def _minibatch_step(self, run, stats, x_BD):
+        """One optimisation step on a batch in the user's units."""
+        module, optimizer = run.module, run.optimizer
+        x_BD = (x_BD - run.mean_D) * run.scale if run.mean_D is not None else x_BD * run.scale
+        run.schedule.apply(optimizer, self.n_steps_ - run.steps_before)
+        with run.autocast:
+            terms = run.loss_function(x_BD, run.dead_latents if run.use_aux else None)
+        optimizer.zero_grad(set_to_none=True)
+        terms.loss.backward()
+        module.constrain_gradients()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), self.max_grad_norm)
+        optimizer.step()
+        module.constrain_weights()
+        self.n_steps_ += 1
+        stats.update(x_BD, terms)
+        run.tracker.update(terms.fires_F, x_BD.shape[0])
+        run.schedule.observe(terms.fires_F, x_BD.shape[0])
+        run.last_batch_BD = x_BD
+
+    def _check(self, run, window):
+        """The periodic host sync: stop a diverging run, find dead latents, keep a snapshot.
+
+        Returns
+        -------
+        summary : dict
+            `TrainingStatistics.summary` of the steps since the last check.
+        """
+        summary = window.summary(run.module)
+        if not summary["finite"]:
+            self._diverged(run, "the loss or the weights became NaN or infinite")
+        if summary["error_ratio"] > _DIVERGED_ERROR_RATIO:
+            self._diverged(
+                run,
+                f"the squared reconstruction error reached {summary['error_ratio']:.3g} times "
+                f"the variance of the rows (over {_DIVERGED_ERROR_RATIO:g} means divergence)",
+            )
+        if run.use_aux or run.resample:
+            run.dead_latents = _dead_latents(run.tracker)
+            if run.resample and run.dead_latents is not None:
+                dead_F = run.tracker.dead_F()
+                resample_dead_latents(
+                    run.module, run.optimizer, dead_F, run.last_batch_BD, self._generator
+                )
+                run.tracker.rows_since_fired_F[dead_F] = 0
+                run.dead_latents = None
+        run.last_good = self._good_state(run)
+        return summary
+
+    def _good_state(self, run):
+        """A copy of what a diverged run falls back to: weights, counters, dead counts."""
+        return {
+            "module": _snapshot(run.module),
+            "n_steps": self.n_steps_,
+            "n_iter": self.n_iter_,
+            "rows_since_fired_F": run.tracker.rows_since_fired_F.clone(),
+            "rows_seen": run.tracker.rows_seen,
+        }
+
+    def _restore_good_state(self, run):
+        good = run.last_good
+        run.module.load_state_dict(good["module"])
+        self._optimizer = None
+        self.n_steps_ = good["n_steps"]
+        self.n_iter_ = good["n_iter"]
+        del self.loss_curve_[good["n_iter"] :]
+        run.tracker.rows_since_fired_F = good["rows_since_fired_F"]
+        run.tracker.rows_seen = good["rows_seen"]
+
+    def _diverged(self, run, reason):
+        """Keep the last good weights (or none, from this call) and raise."""
+        step = self.n_steps_
+        kept = run.last_good["n_steps"] > run.steps_before
+        self._restore_good_state(run)
+        if kept:
+            self._finish(run)
+            outcome = f"The weights of step {self.n_steps_} (the last good check) were kept."
+        else:
+            # The caller restores the estimator as it was before this call.
+            outcome = "No step of this call was good: the estimator is left as it was before it."
+        raise TrainingDivergedError(
+            f"Training diverged at step {step}: {reason}. {outcome} Lower learning_rate "
+            f"(now {run.learning_rate:.3g}) and refit, or check X for extreme values."
+        )
+
+    def _keep_interrupted(self, run):
+        """After a KeyboardInterrupt: keep the steps trained so far, and warn."""
+        with torch.no_grad():
+            run.module.constrain_weights()  # the interrupted step may not have
+            finite = all(bool(torch.isfinite(p).all()) for p in run.module.parameters())
+        if not finite:
+            self._restore_good_state(run)
+        warnings.warn(
+            f"Training was interrupted after {self.n_steps_} steps ({self.n_iter_} full "
+            "passes); the weights trained so far are kept. Call partial_fit or fit with "
+            "warm_start=True to continue.",
+            TrainingInterruptedWarning,
+            stacklevel=4,
+        )
+
+    def _finish(self, run):
+        """Copy the run's weights, dead latents and coefficient to the fitted attributes."""
+        tracker = run.tracker
         self._rows_since_fired = to_numpy(tracker.rows_since_fired_F)
         self._rows_seen = tracker.rows_seen
         self.dead_fraction_ = float(tracker.dead_F().float().mean())
-        if self.architecture in COEFFICIENT_ARCHITECTURES:
-            self.sparsity_coefficient_ = schedule.coefficient()
-        self._export(module)
-
-    def _diverged(self, module, last_good, last_good_step):
-        module.load_state_dict(last_good)
-        self._optimizer = None
-        self._export(module)
-        raise TrainingDivergedError(
-            f"Training diverged at step {self.n_steps_}: the loss or the weights became "
-            f"NaN or infinite. The weights of step {last_good_step} (the last finite check) "
-            f"were kept. Lower learning_rate (now {self._learning_rate():.3g}) and refit, or "
-            "check X for extreme values."
-        )
+        coefficient = run.schedule.coefficient()
+        if coefficient is not None:
+            self.sparsity_coefficient_ = coefficient
+        self._export(run.module)
 
     def _export(self, module):
         """Copy the module's public form, in the user's units, to the NumPy attributes."""
@@ -709,11 +794,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                 setattr(self, public, to_numpy(state[name]))
             elif hasattr(self, public):  # left over from another architecture
                 delattr(self, public)
-        if self.architecture not in COEFFICIENT_ARCHITECTURES and hasattr(
-            self, "sparsity_coefficient_"
-        ):
+        if module.coefficient_name is None and hasattr(self, "sparsity_coefficient_"):
             del self.sparsity_coefficient_
-        self._architecture_fitted = self.architecture
 
     def _numpy_state(self):
         """The public form in the user's units, as CPU tensors."""
@@ -725,11 +807,12 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
 
     @contextmanager
     def _restore_state_on_error(self):
-        """Leave the estimator as it was if a call fails (bad data, interrupt).
+        """Leave the estimator as it was if a call fails (bad data, an early interrupt).
 
-        A diverged run is the exception: it deliberately keeps its last finite weights.
-        Training mutates the module, the optimizer, the random state and the loss curve
-        in place, so those are copied or rebuilt; weights are replaced, never mutated.
+        A diverged run that kept some steps is the exception: it deliberately keeps its
+        last good weights. Training mutates the module, the optimizer, the random state
+        and the loss curve in place, so those are copied or rebuilt; weights are
+        replaced, never mutated.
         """
         saved = {
             key: copy.deepcopy(value) if key in ("loss_curve_", "_random_state") else value
@@ -740,9 +823,11 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         generator_state = None if generator is None else generator.get_state()
         try:
             yield
-        except TrainingDivergedError:
-            raise
-        except BaseException:
+        except BaseException as error:
+            if isinstance(error, TrainingDivergedError) and self.n_steps_ != saved.get(
+                "n_steps_", 0
+            ):
+                raise
             self.__dict__.clear()
             self.__dict__.update(saved)
             # Rebuilt from the restored arrays at the next call, with a fresh Adam state.
@@ -758,11 +843,11 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
 
     def _inference_module(self, device):
         """A frozen module holding the fitted weights in the user's units (scale folded in)."""
-        n_components = self.components_.shape[0]
-        module = ARCHITECTURES[self._architecture_fitted](
+        module = build_module(
+            self._fit_architecture,
             self.n_features_in_,
-            n_components,
-            **self._module_options(self._architecture_fitted, n_components),
+            self.components_.shape[0],
+            self._fit_options,
         )
         module.import_state(self._numpy_state())
         # Frozen, so a splice run outside inference_mode builds no autograd graph.
@@ -783,12 +868,12 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         """
         check_is_fitted(self)
         device = resolve_device(self.device)
-        data = self._validated(X, reset=False, device=device)
+        data = validated_data(self, X, reset=False, device=device)
         module = self._inference_module(device)
         n_components = self.components_.shape[0]
         blocks = []
         with torch.inference_mode():
-            for x_HD in data.blocks(max(1, _CHUNK_BYTES // (4 * n_components)), device):
+            for x_HD in data.blocks(max(1, CHUNK_BYTES // (4 * n_components)), device):
                 codes_HF = module.encode(x_HD)
                 blocks.append(_to_csr(codes_HF) if self.sparse_output else to_numpy(codes_HF))
         if self.sparse_output:
@@ -838,29 +923,17 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         """
         check_is_fitted(self)
         device = resolve_device(self.device)
-        data = self._validated(X, reset=False, device=device)
+        data = validated_data(self, X, reset=False, device=device)
         module = self._inference_module(device)
         accumulator = ExplainedVarianceAccumulator(shift=self.b_dec_)
         n_components = self.components_.shape[0]
         with torch.inference_mode():
-            for x_HD in data.blocks(max(1, _CHUNK_BYTES // (4 * n_components)), device):
+            for x_HD in data.blocks(max(1, CHUNK_BYTES // (4 * n_components)), device):
                 x_hat_HD = module.decode(module.encode(x_HD))
                 accumulator.update(to_numpy(x_HD), to_numpy(x_hat_HD))
         return accumulator.result()
 
-    # ------------------------------------------------------------- data & misc
-
-    def _validated(self, X, *, reset, device):
-        """Check ``X`` and wrap it as an `_InMemoryData` or a `_StreamedData`."""
-        if is_streamed(X):
-            return _StreamedData(self, X, reset=reset)
-        if is_torch_tensor(X):
-            X = X.detach()
-            if X.device.type != "cpu":
-                return _InMemoryData(_validated_device_tensor(self, X, reset=reset), device)
-            X = X.to(torch.float32).numpy() if X.dtype.is_floating_point else X.numpy()
-        X = validate_data(self, X, reset=reset, dtype=np.float32)
-        return _InMemoryData(read_only_tensor(X), device)
+    # -------------------------------------------------------------------- misc
 
     @property
     def _n_features_out(self):
@@ -888,6 +961,16 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.__dict__.update(state)
 
 
+class _TrainingRun:
+    """The torch objects and running values of one training call (see `_start_run`)."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+        self.dead_latents = None
+        self.last_batch_BD = None
+        self.last_good = None
+
+
 def _postfix(summary):
     return {
         "loss": f"{summary['loss']:.4g}",
@@ -897,71 +980,18 @@ def _postfix(summary):
 
 
 def _to_csr(codes_HF):
-    """A CSR matrix of a block of codes, built from its non-zeros only."""
-    codes = to_numpy(codes_HF)
-    return sp.csr_matrix(codes)
+    """A CSR matrix of a block of codes: only the non-zeros are copied to the host.
 
-
-class _Schedule:
-    """The learning rate and the sparsity coefficient of each step of one call.
-
-    Learning-rate warm-up (over the estimator's steps so far) and final decay (over
-    this call, when ``decay``); sparsity warm-up; and the ``target_l0`` calibration,
-    whose gain follows the learning rate. Sets them on the optimizer and the module
-    without host synchronisation.
+    ``nonzero`` lists the entries row by row, so its columns and values are already in
+    CSR order, and the row pointers are the running counts per row.
     """
-
-    def __init__(self, estimator, module, total_steps, decay, device):
-        self.estimator = estimator
-        self.module = module
-        self.total_steps = total_steps
-        self.decay = decay
-        self.base_lr = estimator._learning_rate()
-        self.lr = self.base_lr
-        self.uses_coefficient = estimator.architecture in COEFFICIENT_ARCHITECTURES
-        self.base_coefficient = estimator._base_coefficient()
-        self.calibrator = None
-        if self.uses_coefficient and estimator.target_l0 is not None:
-            self.calibrator = SparsityCalibrator(
-                estimator.sparsity_coefficient_, estimator.target_l0, device
-            )
-        # A calibrated coefficient is set each step by `apply`, or, for thresholds
-        # calibrated directly, kept at their equilibrium by the module.
-        if self.uses_coefficient and self.calibrator is None:
-            module.sparsity_coefficient.fill_(self.base_coefficient)
-
-    def apply(self, optimizer, step):
-        """Set the rate and coefficient of this call's 0-based ``step``."""
-        estimator = self.estimator
-        done = estimator.n_steps_
-        factor = warmup_factor(done, estimator.warmup_steps)
-        if self.decay:
-            factor *= decay_factor(step, self.total_steps, estimator.decay_fraction)
-        self.lr = self.base_lr * factor
-        for group in optimizer.param_groups:
-            group["lr"] = self.lr
-        warm = warmup_factor(done, estimator.sparsity_warmup_steps)
-        if self.calibrator is not None and not self.module.calibrates_thresholds:
-            self.module.sparsity_coefficient.copy_(self.calibrator.coefficient * warm)
-        elif self.uses_coefficient and done <= estimator.sparsity_warmup_steps:
-            self.module.sparsity_coefficient.fill_(self.base_coefficient * warm)
-
-    def observe(self, fires_F, n_rows):
-        """Let the calibration see the L0 of the batch just trained on."""
-        if self.calibrator is None:
-            return
-        if self.module.calibrates_thresholds:
-            self.module.nudge_thresholds(self.calibrator.measure(fires_F, n_rows))
-        else:
-            self.calibrator.update(fires_F, n_rows, self.module.calibration_gain * self.lr)
-
-    def coefficient(self):
-        """The coefficient reached: calibrated, or the parameter (a Python float)."""
-        if self.calibrator is None:
-            return float(self.base_coefficient)
-        if self.module.calibrates_thresholds:
-            return float(self.module.sparsity_coefficient)
-        return float(self.calibrator.coefficient)
+    rows_N, columns_N = codes_HF.nonzero(as_tuple=True)
+    values_N = codes_HF[rows_N, columns_N]
+    counts_H = torch.bincount(rows_N, minlength=codes_HF.shape[0])
+    indptr = np.concatenate([[0], counts_H.cumsum(0).cpu().numpy()])
+    return sp.csr_matrix(
+        (to_numpy(values_N), columns_N.cpu().numpy(), indptr), shape=tuple(codes_HF.shape)
+    )
 
 
 def _dead_latents(tracker):
@@ -973,157 +1003,3 @@ def _dead_latents(tracker):
 def _snapshot(module):
     """Copies of the module's state, to restore if training diverges."""
     return {name: value.detach().clone() for name, value in module.state_dict().items()}
-
-
-class _EpochStats:
-    """Device-side running sums of one pass; read (one sync) only at checks."""
-
-    def __init__(self, n_components, device):
-        self.fires_F = torch.zeros(n_components, device=device)
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.squared_error = torch.zeros((), dtype=torch.float64, device=device)
-        self.x_sum_D = None
-        self.x_squares = torch.zeros((), dtype=torch.float64, device=device)
-        self.n_rows = 0
-        self.n_steps = 0
-
-    def update(self, x_BD, terms):
-        self.fires_F += terms.fires_F
-        self.loss_sum += terms.loss.detach() * x_BD.shape[0]
-        self.squared_error += terms.squared_error
-        x_sum_D = x_BD.sum(dim=0, dtype=torch.float64)
-        self.x_sum_D = x_sum_D if self.x_sum_D is None else self.x_sum_D + x_sum_D
-        self.x_squares += x_BD.square().sum(dtype=torch.float64)
-        self.n_rows += x_BD.shape[0]
-        self.n_steps += 1
-
-    def summary(self, module):
-        """Python floats of the pass so far, with a finiteness flag (one sync)."""
-        finite = torch.isfinite(self.loss_sum)
-        for parameter in module.parameters():
-            finite = finite & torch.isfinite(parameter).all()
-        total = self.x_squares - self.x_sum_D.square().sum() / self.n_rows
-        values = torch.stack(
-            [
-                finite.double(),
-                self.loss_sum / self.n_rows,
-                self.fires_F.sum().double() / self.n_rows,
-                1 - self.squared_error / total.clamp_min(1e-30),
-            ]
-        ).tolist()
-        return {
-            "finite": bool(values[0]),
-            "loss": values[1],
-            "l0": values[2],
-            "explained_variance": values[3],
-        }
-
-
-class _InMemoryData:
-    """A validated float32 tensor, batched by a random permutation of all rows.
-
-    Parameters
-    ----------
-    X_ND : torch.Tensor of shape (N, D)
-        Validated data, on the CPU or on ``device``.
-    device : torch.device
-        Where batches are computed. CPU data is moved there whole when it fits in a
-        quarter of the free accelerator memory, else batch by batch.
-    """
-
-    def __init__(self, X_ND, device):
-        if X_ND.device != device and device.type == "cuda":
-            free_bytes, _ = torch.cuda.mem_get_info(device)
-            if X_ND.element_size() * X_ND.nelement() < free_bytes // 4:
-                X_ND = X_ND.to(device)
-        self.X_ND = X_ND
-        self.n_rows = X_ND.shape[0]
-
-    def sample(self, n_rows, random_state):
-        """Up to ``n_rows`` distinct random rows (all rows when there are fewer)."""
-        if self.n_rows <= n_rows:
-            return self.X_ND
-        rows = np.sort(random_state.choice(self.n_rows, n_rows, replace=False))
-        return self.X_ND[torch.from_numpy(rows).to(self.X_ND.device)]
-
-    def batches(self, batch_size, generator, random_state, device):
-        """One shuffled pass, as batches of ``batch_size`` rows (the last may be short)."""
-        order_N = torch.randperm(self.n_rows, generator=generator).to(self.X_ND.device)
-        for start in range(0, self.n_rows, batch_size):
-            x_BD = self.X_ND.index_select(0, order_N[start : start + batch_size])
-            yield x_BD.to(device, non_blocking=True)
-
-    def blocks(self, block_rows, device):
-        """The rows in order, in blocks of ``block_rows``."""
-        for start in range(0, self.n_rows, block_rows):
-            yield self.X_ND[start : start + block_rows].to(device, non_blocking=True)
-
-
-class _StreamedData:
-    """An `h5py.Dataset` or `numpy.memmap`, read and validated one chunk at a time."""
-
-    def __init__(self, estimator, X, *, reset):
-        if len(X.shape) != 2:
-            raise ValueError(
-                f"Expected a 2D array, got a {len(X.shape)}D {type(X).__name__} of shape "
-                f"{X.shape}; reshape it to (n_samples, n_features)."
-            )
-        if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
-            raise ValueError(f"X has dtype {X.dtype}; expected a numeric (float or integer) array.")
-        # Validates the shape (empty X, feature count) on a two-row slice only.
-        validate_data(estimator, np.asarray(X[:2]), reset=reset, dtype=np.float32)
-        self.X = X
-        self.n_rows = X.shape[0]
-        self.n_features = X.shape[1]
-        self.chunk_rows = max(1, _CHUNK_BYTES // (4 * self.n_features))
-
-    def _checked(self, start, block):
-        try:
-            block = check_array(block, dtype=np.float32, ensure_all_finite=True)
-        except ValueError as exc:
-            stop = start + block.shape[0]
-            raise ValueError(f"{exc} (rows {start}:{stop} of the {type(self.X).__name__})") from exc
-        return read_only_tensor(block)
-
-    def sample(self, n_rows, random_state):
-        """A contiguous block of up to ``n_rows`` rows at a random offset."""
-        start = int(random_state.randint(max(1, self.n_rows - n_rows + 1)))
-        return self._checked(start, np.asarray(self.X[start : start + n_rows]))
-
-    def batches(self, batch_size, generator, random_state, device):
-        """One pass: chunks in random order, rows shuffled within; full batches across chunks."""
-        leftover_BD = None
-        for start, block in iter_chunks(
-            self.X, self.chunk_rows, shuffle=True, random_state=random_state
-        ):
-            x_HD = self._checked(start, block)
-            x_HD = x_HD[torch.randperm(x_HD.shape[0], generator=generator)]
-            if leftover_BD is not None:
-                x_HD = torch.cat([leftover_BD, x_HD])
-            n_full = x_HD.shape[0] // batch_size * batch_size
-            for offset in range(0, n_full, batch_size):
-                yield x_HD[offset : offset + batch_size].to(device, non_blocking=True)
-            leftover_BD = x_HD[n_full:] if n_full < x_HD.shape[0] else None
-        if leftover_BD is not None:
-            yield leftover_BD.to(device, non_blocking=True)
-
-    def blocks(self, block_rows, device):
-        """The rows in order, in blocks of at most ``block_rows``."""
-        for start, block in iter_chunks(self.X, min(block_rows, self.chunk_rows)):
-            yield self._checked(start, block).to(device)
-
-
-def _validated_device_tensor(estimator, X, *, reset):
-    """Validate a tensor on an accelerator without copying it to the host."""
-    if X.ndim != 2:
-        raise ValueError(
-            f"Expected a 2D tensor, got {X.ndim}D of shape {tuple(X.shape)}; reshape it to "
-            "(n_samples, n_features)."
-        )
-    if X.dtype.is_complex or X.dtype == torch.bool:
-        raise ValueError(f"X has dtype {X.dtype}; expected a real floating or integer tensor.")
-    validate_data(estimator, X[:2].float().cpu().numpy(), reset=reset, dtype=np.float32)
-    X = X.to(torch.float32)
-    if not bool(torch.isfinite(X).all()):
-        raise ValueError("Input X contains NaN or infinity.")
-    return X

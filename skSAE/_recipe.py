@@ -208,3 +208,175 @@ def resample_dead_latents(module, optimizer, dead_F, x_BD, generator):
             if moment.dim() > 0:  # exp_avg, exp_avg_sq; not the step count
                 moment.index_fill_(dim, dead_index, 0.0)
     return int(dead_index.numel())
+
+
+class TrainingSchedule:
+    """The learning rate and the sparsity coefficient of each step of one training call.
+
+    Learning-rate warm-up (over all the steps made so far) and final decay (over this
+    call); sparsity warm-up; and the ``target_l0`` calibration, whose gain follows the
+    learning rate. Sets them on the optimizer and the module without host
+    synchronisation.
+
+    Parameters
+    ----------
+    module : SparseAutoencoderModule
+        The module being trained; its ``sparsity_coefficient`` buffer is set here.
+    learning_rate : float
+        Base Adam step size.
+    total_steps : int
+        Steps of this call.
+    steps_before : int
+        Steps made by earlier calls (warm-ups count from the first step ever).
+    warmup_steps, sparsity_warmup_steps : int
+        Lengths of the linear warm-ups.
+    decay_fraction : float
+        Final fraction of this call's steps with a linear decay to zero (0: none).
+    coefficient : float or None
+        The sparsity coefficient parameter, None when the module has none.
+    target_l0 : float or None
+        Calibrate the coefficient (or the thresholds) towards this L0.
+    start_coefficient : float or None
+        Where the calibration starts: the coefficient reached so far.
+    device : torch.device
+    """
+
+    def __init__(
+        self,
+        module,
+        *,
+        learning_rate,
+        total_steps,
+        steps_before,
+        warmup_steps,
+        sparsity_warmup_steps,
+        decay_fraction,
+        coefficient,
+        target_l0,
+        start_coefficient,
+        device,
+    ):
+        self.module = module
+        self.base_lr = learning_rate
+        self.lr = learning_rate
+        self.total_steps = total_steps
+        self.steps_before = steps_before
+        self.warmup_steps = warmup_steps
+        self.sparsity_warmup_steps = sparsity_warmup_steps
+        self.decay_fraction = decay_fraction
+        self.base_coefficient = coefficient
+        self.calibrator = None
+        if coefficient is not None and target_l0 is not None:
+            self.calibrator = SparsityCalibrator(start_coefficient, target_l0, device)
+        # A calibrated coefficient is set each step by `apply`, or, for thresholds
+        # calibrated directly, kept at their equilibrium by the module.
+        if coefficient is not None and self.calibrator is None:
+            module.sparsity_coefficient.fill_(coefficient)
+
+    def apply(self, optimizer, step):
+        """Set the rate and coefficient of this call's 0-based ``step``."""
+        done = self.steps_before + step
+        factor = warmup_factor(done, self.warmup_steps)
+        factor *= decay_factor(step, self.total_steps, self.decay_fraction)
+        self.lr = self.base_lr * factor
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr
+        warm = warmup_factor(done, self.sparsity_warmup_steps)
+        module = self.module
+        if self.calibrator is not None and not module.calibrates_thresholds:
+            module.sparsity_coefficient.copy_(self.calibrator.coefficient * warm)
+        elif self.base_coefficient is not None and done <= self.sparsity_warmup_steps:
+            module.sparsity_coefficient.fill_(self.base_coefficient * warm)
+
+    def observe(self, fires_F, n_rows):
+        """Let the calibration see the L0 of the batch just trained on."""
+        if self.calibrator is None:
+            return
+        if self.module.calibrates_thresholds:
+            self.module.nudge_thresholds(self.calibrator.measure(fires_F, n_rows))
+        else:
+            self.calibrator.update(fires_F, n_rows, self.module.calibration_gain * self.lr)
+
+    def coefficient(self):
+        """The coefficient reached (a Python float), or None without a coefficient."""
+        if self.base_coefficient is None:
+            return None
+        if self.calibrator is None:
+            return float(self.base_coefficient)
+        if self.module.calibrates_thresholds:
+            return float(self.module.sparsity_coefficient)
+        return float(self.calibrator.coefficient)
+
+
+class TrainingStatistics:
+    """Device-side running sums over training batches; read (one sync) only at checks.
+
+    Parameters
+    ----------
+    n_components : int
+    device : torch.device
+    """
+
+    def __init__(self, n_components, device):
+        self.fires_F = torch.zeros(n_components, device=device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.squared_error = torch.zeros((), dtype=torch.float64, device=device)
+        self.x_sum_D = None
+        self.x_squares = torch.zeros((), dtype=torch.float64, device=device)
+        self.n_rows = 0
+        self.n_steps = 0
+
+    def update(self, x_BD, terms):
+        """Add a batch and its `LossTerms`."""
+        self.fires_F += terms.fires_F
+        self.loss_sum += terms.loss.detach() * x_BD.shape[0]
+        self.squared_error += terms.squared_error
+        x_sum_D = x_BD.sum(dim=0, dtype=torch.float64)
+        self.x_sum_D = x_sum_D if self.x_sum_D is None else self.x_sum_D + x_sum_D
+        self.x_squares += x_BD.square().sum(dtype=torch.float64)
+        self.n_rows += x_BD.shape[0]
+        self.n_steps += 1
+
+    def add(self, other):
+        """Fold another `TrainingStatistics` into this one (on the device, no sync)."""
+        self.fires_F += other.fires_F
+        self.loss_sum += other.loss_sum
+        self.squared_error += other.squared_error
+        if other.x_sum_D is not None:
+            self.x_sum_D = other.x_sum_D if self.x_sum_D is None else self.x_sum_D + other.x_sum_D
+        self.x_squares += other.x_squares
+        self.n_rows += other.n_rows
+        self.n_steps += other.n_steps
+
+    def summary(self, module):
+        """Python floats of the batches so far (one sync; at least one batch).
+
+        Returns
+        -------
+        summary : dict
+            ``"finite"`` (loss and every parameter of ``module`` finite), ``"loss"``
+            (mean per row), ``"l0"``, ``"explained_variance"`` and ``"error_ratio"``:
+            the squared error over the variance of the rows (floored at 1e-3 times
+            their squared norm, so constant rows give no huge ratio); a useful model
+            stays near or below 1.
+        """
+        finite = torch.isfinite(self.loss_sum)
+        for parameter in module.parameters():
+            finite = finite & torch.isfinite(parameter).all()
+        total = self.x_squares - self.x_sum_D.square().sum() / self.n_rows
+        values = torch.stack(
+            [
+                finite.double(),
+                self.loss_sum / self.n_rows,
+                self.fires_F.sum().double() / self.n_rows,
+                1 - self.squared_error / total.clamp_min(1e-30),
+                self.squared_error / torch.maximum(total, 1e-3 * self.x_squares).clamp_min(1e-30),
+            ]
+        ).tolist()
+        return {
+            "finite": bool(values[0]),
+            "loss": values[1],
+            "l0": values[2],
+            "explained_variance": values[3],
+            "error_ratio": values[4],
+        }

@@ -74,7 +74,10 @@ def read_only_tensor(array):
 
     Read-only arrays (pandas values, memmaps opened with ``mode="r"``) are shared
     without a copy; torch's warning about them does not apply, since nothing writes.
+    Arrays with a negative stride (``X[::-1]``), which torch cannot share, are copied.
     """
+    if any(stride < 0 for stride in array.strides):
+        array = np.ascontiguousarray(array)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
         return torch.from_numpy(array)

@@ -17,8 +17,9 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+import skSAE._data as data_module
 import skSAE._estimator as estimator_module
-from skSAE import SparseAutoencoder, TrainingDivergedError
+from skSAE import SparseAutoencoder, TrainingDivergedError, TrainingInterruptedWarning
 from skSAE.cache import iter_chunks
 
 FAST = dict(n_components=16, k=4, max_iter=2, batch_size=64, random_state=0)
@@ -71,10 +72,29 @@ def test_topk_codes_have_at_most_k_nonzeros(small_X):
     assert ((sae.transform(small_X) != 0).sum(axis=1) <= 4).all()
 
 
+def assert_codes_match(codes, pre, threshold=0.0):
+    """``codes == pre * (pre > threshold)`` up to float32 rounding, whatever BLAS kernel runs.
+
+    The SAE's matmul and NumPy's may round differently (by ~1e-7 relative), so values
+    get a tolerance, and a pre-activation within it of the threshold may fall either way.
+    """
+    pre = np.asarray(pre, dtype=np.float64)
+    tolerance = 1e-5 * max(1.0, float(np.abs(pre).max()))
+    undecided = np.abs(pre - threshold) <= tolerance
+    expected = np.where(pre > threshold, pre, 0.0)
+    np.testing.assert_allclose(
+        np.where(undecided, 0.0, codes),
+        np.where(undecided, 0.0, expected),
+        rtol=1e-5,
+        atol=tolerance,
+    )
+    assert ((codes == 0) | (codes > threshold - tolerance)).all()
+
+
 def test_k_above_n_components_keeps_every_latent(small_X):
     sae = SparseAutoencoder(n_components=4, k=10, max_iter=1, random_state=0).fit(small_X)
     codes = sae.transform(small_X)
-    np.testing.assert_array_equal(codes, np.maximum(small_X @ sae.W_enc_ + sae.b_enc_, 0))
+    assert_codes_match(codes, small_X.astype(np.float64) @ sae.W_enc_ + sae.b_enc_)
 
 
 def test_relu_codes_follow_public_formula(small_X):
@@ -266,16 +286,17 @@ def test_h5py_dataset_is_streamed_in_chunks(tmp_path, monkeypatch, small_X):
     path = tmp_path / "acts.h5"
     with h5py.File(path, "w") as file:
         file.create_dataset("activations", data=small_X, chunks=(32, 8))
-    monkeypatch.setattr(estimator_module, "_CHUNK_BYTES", 4 * 8 * 48)  # 48-row chunks
+    monkeypatch.setattr(data_module, "CHUNK_BYTES", 4 * 8 * 48)  # 48-row chunks
+    monkeypatch.setattr(estimator_module, "CHUNK_BYTES", 4 * 8 * 48)
     monkeypatch.setattr(estimator_module, "_INIT_SAMPLE_ROWS", 64)
     reads = []
-    original = estimator_module._StreamedData._checked
+    original = data_module.StreamedData._checked
 
     def recording_checked(self, start, block):
         reads.append(block.shape[0])
         return original(self, start, block)
 
-    monkeypatch.setattr(estimator_module._StreamedData, "_checked", recording_checked)
+    monkeypatch.setattr(data_module.StreamedData, "_checked", recording_checked)
     with h5py.File(path, "r") as file:
         dataset = file["activations"]
         sae = SparseAutoencoder(**FAST).fit(dataset)
@@ -373,19 +394,82 @@ def test_failed_partial_fit_leaves_model_usable(small_X):
     assert sae.n_iter_ == 3
 
 
-def test_divergence_raises_and_keeps_last_finite_weights(small_X):
+def test_divergence_with_no_good_step_leaves_the_estimator_unfitted(small_X):
     sae = SparseAutoencoder(architecture="relu", **{**FAST, "learning_rate": 1e30})
-    with pytest.raises(TrainingDivergedError, match="learning_rate"):
+    with pytest.raises(TrainingDivergedError, match="learning_rate.*now 1e\\+30"):
         sae.fit(small_X * 1e18)
-    for name in ("W_enc_", "b_enc_", "components_", "b_dec_"):
-        assert np.isfinite(getattr(sae, name)).all()
-    assert np.isfinite(sae.transform(small_X)).all()
+    # The first check already failed: the only weights are the untrained ones.
+    with pytest.raises(NotFittedError):
+        sae.transform(small_X)
 
 
-def test_interrupted_warm_start_restores_history(small_X, monkeypatch):
-    sae = SparseAutoencoder(**FAST, warm_start=True).fit(small_X)
-    curve, n_iter = list(sae.loss_curve_), sae.n_iter_
-    original = estimator_module._EpochStats.summary
+def test_divergence_in_partial_fit_keeps_the_model_and_its_counters(small_X):
+    sae = SparseAutoencoder(**FAST).fit(small_X)
+    components, n_steps, n_iter = sae.components_.copy(), sae.n_steps_, sae.n_iter_
+    with pytest.raises(TrainingDivergedError, match="left as it was"):
+        sae.set_params(learning_rate=1e30).partial_fit(small_X * 1e18)
+    np.testing.assert_array_equal(sae.components_, components)
+    assert (sae.n_steps_, sae.n_iter_) == (n_steps, n_iter)
+
+
+@pytest.mark.parametrize(
+    "architecture", ["topk", "batchtopk", "matryoshka", "jumprelu", "gated", "relu"]
+)
+@pytest.mark.parametrize("learning_rate", [10.0, 1e3, 1e6])
+def test_finite_divergence_is_detected(sparse_dataset, architecture, learning_rate):
+    # A huge step sends the reconstruction error far above the variance while it stays
+    # finite (measured: 25 to 9e12 times within 32 steps); before this check,
+    # 16 of these 18 runs returned a useless model without a word.
+    X, _ = sparse_dataset
+    sae = SparseAutoencoder(
+        n_components=64,
+        architecture=architecture,
+        k=4,
+        batch_size=64,
+        max_iter=1,
+        learning_rate=learning_rate,
+        random_state=0,
+    )
+    with pytest.raises(TrainingDivergedError, match="learning_rate"):
+        sae.fit(X[:4096])
+
+
+def test_divergence_keeps_the_counters_of_the_weights_kept(small_X, monkeypatch):
+    # Make the check after step 64 fail: the weights and counters of step 32 stay.
+    sae = SparseAutoencoder(**{**FAST, "batch_size": 8, "max_iter": 3})  # 25 steps a pass
+    original = estimator_module.TrainingStatistics.summary
+
+    def failing_at_64(self, module):
+        summary = original(self, module)
+        if sae.n_steps_ == 64:
+            summary["finite"] = False
+        return summary
+
+    monkeypatch.setattr(estimator_module.TrainingStatistics, "summary", failing_at_64)
+    snapshots = {}
+    original_good = SparseAutoencoder._good_state
+
+    def recording(self, run):
+        state = original_good(self, run)
+        snapshots[self.n_steps_] = run.module.W_dec_FD.detach().clone()
+        return state
+
+    monkeypatch.setattr(SparseAutoencoder, "_good_state", recording)
+    with pytest.raises(TrainingDivergedError, match="step 64.*step 50"):
+        sae.fit(small_X)
+    # Good states at steps 0, 25 (end of pass 1), 32 and 50 (end of pass 2).
+    assert sae.n_steps_ == 50 and sae.n_iter_ == 2 and len(sae.loss_curve_) == 2
+    np.testing.assert_allclose(
+        sae.components_ / np.linalg.norm(sae.components_, axis=1, keepdims=True),
+        snapshots[50].numpy(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_keyboard_interrupt_keeps_the_steps_trained(small_X, monkeypatch):
+    sae = SparseAutoencoder(**FAST)
+    original = estimator_module.TrainingStatistics.summary
     calls = []
 
     def interrupt_in_second_pass(self, module):
@@ -394,10 +478,32 @@ def test_interrupted_warm_start_restores_history(small_X, monkeypatch):
             raise KeyboardInterrupt
         return original(self, module)
 
-    monkeypatch.setattr(estimator_module._EpochStats, "summary", interrupt_in_second_pass)
+    monkeypatch.setattr(estimator_module.TrainingStatistics, "summary", interrupt_in_second_pass)
+    with pytest.warns(TrainingInterruptedWarning, match="after 8 steps"):
+        returned = sae.fit(small_X)
+    assert returned is sae
+    assert sae.n_steps_ == 8 and sae.n_iter_ == 1 and len(sae.loss_curve_) == 1
+    assert sae.transform(small_X).shape == (200, 16)  # a usable, fitted model
+    np.testing.assert_allclose(np.linalg.norm(sae.components_, axis=1), 1, rtol=1e-5)
+
+
+def test_keyboard_interrupt_before_the_first_step_restores_and_reraises(small_X, monkeypatch):
+    sae = SparseAutoencoder(**FAST, warm_start=True).fit(small_X)
+    curve, n_iter, components = list(sae.loss_curve_), sae.n_iter_, sae.components_.copy()
+
+    def interrupt(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SparseAutoencoder, "_minibatch_step", interrupt)
     with pytest.raises(KeyboardInterrupt):
         sae.fit(small_X)
     assert sae.loss_curve_ == curve and sae.n_iter_ == n_iter
+    np.testing.assert_array_equal(sae.components_, components)
+    fresh = SparseAutoencoder(**FAST)
+    with pytest.raises(KeyboardInterrupt):
+        fresh.fit(small_X)
+    with pytest.raises(NotFittedError):
+        fresh.transform(small_X)
 
 
 def test_readonly_memmap_fit_does_not_warn(tmp_path, small_X):
@@ -423,12 +529,8 @@ def test_batchtopk_keeps_k_per_row_on_average(sparse_dataset):
     # Inference uses the learned threshold, which lags the growing codes a little;
     # measured L0 3.87, mean max cosine 0.909, variance explained 0.826 here.
     assert 3.0 < (codes > 0).sum(axis=1).mean() < 6.0
-    np.testing.assert_array_equal(
-        codes,
-        np.where(
-            X @ sae.W_enc_ + sae.b_enc_ > sae.threshold_, X @ sae.W_enc_ + sae.b_enc_, 0
-        ).astype(np.float32),
-    )
+    assert_codes_match(codes, X.astype(np.float64) @ sae.W_enc_ + sae.b_enc_, sae.threshold_)
+    assert not np.signbit(codes).any()  # no -0.0 entries
     assert mean_max_cosine(directions, sae.components_) > 0.88
 
 

@@ -263,8 +263,10 @@ def test_prefix_sizes_are_validated_and_completed(small_X):
         random_state=0,
     ).fit(small_X)
     assert sae._module.prefix_sizes == (2, 8, 16)
-    default = SparseAutoencoder(n_components=16, architecture="matryoshka", k=2, max_iter=1)
-    assert default._prefix_sizes(16) == (1, 2, 4, 8, 16)
+    default = SparseAutoencoder(
+        n_components=16, architecture="matryoshka", k=2, max_iter=1, random_state=0
+    ).fit(small_X)
+    assert default._module.prefix_sizes == (1, 2, 4, 8, 16)
     for bad in ([8, 2], [0, 4], [4, 32], [2.5, 8], []):
         with pytest.raises(ValueError, match="prefix_sizes must be strictly increasing"):
             SparseAutoencoder(
