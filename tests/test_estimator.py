@@ -544,3 +544,61 @@ def test_switching_architecture_drops_threshold(small_X):
     sae = SparseAutoencoder(architecture="batchtopk", **FAST).fit(small_X)
     sae.set_params(architecture="topk").fit(small_X)
     assert not hasattr(sae, "threshold_")
+
+
+# ------------------------------------------------------ fitted behaviour, input layout
+
+
+@pytest.mark.parametrize(
+    ("architecture", "changed"),
+    [
+        ("topk", {"k": 2}),
+        ("batchtopk", {"k": 1}),
+        ("matryoshka", {"prefix_sizes": [3, 5]}),
+        ("relu", {"decoder_constraint": "free"}),
+        ("jumprelu", {"bandwidth": 5.0}),
+        ("gated", {"architecture": "topk"}),
+    ],
+)
+def test_set_params_after_fit_leaves_the_codes_unchanged(small_X, architecture, changed):
+    sae = SparseAutoencoder(architecture=architecture, **FAST).fit(small_X)
+    codes, score = sae.transform(small_X), sae.score(small_X)
+    sae.set_params(**changed)
+    np.testing.assert_array_equal(sae.transform(small_X), codes)
+    assert sae.score(small_X) == score
+
+
+def test_invalid_parameter_after_fit_does_not_break_transform(small_X):
+    sae = SparseAutoencoder(architecture="matryoshka", **FAST).fit(small_X)
+    codes = sae.transform(small_X)
+    sae.set_params(prefix_sizes=[8, 2])  # invalid, but only for the next fit
+    np.testing.assert_array_equal(sae.transform(small_X), codes)
+    with pytest.raises(ValueError, match="prefix_sizes"):
+        sae.fit(small_X)
+
+
+def test_partial_fit_applies_a_changed_k(small_X):
+    sae = SparseAutoencoder(**FAST).fit(small_X)
+    sae.set_params(k=2).partial_fit(small_X)
+    assert ((sae.transform(small_X) != 0).sum(axis=1) <= 2).all()
+
+
+def test_negative_strides_are_accepted_everywhere(tmp_path, small_X):
+    reversed_X = small_X[::-1]
+    sae = SparseAutoencoder(**FAST).fit(reversed_X)
+    sae.partial_fit(reversed_X)
+    codes = sae.transform(reversed_X)
+    np.testing.assert_array_equal(codes, sae.transform(np.ascontiguousarray(reversed_X)))
+    assert sae.score(reversed_X) == pytest.approx(sae.score(small_X), abs=1e-6)
+    memmap = np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="w+", shape=small_X.shape)
+    memmap[:] = small_X
+    backwards = memmap[::-1]
+    np.testing.assert_array_equal(sae.transform(backwards), codes)
+    SparseAutoencoder(**FAST).fit(backwards)
+
+
+def test_dataset_of_a_closed_file_is_a_clear_error(tmp_path, small_X):
+    with h5py.File(tmp_path / "acts.h5", "w") as file:
+        dataset = file.create_dataset("activations", data=small_X)
+    with pytest.raises(ValueError, match="closed h5py file"):
+        SparseAutoencoder(**FAST).fit(dataset)
