@@ -7,10 +7,18 @@ Shape suffixes: B contexts, S sequence positions, D d_model, N tokens (flattened
 
 from typing import NamedTuple
 
-import torch
 from sklearn.utils.validation import check_is_fitted
 
-from ._estimator import check_input_width, inference_module
+from ._estimator import SparseAutoencoder, check_input_width, inference_module
+from ._sklearn_compat import StrOptions, validate_params
+from .extraction import ActivationExtractor
+
+_CONSTRAINTS = {
+    "sae": [SparseAutoencoder],
+    "extractor": [ActivationExtractor],
+    "texts": ["array-like"],
+    "ablation": [StrOptions({"zero", "mean"})],
+}
 
 
 class LossRecovered(NamedTuple):
@@ -30,14 +38,17 @@ class LossRecovered(NamedTuple):
     """Mean KL(clean || ablated) per predicted token."""
 
 
+@validate_params(_CONSTRAINTS, prefer_skip_nested_validation=True)
 def loss_recovered(sae, extractor, texts, ablation="zero"):
     """Fraction of the cross-entropy lost by ablating the hook that the SAE gives back.
 
     ``(CE_ablated - CE_sae) / (CE_ablated - CE_clean)``: 1 when splicing the SAE's
     reconstruction in leaves the model's loss unchanged, 0 when it is as bad as the
     ablation. See `loss_recovered_details` for the terms and the positions spliced.
-    With ``extractor.memory`` set, the clean and ablated cross-entropies are cached, so
-    scoring many SAEs on the same texts costs one forward pass each.
+    The clean and ablated cross-entropies come from
+    `ActivationExtractor.baseline_cross_entropies`; with ``extractor.memory`` set they
+    are cached, so scoring another SAE on the same texts costs one (spliced) forward
+    pass per batch of contexts instead of three.
 
     Parameters
     ----------
@@ -54,39 +65,10 @@ def loss_recovered(sae, extractor, texts, ablation="zero"):
     -------
     score : float
     """
-    _check_ablation(ablation)
     reconstruct = _reconstruction(sae, extractor)
-    memory = extractor._memory()
-    if memory is None:
-        ce_clean, ce_ablated = _baseline_cross_entropies(extractor, None, texts, ablation)
-    else:
-        cached = memory.cache(_baseline_cross_entropies, ignore=["extractor"])
-        ce_clean, ce_ablated = cached(extractor, extractor._cache_key(), list(texts), ablation)
+    baselines = extractor.baseline_cross_entropies(texts, ablation)
     ce_sae = extractor.cross_entropy(texts, reconstruct)
-    return (ce_ablated - ce_sae) / (ce_ablated - ce_clean)
-
-
-def _check_ablation(ablation):
-    if ablation not in ("zero", "mean"):
-        raise ValueError(f"ablation must be 'zero' or 'mean', got {ablation!r}.")
-
-
-def _ablation(extractor, texts, ablation):
-    """The replacement function of an ablation baseline."""
-    if ablation == "zero":
-        return torch.zeros_like
-    mean_D = torch.from_numpy(extractor.extract(texts).activations.mean(axis=0))
-
-    def replace_by_mean(hidden_BSD):
-        return mean_D.to(hidden_BSD.device, hidden_BSD.dtype).expand_as(hidden_BSD)
-
-    return replace_by_mean
-
-
-def _baseline_cross_entropies(extractor, key, texts, ablation):
-    """(clean, ablated) cross-entropies; module-level so joblib can cache them."""
-    losses = extractor.spliced_losses(texts, {"ablated": _ablation(extractor, texts, ablation)})
-    return losses.clean, losses.spliced["ablated"]
+    return (baselines.ablated - ce_sae) / (baselines.ablated - baselines.clean)
 
 
 def _reconstruction(sae, extractor):
@@ -103,13 +85,15 @@ def _reconstruction(sae, extractor):
     return reconstruct
 
 
+@validate_params(_CONSTRAINTS, prefer_skip_nested_validation=True)
 def loss_recovered_details(sae, extractor, texts, ablation="zero"):
     """`loss_recovered` with the cross-entropies and KL divergences behind it.
 
     The SAE and the ablation replace the activation at the same positions: those
     ``extractor.extract`` keeps (by default every token but the first of each context
     and special tokens, whose activations the SAE never saw). Cross-entropy is averaged
-    over every next-token prediction of every context.
+    over every next-token prediction of every context. Nothing is cached: one pass
+    computes all three cross-entropies and both KL divergences.
 
     Parameters
     ----------
@@ -120,10 +104,9 @@ def loss_recovered_details(sae, extractor, texts, ablation="zero"):
     -------
     details : LossRecovered
     """
-    _check_ablation(ablation)
     replacements = {
         "sae": _reconstruction(sae, extractor),
-        "ablated": _ablation(extractor, texts, ablation),
+        "ablated": extractor.ablation_replacement(texts, ablation),
     }
     losses = extractor.spliced_losses(texts, replacements)
     ce_sae, ce_ablated = losses.spliced["sae"], losses.spliced["ablated"]

@@ -1,4 +1,9 @@
-"""Activation arrays on disk: the HDF5 store of an extraction, and chunked reading.
+"""Activation arrays on disk: the row schema, the HDF5 store of an extraction, chunked reading.
+
+`Extraction` is the schema of an extraction's rows, in memory and on disk (one dataset
+per field). The store takes the rows from an extractor's public
+`skSAE.extraction.ActivationExtractor.iter_batches` and its settings from its
+`extraction_key`; this module imports nothing from `skSAE.extraction`.
 
 Only contiguous row blocks are read, so memory stays bounded by one chunk whatever
 the size of the file; h5py rejects unsorted fancy indexing, so shuffling happens at
@@ -6,10 +11,33 @@ two levels: the order of the chunks, then the rows within a chunk.
 """
 
 import hashlib
+import os
+from contextlib import closing
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
+
+
+class Extraction(NamedTuple):
+    """Activations of every kept token, with where each row came from.
+
+    The row schema of an extraction: `skSAE.extraction.ActivationExtractor.extract`
+    returns it in memory, and an `ActivationCache` holds one dataset per field.
+    """
+
+    activations: np.ndarray
+    """Float32 array of shape (n_tokens, d_model)."""
+    token_ids: np.ndarray
+    """Int64 array of shape (n_tokens,): the token at each row."""
+    doc_index: np.ndarray
+    """Int64 array of shape (n_tokens,): index of the text each row came from."""
+    position: np.ndarray
+    """Int64 array of shape (n_tokens,): index of the token within its text's tokens."""
+
+
+_COLUMNS = Extraction._fields
 
 
 def iter_chunks(data, chunk_rows, *, shuffle=False, random_state=None):
@@ -53,10 +81,12 @@ def iter_chunks(data, chunk_rows, *, shuffle=False, random_state=None):
 class ActivationCache:
     """An HDF5 file of activations, with the token id and origin of every row.
 
-    Datasets: ``activations`` (n_rows, d_model) float32, chunked and resizable;
-    ``token_ids``, ``doc_index`` and ``position`` (n_rows,) int64. Attributes record the
-    model, hook, layer, context settings, dtype and skSAE version, and how far an
-    unfinished extraction got. The object stores only the path, so it pickles.
+    Datasets: one per field of `Extraction`: ``activations`` (n_rows, d_model) float32,
+    chunked and resizable; ``token_ids``, ``doc_index`` and ``position`` (n_rows,) int64.
+    Attributes record the extractor's `extraction_key` (model, tokenizer, hook, layer,
+    context settings, dtype and skSAE version), the number and digest of the texts,
+    ``d_model``, and how far an unfinished extraction got. The object stores only the
+    path, so it pickles.
 
     Parameters
     ----------
@@ -93,9 +123,7 @@ class ActivationCache:
             return int(file["activations"].shape[0]) if "activations" in file else 0
 
     def read(self, start=0, stop=None):
-        """Rows ``start:stop`` as an `skSAE.extraction.Extraction` of NumPy arrays."""
-        from .extraction import Extraction
-
+        """Rows ``start:stop`` as an `Extraction` of NumPy arrays."""
         with self.open() as file:
             return Extraction(*(np.asarray(file[name][start:stop]) for name in _COLUMNS))
 
@@ -103,53 +131,122 @@ class ActivationCache:
     def write(cls, extractor, texts, path):
         """Stream ``extractor``'s rows for ``texts`` into ``path``, resuming if unfinished.
 
-        Each batch is appended and flushed with the count of finished texts, so an
-        interrupted run leaves a readable file; calling again with the same extractor
-        settings and texts continues after the last finished text.
+        Parameters
+        ----------
+        extractor : skSAE.ActivationExtractor
+            Gives the rows (`iter_batches`) and the settings (`extraction_key`).
+        texts : list of str
+            Texts.
+        path : str or path
+            The HDF5 file.
 
         Returns
         -------
         cache : ActivationCache
+
+        Notes
+        -----
+        Nothing is written until the model is loaded, the hook resolved, the texts
+        checked and the first rows computed, so a call that fails on its settings
+        leaves ``path`` as it was. The file is built under a temporary name
+        (``<path>.partial``) and renamed once it holds its datasets, attributes and
+        first rows; each later batch is appended and flushed with the count of
+        finished texts. A run killed at any moment thus leaves no file or a readable
+        one, and calling again with the same extractor settings and texts continues
+        after the last finished text. A file of another extraction (any difference in
+        `extraction_key` or in the texts) is refused.
         """
         cache = cls(path)
-        expected = _store_attrs(extractor, texts)
-        with h5py.File(cache.path, "a") as file:
-            stored = {key: file.attrs[key] for key in expected if key in file.attrs}
-            if stored and stored != expected:
-                differing = sorted(key for key in expected if stored.get(key) != expected[key])
-                raise ValueError(
-                    f"{cache.path} holds a different extraction (differs in {differing}); "
-                    "remove it or choose another path."
-                )
-            if file.attrs.get("complete", False):
+        expected = {**extractor.extraction_key(), **_texts_attrs(texts)}
+        resume = False
+        documents_done = 0
+        if cache.path.exists():
+            with cache.open() as file:
+                _check_same_extraction(cache.path, file.attrs, expected)
+                if file.attrs.get("complete", False):
+                    return cache
+                resume = "activations" in file
+                if resume:
+                    documents_done = int(file.attrs.get("documents_done", 0))
+        batches = extractor.iter_batches(texts, first_document=documents_done)
+        with closing(batches):
+            if resume:
+                with h5py.File(cache.path, "a") as file:
+                    # Drop the rows of a text that was cut off, and redo that text.
+                    rows = _rows_before(file["doc_index"], documents_done)
+                    for name in _COLUMNS:
+                        file[name].resize(rows, axis=0)
+                    _append_batches(file, batches, rows, len(texts))
                 return cache
-            file.attrs.update(expected)
-            documents_done = int(file.attrs.get("documents_done", 0))
-            rows = 0
-            if "activations" in file:
-                # Drop the rows of a text that was cut off, and redo that text.
-                rows = _rows_before(file["doc_index"], documents_done)
-                for name in _COLUMNS:
-                    file[name].resize(rows, axis=0)
-            file.attrs["complete"] = False
-            for batch in extractor.iter_batches(texts, first_document=documents_done):
-                if "activations" not in file:
-                    _create_datasets(file, batch.activations.shape[1])
-                n_new = batch.activations.shape[0]
-                for name in _COLUMNS:
-                    file[name].resize(rows + n_new, axis=0)
-                    file[name][rows:] = getattr(batch, name)
-                rows += n_new
-                file.attrs["documents_done"] = batch.documents_done
-                file.flush()
-            if "activations" not in file:
-                raise ValueError("No token was kept: the texts are too short.")
-            file.attrs["documents_done"] = len(texts)
-            file.attrs["complete"] = True
+            first = next((batch for batch in batches if batch.activations.shape[0]), None)
+            if first is None:
+                raise ValueError(
+                    "No token was kept: the texts are too short once special tokens and "
+                    f"the first position of each context are dropped; {cache.path} was "
+                    "not written."
+                )
+            _create_store(cache.path, expected, first)
+            with h5py.File(cache.path, "a") as file:
+                _append_batches(file, batches, first.activations.shape[0], len(texts))
         return cache
 
 
-_COLUMNS = ("activations", "token_ids", "doc_index", "position")
+def _texts_attrs(texts):
+    """The number of texts and a digest of them, for the store's attributes."""
+    digest = hashlib.sha256()
+    for text in texts:
+        # surrogatepass: a text the extractor refuses (with a clear error) must not
+        # fail here first.
+        digest.update(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest())
+    return {"n_texts": len(texts), "texts_sha256": digest.hexdigest()}
+
+
+def _check_same_extraction(path, stored_attrs, expected):
+    """Refuse a store whose recorded extraction differs from ``expected``."""
+    stored = {key: _plain(stored_attrs[key]) for key in expected if key in stored_attrs}
+    differing = [key for key in expected if key not in stored or stored[key] != expected[key]]
+    if differing:
+        details = "; ".join(
+            f"{key}: stored {stored.get(key)!r}, this call {expected[key]!r}" for key in differing
+        )
+        raise ValueError(
+            f"{path} holds a different extraction (differs in {differing}: {details}); "
+            "remove it or choose another path."
+        )
+
+
+def _plain(value):
+    """An HDF5 attribute as a plain Python value (NumPy scalars come back from h5py)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _create_store(path, attrs, first):
+    """Write a new store with its first rows under a temporary name, then rename it."""
+    partial = path.with_name(path.name + ".partial")
+    with h5py.File(partial, "w") as file:
+        file.attrs.update(attrs)
+        _create_datasets(file, first.activations.shape[1])
+        file.attrs["complete"] = False
+        _append_batches(file, [first], 0, None)
+    os.replace(partial, path)
+
+
+def _append_batches(file, batches, rows, n_texts):
+    """Append each batch's columns from row ``rows``; mark complete once ``n_texts`` are done.
+
+    ``n_texts=None`` leaves the file unfinished (more batches follow).
+    """
+    for batch in batches:
+        n_new = batch.activations.shape[0]
+        for name in _COLUMNS:
+            file[name].resize(rows + n_new, axis=0)
+            file[name][rows:] = getattr(batch, name)
+        rows += n_new
+        file.attrs["documents_done"] = batch.documents_done
+        file.flush()
+    if n_texts is not None:
+        file.attrs["documents_done"] = n_texts
+        file.attrs["complete"] = True
 
 
 def _rows_before(doc_index, document):
@@ -179,25 +276,3 @@ def _create_datasets(file, d_model):
     for name in _COLUMNS[1:]:
         file.create_dataset(name, shape=(0,), maxshape=(None,), dtype="int64", chunks=(65536,))
     file.attrs["d_model"] = d_model
-
-
-def _store_attrs(extractor, texts):
-    from . import __version__
-
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(hashlib.sha256(text.encode()).digest())
-    model = extractor.model
-    model_name = getattr(getattr(model, "config", None), "name_or_path", None) or str(model)
-    return {
-        "model": model_name,
-        "hook": extractor.hook,
-        "layer": int(extractor.layer),
-        "context_size": int(extractor.context_size),
-        "dtype": extractor.dtype,
-        "exclude_special_tokens": bool(extractor.exclude_special_tokens),
-        "drop_first_position": bool(extractor.drop_first_position),
-        "n_texts": len(texts),
-        "texts_sha256": digest.hexdigest(),
-        "sksae_version": __version__,
-    }

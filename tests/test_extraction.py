@@ -1,6 +1,8 @@
 """ActivationExtractor on tiny random GPT-2 and Llama models, offline."""
 
 import pickle
+import warnings
+from pathlib import Path
 
 import joblib
 import numpy as np
@@ -377,3 +379,197 @@ def test_load_returns_the_kept_model_and_tokenizer(tiny_model_dir):
     assert model is extractor.model_ and tokenizer is extractor.tokenizer_
     assert extractor.load()[0] is model
     assert not model.training
+
+
+# ------------------------------------------------------- schema, key, validation
+
+
+def test_one_row_schema_for_memory_store_and_batches():
+    from skSAE import cache, extraction
+
+    assert extraction.Extraction is cache.Extraction
+    assert extraction.ExtractedBatch._fields[:-1] == cache.Extraction._fields
+
+
+def test_extraction_key_names_every_setting_that_changes_rows(tiny_model_dir):
+    key = extractor_for(tiny_model_dir).extraction_key()
+    assert set(key) == {
+        "model",
+        "tokenizer",
+        "hook",
+        "layer",
+        "context_size",
+        "dtype",
+        "exclude_special_tokens",
+        "drop_first_position",
+        "sksae_version",
+    }
+    # Settings that do not change the rows leave the key as it is.
+    same = extractor_for(tiny_model_dir, verbose=1).set_params(batch_size=1, cache_dir="x")
+    assert same.extraction_key() == key
+    assert extractor_for(tiny_model_dir, tokenizer=make_char_tokenizer()).extraction_key() != key
+
+
+def test_memory_key_follows_content_not_path(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    copy = tmp_path / Path(tiny_model_dir).name
+    shutil.copytree(tiny_model_dir, copy)
+    first = extractor_for(tiny_model_dir, memory=tmp_path / "memory")
+    expected = first.extract(TEXTS)
+    assert extractor_for(copy).extraction_key() == first.extraction_key()
+    calls = []
+    original = ActivationExtractor._extract_now
+    monkeypatch.setattr(
+        ActivationExtractor,
+        "_extract_now",
+        lambda self, texts: calls.append(1) or original(self, texts),
+    )
+    moved = extractor_for(copy, memory=tmp_path / "memory").extract(TEXTS)
+    assert calls == []  # the copy hits the cache of the original
+    np.testing.assert_array_equal(moved.activations, expected.activations)
+
+
+def test_set_params_model_after_load_extracts_the_new_model(tiny_model_dir, tmp_path):
+    other = tmp_path / "other"
+    make_tiny_model("llama" if "gpt2" in str(tiny_model_dir) else "gpt2").save_pretrained(other)
+    make_char_tokenizer().save_pretrained(other)
+    extractor = extractor_for(tiny_model_dir)
+    extractor.transform(TEXTS)
+    switched = extractor.set_params(model=str(other)).transform(TEXTS)
+    np.testing.assert_array_equal(switched, extractor_for(other).transform(TEXTS))
+
+
+@pytest.mark.parametrize(
+    ("params", "name"),
+    [
+        ({"model": 3}, "model"),
+        ({"model": "m", "tokenizer": 3}, "tokenizer"),
+        ({"model": "m", "layer": -1}, "layer"),
+    ],
+)
+def test_invalid_parameters_raise_in_fit_and_in_transform_without_fit(params, name):
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match=f"'{name}' parameter"):
+        ActivationExtractor(**params).fit(TEXTS)
+    with pytest.raises(InvalidParameterError, match=f"'{name}' parameter"):
+        ActivationExtractor(**params).transform(TEXTS)
+
+
+def test_parameter_constraints_cover_every_parameter():
+    from sklearn.utils.estimator_checks import check_param_validation
+
+    check_param_validation("ActivationExtractor", ActivationExtractor("m"))
+
+
+def test_pickle_of_another_version_warns(tiny_model_dir):
+    extractor = extractor_for(tiny_model_dir)
+    state = extractor.__getstate__()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pickle.loads(pickle.dumps(extractor))  # same version: silent
+    state["_sksae_version"] = "0.0.1"
+    restored = ActivationExtractor.__new__(ActivationExtractor)
+    with pytest.warns(UserWarning, match=r"saved with skSAE 0\.0\.1 and is loaded with skSAE"):
+        restored.__setstate__(state)
+    assert restored.get_params() == extractor.get_params()
+
+
+def test_gguf_key_is_the_content_not_the_path(tmp_path):
+    from skSAE.extraction import _gguf_key
+
+    data = np.random.default_rng(0).bytes(3 << 20)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "model.gguf").write_bytes(data)
+    (tmp_path / "b" / "renamed.gguf").write_bytes(data)
+    (tmp_path / "c.gguf").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    key = _gguf_key(tmp_path / "a" / "model.gguf")
+    assert _gguf_key(tmp_path / "b" / "renamed.gguf") == key
+    assert _gguf_key(tmp_path / "c.gguf") != key
+
+
+def test_gguf_converted_once_for_the_same_file_in_two_folders(tmp_path, monkeypatch):
+    import transformers
+
+    from skSAE.extraction import _converted_gguf
+
+    conversions = []
+
+    class FakeModel:
+        hf_quantizer = None
+        config = type("Config", (), {})()
+
+        @classmethod
+        def from_pretrained(cls, folder, **kwargs):
+            conversions.append(folder)
+            return cls()
+
+        def save_pretrained(self, folder):
+            Path(folder).mkdir(parents=True)
+            (Path(folder) / "config.json").write_text("{}")
+
+    class FakeTokenizer:
+        @classmethod
+        def from_pretrained(cls, folder, **kwargs):
+            return cls()
+
+        def save_pretrained(self, folder):
+            pass
+
+    monkeypatch.setattr(transformers, "AutoModelForCausalLM", FakeModel)
+    monkeypatch.setattr(transformers, "AutoTokenizer", FakeTokenizer)
+    for venv in ("venv-a", "venv-b"):
+        (tmp_path / venv).mkdir()
+        (tmp_path / venv / "model.gguf").write_bytes(b"GGUF same bytes")
+    first = _converted_gguf(tmp_path / "venv-a" / "model.gguf", tmp_path / "cache")
+    second = _converted_gguf(tmp_path / "venv-b" / "model.gguf", tmp_path / "cache")
+    assert second == first and len(conversions) == 1
+
+
+# ------------------------------------------------------------------ loss recovered
+
+
+def count_forwards(model):
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls, handle
+
+
+def test_loss_recovered_with_cached_baselines_runs_one_forward_per_batch(tiny_model_dir, tmp_path):
+    extractor = extractor_for(tiny_model_dir, memory=tmp_path)
+    n_contexts = sum(-(-len(text) // 16) for text in TEXTS)  # one token per character
+    n_batches = -(-n_contexts // 3)
+    sae = perfect_sae(16)
+    first = loss_recovered(sae, extractor, TEXTS)  # computes and caches the baselines
+    calls, handle = count_forwards(extractor.model_)
+    again = loss_recovered(sae, extractor, TEXTS)
+    handle.remove()
+    assert len(calls) == n_batches
+    assert again == pytest.approx(first, abs=1e-6)
+    calls, handle = count_forwards(extractor.model_)
+    extractor.cross_entropy(TEXTS, torch.zeros_like)
+    handle.remove()
+    assert len(calls) == n_batches
+
+
+def test_baseline_cross_entropies_equal_the_spliced_losses(tiny_model_dir, tmp_path):
+    extractor = extractor_for(tiny_model_dir)
+    losses = extractor.spliced_losses(TEXTS, {"zero": torch.zeros_like})
+    baselines = extractor.baseline_cross_entropies(TEXTS, "zero")
+    assert baselines.clean == pytest.approx(losses.clean, rel=1e-6)
+    assert baselines.ablated == pytest.approx(losses.spliced["zero"], rel=1e-6)
+    cached = extractor_for(tiny_model_dir, memory=tmp_path).baseline_cross_entropies(TEXTS)
+    assert cached == pytest.approx(tuple(baselines), rel=1e-6)
+
+
+@pytest.mark.parametrize("function", [loss_recovered, loss_recovered_details])
+def test_loss_recovered_validates_its_arguments(tiny_model_dir, function):
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    extractor = extractor_for(tiny_model_dir)
+    with pytest.raises(InvalidParameterError, match="'ablation' parameter"):
+        function(perfect_sae(16), extractor, TEXTS, ablation="max")
+    with pytest.raises(InvalidParameterError, match="'sae' parameter"):
+        function("sae", extractor, TEXTS)
