@@ -11,6 +11,8 @@ import numpy as np
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.utils import check_array
 
+from ._validation import invalid_parameter
+
 
 def mean_l0(codes):
     """Average number of active latents per row.
@@ -63,7 +65,7 @@ def explained_variance(X, X_hat):
     >>> explained_variance([[0.0, 1.0], [2.0, 3.0]], [[0.0, 1.0], [2.0, 3.0]])
     1.0
     """
-    X, X_hat = _paired(X, X_hat)
+    X, X_hat = _paired(X, X_hat, "explained_variance")
     accumulator = ExplainedVarianceAccumulator(shift=X[0])
     accumulator.update(X, X_hat)
     return accumulator.result()
@@ -87,6 +89,7 @@ def fraction_variance_unexplained(X, X_hat):
     >>> fraction_variance_unexplained([[0.0, 1.0], [2.0, 3.0]], [[1.0, 2.0], [1.0, 2.0]])
     1.0
     """
+    X, X_hat = _paired(X, X_hat, "fraction_variance_unexplained")
     return 1.0 - explained_variance(X, X_hat)
 
 
@@ -111,7 +114,7 @@ def normalized_mse(X, X_hat):
     >>> normalized_mse([[3.0, 4.0]], [[3.0, 0.0]])
     0.64
     """
-    X, X_hat = _paired(X, X_hat)
+    X, X_hat = _paired(X, X_hat, "normalized_mse")
     return float(np.square(X - X_hat).sum() / np.square(X).sum())
 
 
@@ -133,7 +136,7 @@ def cosine_similarity(X, X_hat):
     >>> cosine_similarity([[1.0, 0.0], [0.0, 2.0]], [[2.0, 0.0], [1.0, 0.0]])
     0.5
     """
-    X, X_hat = _paired(X, X_hat)
+    X, X_hat = _paired(X, X_hat, "cosine_similarity")
     norms = np.linalg.norm(X, axis=1) * np.linalg.norm(X_hat, axis=1)
     dots = (X * X_hat).sum(axis=1)
     return float(np.mean(np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)))
@@ -182,11 +185,13 @@ def dead_fraction(codes):
     return float(np.mean(latent_density(codes) == 0))
 
 
-def _paired(X, X_hat):
+def _paired(X, X_hat, caller):
     X = check_array(X, dtype=np.float64)
     X_hat = check_array(X_hat, dtype=np.float64)
     if X.shape != X_hat.shape:
-        raise ValueError(f"X and X_hat must have the same shape, got {X.shape} and {X_hat.shape}.")
+        raise invalid_parameter(
+            "X_hat", caller, f"of the shape of X, {X.shape}", f"shape {X_hat.shape}"
+        )
     return X, X_hat
 
 

@@ -7,11 +7,15 @@ ending in one; the SAE is then scored in its own input space
 (``pipeline[:-1].transform(X)``).
 """
 
+from numbers import Real
+
 import numpy as np
 from sklearn.pipeline import Pipeline
 
 from ._array_metrics import mean_l0
 from ._loss_recovered import loss_recovered
+from ._sklearn_compat import Interval, StrOptions, validate_params
+from .extraction import ActivationExtractor
 
 
 def _split(estimator):
@@ -49,8 +53,6 @@ def loss_recovered_scorer(estimator, X, y=None):
     ``X`` are the held-out texts; the extractor is the step just before the SAE, so
     the SAE's reconstruction can be spliced back at its hook.
     """
-    from .extraction import ActivationExtractor
-
     if not (
         isinstance(estimator, Pipeline)
         and len(estimator) >= 2
@@ -117,6 +119,7 @@ def get_scorer_names():
     return sorted(_SCORERS)
 
 
+@validate_params({"name": [StrOptions(set(_SCORERS))]}, prefer_skip_nested_validation=True)
 def get_scorer(name):
     """The scorer called ``name`` (see `get_scorer_names`).
 
@@ -135,14 +138,10 @@ def get_scorer(name):
     >>> get_scorer("neg_l0").__name__
     'neg_l0_scorer'
     """
-    try:
-        return _SCORERS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown scorer {name!r}; expected one of {get_scorer_names()}."
-        ) from None
+    return _SCORERS[name]
 
 
+@validate_params({"loss_recovered": ["boolean", callable]}, prefer_skip_nested_validation=True)
 def sae_scoring(loss_recovered=False):
     """The multi-metric ``scoring`` dict for `GridSearchCV` and `cross_validate`.
 
@@ -157,6 +156,11 @@ def sae_scoring(loss_recovered=False):
     -------
     scoring : dict of str to callable
         ``"neg_l0"``, ``"explained_variance"``, ``"neg_fvu"`` and maybe ``"loss_recovered"``.
+
+    Raises
+    ------
+    ValueError
+        When `loss_recovered` is neither a bool nor a callable.
 
     Examples
     --------
@@ -196,6 +200,10 @@ class ParetoRefit:
         return int(allowed[np.argmax(score[allowed])])
 
 
+@validate_params(
+    {"max_l0": [Interval(Real, 0, None, closed="left")], "metric": [str]},
+    prefer_skip_nested_validation=True,
+)
 def pareto_refit(max_l0, metric="explained_variance"):
     """A ``refit`` callable: best ``metric`` subject to mean L0 <= ``max_l0``.
 
@@ -221,8 +229,18 @@ def pareto_refit(max_l0, metric="explained_variance"):
     return ParetoRefit(max_l0, metric)
 
 
+@validate_params(
+    {"l0": ["array-like"], "score": ["array-like"]}, prefer_skip_nested_validation=True
+)
 def pareto_front(l0, score):
     """Indices of the points no other point beats on both L0 (lower) and score (higher).
+
+    Parameters
+    ----------
+    l0 : array-like of shape (n_points,)
+        Mean active latents per token of each point.
+    score : array-like of shape (n_points,)
+        A greater-is-better score of each point.
 
     Returns
     -------

@@ -5,11 +5,15 @@ beyond skSAE's own dependencies. Each function draws on ``ax`` (a new figure whe
 saves the figure to ``path`` when given, and returns the Axes.
 """
 
+import os
+
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
 from ._array_metrics import latent_density
 from ._scoring import pareto_front
+from ._sklearn_compat import HasMethods, validate_params
+from ._validation import invalid_parameter
 
 __all__ = ["plot_density_histogram", "plot_frontier", "plot_training_curves"]
 
@@ -22,12 +26,23 @@ def _pyplot(name):
     return plt
 
 
+# Constraints shared by every plot: an Axes to draw on, and a file to save to.
+_AX_PATH = {
+    "ax": [HasMethods(["plot", "hist", "scatter"]), None],
+    "path": [str, os.PathLike, None],
+}
+
+
 def _finish(ax, path):
     if path is not None:
         ax.figure.savefig(path, dpi=120, bbox_inches="tight")
     return ax
 
 
+@validate_params(
+    {"sae": [HasMethods(["transform", "inverse_transform"])], **_AX_PATH},
+    prefer_skip_nested_validation=True,
+)
 def plot_training_curves(sae, ax=None, path=None):
     """Plot the mean training loss of each pass over the data.
 
@@ -76,6 +91,10 @@ def plot_training_curves(sae, ax=None, path=None):
     return _finish(ax, path)
 
 
+@validate_params(
+    {"density_or_codes": ["array-like", "sparse matrix"], **_AX_PATH},
+    prefer_skip_nested_validation=True,
+)
 def plot_density_histogram(density_or_codes, ax=None, path=None):
     """Histogram of log10 latent firing densities, with the dead latents counted.
 
@@ -113,22 +132,27 @@ def plot_density_histogram(density_or_codes, ax=None, path=None):
     '1 of 4 latents dead (25.0%)'
     """
     plt = _pyplot("plot_density_histogram")
+    caller = "plot_density_histogram"
     if hasattr(density_or_codes, "getnnz") or np.ndim(density_or_codes) == 2:
         density = latent_density(density_or_codes)
     elif np.ndim(density_or_codes) == 1:
         density = np.asarray(density_or_codes, dtype=float)
         if ((density < 0) | (density > 1)).any() or not np.isfinite(density).all():
-            raise ValueError(
-                "density_or_codes as a 1-D array must hold firing densities in [0, 1], got "
-                f"values from {density.min()} to {density.max()}."
+            raise invalid_parameter(
+                "density_or_codes",
+                caller,
+                "firing densities in [0, 1] when it is 1-D",
+                f"values from {density.min()} to {density.max()}",
             )
     else:
-        raise ValueError(
-            "density_or_codes must be densities of shape (n_components,) or codes of shape "
-            f"(n_samples, n_components), got {np.ndim(density_or_codes)} dimensions."
+        raise invalid_parameter(
+            "density_or_codes",
+            caller,
+            "densities of shape (n_components,) or codes of shape (n_samples, n_components)",
+            f"an array of {np.ndim(density_or_codes)} dimensions",
         )
     if len(density) == 0:
-        raise ValueError("density_or_codes holds no latent; expected at least one column.")
+        raise invalid_parameter("density_or_codes", caller, "at least one latent (column)", "none")
     n_dead = int((density == 0).sum())
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))
@@ -141,6 +165,10 @@ def plot_density_histogram(density_or_codes, ax=None, path=None):
     return _finish(ax, path)
 
 
+@validate_params(
+    {"cv_results": [dict], "metric": [str], **_AX_PATH},
+    prefer_skip_nested_validation=True,
+)
 def plot_frontier(cv_results, metric="explained_variance", ax=None, path=None):
     """Plot mean L0 against ``metric`` for every candidate, with the Pareto front.
 
@@ -158,8 +186,35 @@ def plot_frontier(cv_results, metric="explained_variance", ax=None, path=None):
     Returns
     -------
     ax : matplotlib.axes.Axes
+
+    Raises
+    ------
+    ValueError
+        When `cv_results` lacks the mean test scores of ``"neg_l0"`` or `metric`.
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> from skSAE.plotting import plot_frontier
+    >>> results = {"mean_test_neg_l0": [-8, -16], "mean_test_explained_variance": [0.6, 0.8],
+    ...            "params": [{"k": 8}, {"k": 16}]}
+    >>> plot_frontier(results).get_xlabel()
+    'L0 (mean active latents per token)'
     """
     plt = _pyplot("plot_frontier")
+    missing = [
+        key
+        for key in ("mean_test_neg_l0", f"mean_test_{metric}", "params")
+        if key not in cv_results
+    ]
+    if missing:
+        raise invalid_parameter(
+            "cv_results",
+            "plot_frontier",
+            f"a search's cv_results_ with 'neg_l0' and {metric!r} among its scores",
+            f"a dict without {missing}",
+        )
     l0 = -np.asarray(cv_results["mean_test_neg_l0"], dtype=float)
     score = np.asarray(cv_results[f"mean_test_{metric}"], dtype=float)
     if ax is None:

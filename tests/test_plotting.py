@@ -100,3 +100,38 @@ def test_plot_frontier_is_reexported(tmp_path, close_figures):
     front = ax.lines[0]
     np.testing.assert_array_equal(front.get_xdata(), [2.0, 4.0])
     assert path.stat().st_size > 0
+
+
+def test_plot_frontier_rejects_results_without_the_metric(close_figures):
+    cv_results = {"mean_test_neg_l0": [-2.0], "params": [{"k": 2}]}
+    with pytest.raises(
+        ValueError,
+        match=r"The 'cv_results' parameter of plot_frontier must be a search's cv_results_ "
+        r"with 'neg_l0' and 'loss_recovered' among its scores\. Got a dict without "
+        r"\['mean_test_loss_recovered'\] instead\.",
+    ):
+        plot_frontier(cv_results, metric="loss_recovered")
+
+
+@pytest.mark.parametrize(
+    ("plot", "kwargs", "name"),
+    [
+        (plot_density_histogram, {"density_or_codes": "dense"}, "density_or_codes"),
+        (plot_density_histogram, {"density_or_codes": [0.5], "ax": "left"}, "ax"),
+        (plot_density_histogram, {"density_or_codes": [0.5], "path": 3}, "path"),
+        (plot_frontier, {"cv_results": [], "metric": "neg_fvu"}, "cv_results"),
+        (plot_frontier, {"cv_results": {}, "metric": 1}, "metric"),
+    ],
+)
+def test_plots_name_the_argument_of_the_wrong_type(plot, kwargs, name, close_figures):
+    with pytest.raises(ValueError, match=rf"The '{name}' parameter of {plot.__name__} must be"):
+        plot(**kwargs)
+
+
+@pytest.mark.parametrize("bad", [[0.5, 1.5], np.zeros((2, 2, 2)), []])
+def test_plot_density_histogram_errors_say_what_was_received(bad, close_figures):
+    with pytest.raises(
+        ValueError, match=r"The 'density_or_codes' parameter of plot_density_histogram must be "
+    ) as error:
+        plot_density_histogram(bad)
+    assert str(error.value).endswith(" instead.")

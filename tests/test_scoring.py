@@ -85,6 +85,48 @@ def test_unknown_scorer_lists_names():
         M.get_scorer("l0")
 
 
+def test_unknown_scorer_error_names_parameter_value_and_choices():
+    with pytest.raises(
+        ValueError,
+        match=r"The 'name' parameter of get_scorer must be a str among "
+        r"\{.*'neg_l0'.*\}\. Got 'l0' instead\.",
+    ):
+        M.get_scorer("l0")
+
+
+@pytest.mark.parametrize(
+    ("function", "kwargs", "name"),
+    [
+        (M.sae_scoring, {"loss_recovered": 0.5}, "loss_recovered"),
+        (M.pareto_refit, {"max_l0": -1}, "max_l0"),
+        (M.pareto_refit, {"max_l0": "20"}, "max_l0"),
+        (M.pareto_refit, {"max_l0": 20, "metric": None}, "metric"),
+        (M.pareto_front, {"l0": 3, "score": [0.5]}, "l0"),
+    ],
+)
+def test_model_selection_helpers_reject_arguments_of_the_wrong_type(function, kwargs, name):
+    with pytest.raises(ValueError, match=rf"The '{name}' parameter of {function.__name__} must"):
+        function(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "metric",
+    [
+        M.explained_variance,
+        M.fraction_variance_unexplained,
+        M.normalized_mse,
+        M.cosine_similarity,
+    ],
+)
+def test_paired_metrics_name_the_mismatched_shape(metric):
+    with pytest.raises(
+        ValueError,
+        match=rf"The 'X_hat' parameter of {metric.__name__} must be of the shape of X, "
+        r"\(4, 3\)\. Got shape \(4, 2\) instead\.",
+    ):
+        metric(np.zeros((4, 3)), np.zeros((4, 2)))
+
+
 def test_loss_recovered_scorer_needs_text_pipeline(fitted, small_X):
     with pytest.raises(ValueError, match="ActivationExtractor"):
         M.get_scorer("loss_recovered")(fitted, small_X)
