@@ -18,6 +18,13 @@ from pathlib import Path
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
+from ._array_metrics import dead_fraction, latent_density, mean_l0
+from ._sklearn_compat import HasMethods, Interval, validate_params
+from ._top_activations import collect_reports
+from ._validation import check_latents, invalid_parameter
+
+__all__ = ["render_dashboard", "write_dashboard"]
+
 _REQUIRED_OVERVIEW_KEYS = (
     "n_tokens",
     "l0",
@@ -32,6 +39,21 @@ _TOKEN_MARKERS = {"Ġ": " ", "▁": " ", "Ċ": "↵", "\n": "↵", "ĉ": "⇥", 
 _SHADE_RGB = "234, 88, 12"
 
 
+@validate_params(
+    {
+        "sae": [HasMethods(["transform", "inverse_transform", "score"])],
+        "extractor": [HasMethods(["extract", "load"])],
+        "texts": ["array-like"],
+        "path": [str, os.PathLike],
+        "latents": [Integral, "array-like", None],
+        "n_latents": [Interval(Integral, 1, None, closed="left")],
+        "k": [Interval(Integral, 1, None, closed="left")],
+        "loss_recovered": [Real, None],
+        "title": [str, None],
+        "verbose": ["verbose"],
+    },
+    prefer_skip_nested_validation=True,
+)
 def write_dashboard(
     sae,
     extractor,
@@ -64,7 +86,7 @@ def write_dashboard(
         Corpus to look for activating examples in (untrusted: it is escaped).
     path : str or path-like
         HTML file to write; missing parent folders are created.
-    latents : list of int, default=None
+    latents : int or list of int, default=None
         Latents to show. ``None`` picks `n_latents` alive latents spread over densities:
         the most frequent half, then evenly spaced ranks of the rest down to the rarest
         (deterministic).
@@ -88,8 +110,8 @@ def write_dashboard(
     Raises
     ------
     ValueError
-        If `latents` holds an index outside ``[0, n_components)``, or `n_latents` or `k`
-        is not a positive integer.
+        If `latents` holds an index outside ``[0, n_components)``, `n_latents` or `k` is
+        not a positive integer, or another argument is not of its documented type.
 
     See Also
     --------
@@ -98,10 +120,13 @@ def write_dashboard(
 
     Notes
     -----
-    The texts are read twice: once for the overview metrics (one pass through
-    ``sae.transform(extractor.transform(texts))``) and once by
-    `skSAE.interpret.top_activating_examples`. An extractor with ``memory=`` set reuses
-    the first extraction.
+    The model reads the texts once: ``extractor.extract(texts)`` gives the activations
+    of the overview metrics, and the top-activating examples and their windows are
+    found in the same extraction (as `skSAE.interpret.top_activating_examples` would
+    find them, up to float rounding and the bin edges of the activation histograms).
+    With ``memory=`` set on the extractor, that extraction comes from the cache when the
+    same texts were extracted before, so the model does not run at all. The extraction
+    is held in memory meanwhile, like the codes of the overview.
 
     Examples
     --------
@@ -109,16 +134,10 @@ def write_dashboard(
     >>> write_dashboard(sae, extractor, texts, "dashboard.html")  # doctest: +SKIP
     PosixPath('dashboard.html')
     """
-    from .interpret import top_activating_examples  # interpret re-exports this module
-    from .metrics import dead_fraction, latent_density, mean_l0
-
     check_is_fitted(sae)
-    _check_positive_int(n_latents, "n_latents")
-    _check_positive_int(k, "k")
-    if loss_recovered is not None and not isinstance(loss_recovered, Real):
-        raise ValueError(f"expected loss_recovered to be a float or None, got {loss_recovered!r}")
-
-    activations = extractor.transform(texts)
+    texts = list(texts)
+    extraction = extractor.extract(texts)
+    activations = extraction.activations
     codes = sae.transform(activations)
     density = np.asarray(latent_density(codes), dtype=np.float64)
     n_components = density.shape[0]
@@ -139,10 +158,15 @@ def write_dashboard(
     if latents is None:
         latents = _pick_latents(density, n_latents)
     else:
-        latents = _check_latents(latents, n_components)
+        latents = check_latents(
+            latents, n_components, "latents", "write_dashboard", allow_empty=True
+        )
     reports = {}
     if latents:
-        reports = top_activating_examples(sae, extractor, texts, latents, k=k, verbose=verbose)
+        reports = collect_reports(
+            sae, extractor, texts, latents, k=k, verbose=verbose, extraction=extraction
+        )
+    del extraction
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +174,10 @@ def write_dashboard(
     return path
 
 
+@validate_params(
+    {"reports": [dict], "overview": [dict], "title": [str, None]},
+    prefer_skip_nested_validation=True,
+)
 def render_dashboard(reports, overview, title):
     """HTML of the dashboard page, from latent reports and overview metrics.
 
@@ -177,7 +205,7 @@ def render_dashboard(reports, overview, title):
     Raises
     ------
     ValueError
-        If `overview` lacks a required key.
+        If `overview` lacks a required key, or an argument is not of its documented type.
 
     See Also
     --------
@@ -194,8 +222,11 @@ def render_dashboard(reports, overview, title):
     """
     missing = [key for key in _REQUIRED_OVERVIEW_KEYS if key not in overview]
     if missing:
-        raise ValueError(
-            f"expected overview to have the keys {list(_REQUIRED_OVERVIEW_KEYS)}, missing {missing}"
+        raise invalid_parameter(
+            "overview",
+            "render_dashboard",
+            f"a dict with the keys {list(_REQUIRED_OVERVIEW_KEYS)}",
+            f"a dict missing {missing}",
         )
     title = "skSAE dashboard" if title is None else str(title)
     items = "".join(_latent_item(report, i == 0) for i, report in enumerate(reports.values()))
@@ -215,7 +246,7 @@ def render_dashboard(reports, overview, title):
 
 
 # ---------------------------------------------------------------------------------------
-# Latent selection and argument checks
+# Latent selection
 
 
 def _pick_latents(density, n_latents):
@@ -232,25 +263,6 @@ def _pick_latents(density, n_latents):
     ranks = np.linspace(0, len(rest) - 1, n_latents - n_top + 1)[1:].round().astype(int)
     picked = alive[:n_top] + [rest[r] for r in ranks]
     return sorted(picked, key=lambda i: (-density[i], i))
-
-
-def _check_latents(latents, n_components):
-    latents = list(latents)
-    bad = [
-        latent
-        for latent in latents
-        if not isinstance(latent, Integral) or not 0 <= latent < n_components
-    ]
-    if bad:
-        raise ValueError(
-            f"expected latents to be integers in [0, {n_components}), got {bad} in {latents}"
-        )
-    return [int(latent) for latent in latents]
-
-
-def _check_positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise ValueError(f"expected {name} to be a positive integer, got {value!r}")
 
 
 def _model_name(extractor):

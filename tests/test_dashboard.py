@@ -6,6 +6,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from sklearn.base import clone
 
 from skSAE.dashboard import _pick_latents, render_dashboard, write_dashboard
 from skSAE.interpret import ActivatingExample, LatentReport
@@ -138,8 +139,19 @@ def test_render_dashboard_without_reports_renders():
 def test_render_dashboard_rejects_missing_overview_keys():
     overview = make_overview()
     del overview["l0"]
-    with pytest.raises(ValueError, match=r"missing \['l0'\]"):
+    with pytest.raises(
+        ValueError, match=r"The 'overview' parameter of render_dashboard .* missing \['l0'\]"
+    ):
         render_dashboard({}, overview, "test")
+
+
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [((None, {}, "t"), "reports"), (({}, [], "t"), "overview"), (({}, {}, 5), "title")],
+)
+def test_render_dashboard_rejects_arguments_of_the_wrong_type(args, name):
+    with pytest.raises(ValueError, match=f"The '{name}' parameter of render_dashboard"):
+        render_dashboard(*args)
 
 
 def test_pick_latents_spreads_over_alive_densities():
@@ -189,19 +201,107 @@ def test_write_dashboard_shows_requested_latents(fitted_tiny, tmp_path):
     assert '<div class="value">0.500</div>' in page
 
 
+def count_reads(monkeypatch, extractor):
+    """The texts of every `iter_batches` call (every run of the model over a corpus)."""
+    reads = []
+    original = type(extractor).iter_batches
+
+    def counting(self, texts, *args, **kwargs):
+        reads.append(list(texts))
+        return original(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(type(extractor), "iter_batches", counting)
+    return reads
+
+
+def test_write_dashboard_runs_the_model_over_the_texts_once(fitted_tiny, tmp_path, monkeypatch):
+    sae, extractor, texts = fitted_tiny
+    reads = count_reads(monkeypatch, extractor)
+    write_dashboard(sae, extractor, texts, tmp_path / "d.html", n_latents=5, k=3)
+    # The overview's extraction also gives the examples and their windows.
+    assert reads == [texts]
+
+
+def test_write_dashboard_with_memory_reuses_the_cached_extraction(
+    fitted_tiny, tmp_path, monkeypatch
+):
+    sae, extractor, texts = fitted_tiny
+    cached = clone(extractor).set_params(memory=str(tmp_path / "memory"))
+    cached.extract(texts)
+    reads = count_reads(monkeypatch, cached)
+    write_dashboard(sae, cached, texts, tmp_path / "d.html", n_latents=5, k=3)
+    assert reads == []
+
+
+def test_write_dashboard_shows_the_reports_of_top_activating_examples(
+    fitted_tiny, tmp_path, monkeypatch
+):
+    from skSAE import dashboard
+    from skSAE.interpret import top_activating_examples
+
+    sae, extractor, texts = fitted_tiny
+    shown = {}
+    render = dashboard.render_dashboard
+
+    def capture(reports, overview, title):
+        shown.update(reports)
+        return render(reports, overview, title)
+
+    monkeypatch.setattr(dashboard, "render_dashboard", capture)
+    write_dashboard(sae, extractor, texts, tmp_path / "d.html", latents=[0, 3, 7], k=3)
+    expected = top_activating_examples(sae, extractor, texts, [0, 3, 7], k=3)
+    assert list(shown) == list(expected)
+
+    def where(examples):  # by text, not index: the texts repeat, so tied rows may swap
+        return [(texts[e.doc_index], e.position, e.tokens) for e in examples]
+
+    for latent, report in expected.items():
+        got = shown[latent]
+        assert where(got.top) == where(report.top)
+        for (label, examples), (got_label, got_examples) in zip(
+            report.quantiles, got.quantiles, strict=True
+        ):
+            assert got_label == label and where(got_examples) == where(examples)
+        for got_example, example in zip(got.top, report.top, strict=True):
+            np.testing.assert_allclose(
+                got_example.token_activations, example.token_activations, rtol=1e-5, atol=1e-6
+            )
+        assert got.density == report.density
+        assert got.max_activation == pytest.approx(report.max_activation, rel=1e-5)
+        assert got.histogram[0].sum() == report.histogram[0].sum()  # bin edges may differ
+        assert got.promoted == report.promoted and got.suppressed == report.suppressed
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"latents": [0, 32]}, r"latents to be integers in \[0, 32\), got \[32\]"),
-        ({"latents": [1.5]}, r"latents to be integers"),
-        ({"n_latents": 0}, "n_latents to be a positive integer, got 0"),
-        ({"k": -1}, "k to be a positive integer, got -1"),
+        (
+            {"latents": [0, 32]},
+            r"The 'latents' parameter of write_dashboard must be latent indices, ints in "
+            r"\[0, 32\) \(n_components of the SAE\). Got 32 in \[0, 32\] instead.",
+        ),
+        ({"latents": [1.5]}, r"'latents' parameter of write_dashboard .* Got 1.5 in \[1.5\]"),
+        ({"latents": "3"}, r"'latents' parameter of write_dashboard .* Got '3' instead"),
+        (
+            {"n_latents": 0},
+            r"The 'n_latents' parameter of write_dashboard must be an int in the range "
+            r"\[1, inf\). Got 0 instead.",
+        ),
+        ({"k": -1}, r"The 'k' parameter of write_dashboard must be .*\. Got -1 instead."),
+        ({"loss_recovered": "high"}, r"'loss_recovered' parameter of write_dashboard"),
+        ({"title": 3}, r"'title' parameter of write_dashboard"),
     ],
 )
 def test_write_dashboard_rejects_bad_arguments(fitted_tiny, tmp_path, kwargs, match):
     sae, extractor, texts = fitted_tiny
     with pytest.raises(ValueError, match=match):
         write_dashboard(sae, extractor, texts, tmp_path / "d.html", **kwargs)
+
+
+def test_write_dashboard_rejects_a_single_text(fitted_tiny, tmp_path):
+    sae, extractor, texts = fitted_tiny
+    with pytest.raises(ValueError, match="'texts' parameter of write_dashboard"):
+        write_dashboard(sae, extractor, texts[0], tmp_path / "d.html")
 
 
 # ---------------------------------------------------------------------------------------

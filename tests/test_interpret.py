@@ -212,19 +212,66 @@ def test_top_activating_examples_rejects_invalid_latents(fitted, latents):
         top_activating_examples(sae, extractor, CORPUS, latents)
 
 
-def test_top_activating_examples_reads_the_corpus_once(fitted, monkeypatch):
-    extractor, sae, _, codes = fitted
-    calls = []
-    original = type(extractor)._iter_extract
+LATENT_RANGE = rf"must be latent indices, ints in \[0, {N_COMPONENTS}\) \(n_components of the SAE\)"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name", "rest"),
+    [
+        ({"latents": N_COMPONENTS}, "latents", rf"{LATENT_RANGE}\. Got {N_COMPONENTS} instead\."),
+        ({"latents": [0, 99]}, "latents", rf"{LATENT_RANGE}\. Got 99 in \[0, 99\] instead\."),
+        ({"latents": [0, True]}, "latents", r"must be .* Got True in \[0, True\] instead\."),
+        ({"latents": []}, "latents", r"must be one or more latent indices.* Got \[\] instead\."),
+        ({"latents": None}, "latents", r"must be an instance of 'int' or an array-like"),
+        ({"k": 0}, "k", r"must be an int in the range \[1, inf\)\. Got 0 instead\."),
+        ({"window": (3,)}, "window", r"must be a pair of ints >= 0 .*\. Got \(3,\) instead\."),
+        ({"window": (2, -1)}, "window", r"must be a pair of ints >= 0"),
+        ({"window": 4}, "window", r"must be an instance of 'tuple' or an instance of 'list'"),
+        (
+            {"n_quantile_samples": -1},
+            "n_quantile_samples",
+            r"must be an int in the range \[0, inf\)",
+        ),
+        ({"n_logit_tokens": 1.5}, "n_logit_tokens", r"must be .* Got 1.5 instead\."),
+        ({"texts": "one text"}, "texts", r"must be an array-like\. Got 'one text' instead\."),
+    ],
+)
+def test_top_activating_examples_errors_name_parameter_value_and_expectation(
+    fitted, kwargs, name, rest
+):
+    extractor, sae, _, _ = fitted
+    arguments = {"texts": CORPUS, "latents": [0], **kwargs}
+    with pytest.raises(
+        ValueError, match=rf"The '{name}' parameter of top_activating_examples {rest}"
+    ):
+        top_activating_examples(sae, extractor, **arguments)
+
+
+def test_top_activating_examples_reads_corpus_once_then_only_texts_with_examples(
+    fitted, monkeypatch
+):
+    extractor, sae, extraction, codes = fitted
+    reads = []  # per call of iter_batches: [texts passed, rows yielded]
+    original = type(extractor).iter_batches
 
     def counting(self, texts, *args, **kwargs):
-        calls.append(len(texts))
-        return original(self, texts, *args, **kwargs)
+        read = [list(texts), 0]
+        reads.append(read)
+        for batch in original(self, texts, *args, **kwargs):
+            read[1] += len(batch.activations)
+            yield batch
 
-    monkeypatch.setattr(type(extractor), "_iter_extract", counting)
-    top_activating_examples(sae, extractor, CORPUS, list(range(N_COMPONENTS)), k=1)
-    # One pass over the corpus for every latent, then one over the example texts.
-    assert calls[0] == len(CORPUS) and len(calls) == 2
+    monkeypatch.setattr(type(extractor), "iter_batches", counting)
+    latents = alive_latents(codes, 2)
+    reports = top_activating_examples(sae, extractor, CORPUS, latents, k=1, n_quantile_samples=0)
+    with_example = sorted({e.doc_index for r in reports.values() for e in r.top})
+    assert 0 < len(with_example) < len(CORPUS)  # so a full second read would show
+    # The first read covers every text once, to its last row; the second only the texts
+    # holding a reported example, in index order.
+    assert reads == [
+        [CORPUS, len(extraction.activations)],
+        [[CORPUS[d] for d in with_example], reads[1][1]],
+    ]
 
 
 def test_top_activating_examples_verbose_prints_progress(fitted, capsys):
@@ -307,7 +354,7 @@ def test_steering_replacement_ablating_all_latents_keeps_only_bias_and_error(fit
 
 def test_generate_with_steering_without_intervention_equals_clean_model(fitted):
     extractor, sae, _, _ = fitted
-    model, tokenizer = extractor._load()
+    model, tokenizer = extractor.load()
     ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     with torch.inference_mode():
         clean_ids = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -323,7 +370,7 @@ def test_generate_with_steering_without_intervention_equals_clean_model(fitted):
 
 def test_steering_replacement_ablating_silent_latents_changes_no_logit(fitted):
     extractor, sae, _, _ = fitted
-    model, tokenizer = extractor._load()
+    model, tokenizer = extractor.load()
     # 3 tokens x k=4 active latents each: at least 12 of the 24 latents stay silent.
     ids = tokenizer("the", return_tensors="pt")["input_ids"]
     with torch.inference_mode():
@@ -353,18 +400,33 @@ def test_generate_with_steering_same_seed_same_text(fitted):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "name", "rest"),
     [
-        ({"latent": N_COMPONENTS}, "latent"),
-        ({"latent": 0, "scale": float("nan")}, "scale"),
-        ({"ablate": [-1]}, "ablate"),
-        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"latent": N_COMPONENTS}, "latent", rf"{LATENT_RANGE}\. Got {N_COMPONENTS} instead\."),
+        ({"latent": 1.0}, "latent", r"must be an instance of 'int' or None\. Got 1.0 instead\."),
+        ({"latent": 0, "scale": float("nan")}, "scale", r"must be a float in the range"),
+        ({"latent": 0, "scale": float("inf")}, "scale", r"must be a float in the range"),
+        ({"ablate": [-1]}, "ablate", rf"{LATENT_RANGE}\. Got -1 in \[-1\] instead\."),
+        (
+            {"max_new_tokens": 0},
+            "max_new_tokens",
+            r"must be an int in the range \[1, inf\)\. Got 0 instead\.",
+        ),
+        ({"prompt": ["a"]}, "prompt", r"must be an instance of 'str'"),
     ],
 )
-def test_generate_with_steering_rejects_invalid_arguments(fitted, kwargs, match):
+def test_generate_with_steering_rejects_invalid_arguments(fitted, kwargs, name, rest):
     extractor, sae, _, _ = fitted
-    with pytest.raises(ValueError, match=match):
-        generate_with_steering(sae, extractor, PROMPT, **kwargs)
+    arguments = {"prompt": PROMPT, **kwargs}
+    with pytest.raises(
+        ValueError, match=rf"The '{name}' parameter of generate_with_steering {rest}"
+    ):
+        generate_with_steering(sae, extractor, **arguments)
+
+
+def test_generate_with_steering_may_ablate_no_latent(fitted):
+    extractor, sae, _, _ = fitted
+    assert generate_with_steering(sae, extractor, PROMPT, ablate=[], max_new_tokens=2)
 
 
 def test_generate_with_steering_rejects_a_model_without_lm_head():
