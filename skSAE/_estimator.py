@@ -587,16 +587,15 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             for _ in range(n_epochs):
                 totals = TrainingStatistics(run.n_components, device)
                 window = TrainingStatistics(run.n_components, device)
-                for x_BD in data.batches(run.batch_size, self._generator, device):
+                batches = data.batches(run.batch_size, self._generator, device)
+                for step, x_BD in enumerate(batches, start=1):
                     self._minibatch_step(run, window, x_BD)
-                    progress.update(1)
-                    if self.n_steps_ % _CHECK_EVERY == 0:
+                    if self.n_steps_ % _CHECK_EVERY == 0 or step == run.steps_per_epoch:
+                        # Before the bar's update, so its last line shows the final values.
                         progress.set_postfix(_postfix(self._check(run, window)), refresh=False)
                         totals.add(window)
                         window = TrainingStatistics(run.n_components, device)
-                if window.n_rows:
-                    progress.set_postfix(_postfix(self._check(run, window)), refresh=False)
-                    totals.add(window)
+                    progress.update(1)
                 self.loss_curve_.append(float(totals.loss_sum) / totals.n_rows)
                 self.latent_frequency_ = to_numpy(totals.fires_F) / totals.n_rows
                 self.n_iter_ += 1
@@ -658,6 +657,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             ),
             n_components=n_components,
             batch_size=batch_size,
+            steps_per_epoch=steps_per_epoch,
             total_steps=total_steps,
             learning_rate=learning_rate,
             steps_before=self.n_steps_,

@@ -602,3 +602,17 @@ def test_dataset_of_a_closed_file_is_a_clear_error(tmp_path, small_X):
         dataset = file.create_dataset("activations", data=small_X)
     with pytest.raises(ValueError, match="closed h5py file"):
         SparseAutoencoder(**FAST).fit(dataset)
+
+
+def test_verbose_final_bar_lines_agree(small_X, capsys, monkeypatch):
+    # tqdm redraws the bar on close: that line must repeat the last one, not show
+    # values the last update did not. Redraw at every update, as on a slow run.
+    bar = estimator_module.tqdm
+    monkeypatch.setattr(
+        estimator_module, "tqdm", lambda **kwargs: bar(mininterval=0, miniters=1, **kwargs)
+    )
+    SparseAutoencoder(**FAST, verbose=1).fit(small_X)
+    lines = [line for line in re.split(r"[\r\n]+", capsys.readouterr().out) if "100%" in line]
+    assert len(lines) >= 2
+    assert lines[-1].split("step/s")[-1].strip() == lines[-2].split("step/s")[-1].strip()
+    assert "var_expl=" in lines[-1]
