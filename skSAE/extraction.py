@@ -126,8 +126,9 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
         Drop rows of special tokens (BOS, EOS, CLS, SEP) and padding.
     drop_first_position : bool, default=True
         Drop the first position of every context. Causal models park attention there
-        (an "attention sink"): on SmolLM2-135M its residual norm is 7x the median at
-        block 6 and ~140x at block 15, which would dominate an SAE's loss.
+        (an "attention sink"): on SmolLM2-135M-Instruct (`skSAE.corpora.smollm2_path`)
+        its residual norm is 7x the median at block 6 and ~140x at block 15, which
+        would dominate an SAE's loss.
     cache_dir : str, default=None
         Where converted ``.gguf`` models are kept; defaults to ``$SKSAE_CACHE`` or
         ``~/.cache/skSAE``.

@@ -34,3 +34,11 @@ def test_iter_chunks_reads_h5py_dataset(tmp_path):
 def test_iter_chunks_rejects_zero_chunk_rows():
     with pytest.raises(ValueError, match="chunk_rows"):
         list(iter_chunks(np.zeros((3, 2)), 0))
+
+
+def test_iter_chunks_of_a_closed_file_says_so(tmp_path):
+    with h5py.File(tmp_path / "a.h5", "w") as file:
+        file["x"] = np.zeros((4, 2))
+        dataset = file["x"]
+    with pytest.raises(ValueError, match="file that is closed"):
+        list(iter_chunks(dataset, 2))
