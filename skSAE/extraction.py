@@ -27,9 +27,9 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_memory
 from tqdm.auto import tqdm
 
-from . import __version__
 from ._sklearn_compat import HasMethods, Interval, StrOptions, _fit_context, validate_params
 from ._utils import resolve_device
+from ._version import __version__
 from .cache import ActivationCache, Extraction
 
 HOOKS = ("resid_post", "attn_out", "mlp_out")
