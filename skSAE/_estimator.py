@@ -13,6 +13,7 @@ import math
 import sys
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 import numpy as np
@@ -963,14 +964,31 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.__dict__.update(state)
 
 
+@dataclass
 class _TrainingRun:
     """The torch objects and running values of one training call (see `_start_run`)."""
 
-    def __init__(self, **values):
-        self.__dict__.update(values)
-        self.dead_latents = None
-        self.last_batch_BD = None
-        self.last_good = None
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: TrainingSchedule
+    tracker: DeadLatentTracker
+    loss_function: object
+    autocast: object
+    n_components: int
+    batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    learning_rate: float
+    steps_before: int
+    use_aux: bool
+    resample: bool
+    mean_D: torch.Tensor | None
+    scale: float
+    # Dead latents as of the last check, the last batch (for resampling) and the state
+    # a diverged run falls back to (`_good_state`).
+    dead_latents: torch.Tensor | None = None
+    last_batch_BD: torch.Tensor | None = None
+    last_good: dict | None = None
 
 
 def _postfix(summary):
