@@ -25,7 +25,7 @@ from skSAE import ActivationExtractor, corpora
 
 def plain_forward_tokens_per_second(extractor, texts, layer):
     """Tokens/second of full forward passes over the extractor's own batches."""
-    model, _ = extractor._load()
+    model, _ = extractor.load()
     device = next(model.parameters()).device
     n_tokens = 0
     started = time.perf_counter()

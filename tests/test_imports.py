@@ -131,3 +131,28 @@ def test_array_metrics_import_no_torch():
                 continue
             assert "torch" not in roots, f"{name} imports torch: {ast.unparse(node)}"
     assert "skSAE" not in seen  # the package face would pull in the estimator
+
+
+def test_module_map_in_the_docs_matches_the_imports():
+    # docs/where_things_are.md is what a newcomer reads first: one row per module with
+    # what it may import. It must name every module and exactly its skSAE imports.
+    doc = (PACKAGE.parent / "docs" / "where_things_are.md").read_text(encoding="utf-8")
+    documented = {}
+    for line in doc.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`") and cells[0] != "`module`":
+            names = set()
+            for part in cells[2].split(","):
+                part = part.strip()
+                if part.startswith("`"):
+                    names.add(part.strip("`"))
+            documented[cells[0].strip("`")] = names
+    graph = import_graph()
+    assert set(documented) == set(MODULES)
+    for stem in MODULES:
+        actual = {
+            name.split(".")[1] if "." in name else "__init__" for name in graph[module_name(stem)]
+        }
+        assert actual == documented[stem], (
+            f"{stem}: imports {sorted(actual)}, the map says {sorted(documented[stem])}"
+        )
