@@ -19,7 +19,9 @@ from .metrics import loss_recovered_details, mean_l0
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m skSAE", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--model", default=None, help="model folder, hub name or .gguf file (default: SmolLM2-135M-Instruct, Q4_1 GGUF)"
+        "--model",
+        default=None,
+        help="model folder, hub name or .gguf file (default: SmolLM2-135M-Instruct, Q4_1 GGUF)",
     )
     parser.add_argument("--layer", type=int, default=6)
     parser.add_argument("--hook", default="resid_post")
