@@ -617,3 +617,9 @@ def test_verbose_final_bar_lines_agree(small_X, capsys, monkeypatch):
     assert len(lines) >= 2
     assert lines[-1].split("step/s")[-1].strip() == lines[-2].split("step/s")[-1].strip()
     assert "var_expl=" in lines[-1]
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka", "jumprelu", "gated"])
+def test_thresholded_codes_have_no_negative_zeros(small_X, architecture):
+    codes = SparseAutoencoder(architecture=architecture, **FAST).fit(small_X).transform(small_X)
+    assert (codes == 0).any() and not np.signbit(codes).any()

@@ -5,10 +5,12 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from skSAE._architectures import ReLUModule
+from skSAE._architectures import JumpReLUModule, LossTerms, ReLUModule
 from skSAE._recipe import (
     DeadLatentTracker,
     SparsityCalibrator,
+    TrainingSchedule,
+    TrainingStatistics,
     decay_factor,
     default_learning_rate,
     geometric_median,
@@ -111,3 +113,113 @@ def test_resampling_moves_only_dead_latents_and_resets_their_adam_moments():
     torch.testing.assert_close(
         module.b_enc_F[dead_F], -(module.b_dec_D @ module.W_enc_DF[:, dead_F]).detach()
     )
+
+
+def schedule_for(module, **overrides):
+    options = dict(
+        learning_rate=0.1,
+        total_steps=10,
+        steps_before=0,
+        warmup_steps=0,
+        sparsity_warmup_steps=0,
+        decay_fraction=0.0,
+        coefficient=2.0,
+        target_l0=None,
+        start_coefficient=None,
+        device=torch.device("cpu"),
+    )
+    return TrainingSchedule(module, **{**options, **overrides})
+
+
+def test_schedule_sets_warmup_and_decay_rates_on_the_optimizer():
+    module = ReLUModule(4, 8)
+    optimizer = torch.optim.Adam(module.parameters())
+    # 2 steps were made by an earlier call: the warm-up continues from there.
+    schedule = schedule_for(module, steps_before=2, warmup_steps=4, decay_fraction=0.5)
+    rates = []
+    for step in range(10):
+        schedule.apply(optimizer, step)
+        rates.append(optimizer.param_groups[0]["lr"])
+    expected = [
+        0.1 * warmup_factor(2 + step, 4) * decay_factor(step, 10, 0.5) for step in range(10)
+    ]
+    np.testing.assert_allclose(rates, expected)
+    assert rates[0] == pytest.approx(0.1 * 3 / 4) and rates[-1] == pytest.approx(0.1 / 5)
+
+
+def test_schedule_warms_the_coefficient_up_then_holds_it():
+    module = ReLUModule(4, 8)
+    optimizer = torch.optim.Adam(module.parameters())
+    schedule = schedule_for(module, sparsity_warmup_steps=4)
+    coefficients = []
+    for step in range(6):
+        schedule.apply(optimizer, step)
+        coefficients.append(float(module.sparsity_coefficient))
+    np.testing.assert_allclose(coefficients, [0.5, 1.0, 1.5, 2.0, 2.0, 2.0])
+    assert schedule.coefficient() == 2.0
+
+
+def test_schedule_without_coefficient_leaves_it_alone():
+    module = ReLUModule(4, 8)
+    module.sparsity_coefficient.fill_(7.0)
+    schedule = schedule_for(module, coefficient=None, sparsity_warmup_steps=4)
+    schedule.apply(torch.optim.Adam(module.parameters()), 0)
+    assert float(module.sparsity_coefficient) == 7.0 and schedule.coefficient() is None
+
+
+def test_schedule_calibrates_the_coefficient_or_the_thresholds():
+    relu = ReLUModule(4, 8)
+    optimizer = torch.optim.Adam(relu.parameters())
+    schedule = schedule_for(relu, target_l0=2.0, start_coefficient=1.0)
+    fires_F = torch.full((8,), 6.0)  # L0 of 6 per row on a batch of 8 rows: too dense
+    for step in range(5):
+        schedule.apply(optimizer, step)
+        schedule.observe(fires_F, 8)
+    assert schedule.coefficient() > 1.0  # raised towards the target
+    schedule.apply(optimizer, 5)
+    assert float(relu.sparsity_coefficient) == pytest.approx(schedule.coefficient())
+    jump = JumpReLUModule(4, 8, bandwidth=0.1)
+    jump.threshold_F.data.fill_(0.5)
+    schedule = schedule_for(jump, target_l0=2.0, start_coefficient=1.0)
+    schedule.observe(fires_F, 8)
+    assert float(jump.threshold_F.detach().min()) > 0.5  # thresholds move, not the coefficient
+    assert schedule.coefficient() == pytest.approx(4 * float(jump.threshold_F.detach().mean()) ** 2)
+
+
+def test_training_statistics_match_a_float64_reference():
+    rng = np.random.default_rng(0)
+    module = ReLUModule(3, 5)
+    batches = [rng.normal(size=(n, 3)) + 2.0 for n in (4, 7, 5)]
+    errors = [rng.random() for _ in batches]
+    fires = [rng.integers(0, 4, size=5).astype(np.float32) for _ in batches]
+    first, second = TrainingStatistics(5, "cpu"), TrainingStatistics(5, "cpu")
+    for index, (x, error, fire) in enumerate(zip(batches, errors, fires, strict=True)):
+        terms = LossTerms(
+            torch.tensor(error + 1.0), torch.tensor(error * len(x)), torch.from_numpy(fire)
+        )
+        (first if index < 2 else second).update(torch.from_numpy(x).float(), terms)
+    first.add(second)
+    summary = first.summary(module)
+    X = np.concatenate(batches)
+    squared_error = sum(error * len(x) for x, error in zip(batches, errors, strict=True))
+    variance = ((X - X.mean(axis=0)) ** 2).sum()
+    assert summary["finite"] and first.n_rows == 16 and first.n_steps == 3
+    assert summary["loss"] == pytest.approx(
+        sum((error + 1.0) * len(x) for x, error in zip(batches, errors, strict=True)) / 16
+    )
+    assert summary["l0"] == pytest.approx(sum(f.sum() for f in fires) / 16)
+    assert summary["explained_variance"] == pytest.approx(1 - squared_error / variance, rel=1e-5)
+    assert summary["error_ratio"] == pytest.approx(squared_error / variance, rel=1e-5)
+
+
+def test_training_statistics_flag_non_finite_weights_and_floor_constant_rows():
+    module = ReLUModule(3, 5)
+    statistics = TrainingStatistics(5, "cpu")
+    x = torch.ones(4, 3)  # constant rows: zero variance
+    statistics.update(x, LossTerms(torch.tensor(0.1), torch.tensor(1e-6), torch.zeros(5)))
+    summary = statistics.summary(module)
+    # Floored at 1e-3 times the squared norm (12), not divided by zero.
+    assert summary["error_ratio"] == pytest.approx(1e-6 / (1e-3 * 12), rel=1e-4)
+    with torch.no_grad():
+        module.W_enc_DF[0, 0] = float("nan")
+    assert not statistics.summary(module)["finite"]
