@@ -5,7 +5,7 @@ NumPy <-> torch hand-over and pickling. The maths lives in `_architectures`, the
 schedules and running statistics in `_recipe`, and the data readers in `_data`.
 
 Shape suffixes: N rows of X, B minibatch rows, H rows of a chunk, D n_features,
-F n_components, A dead latents.
+F n_components, A dead latents, Z non-zero codes of a block.
 """
 
 import copy
@@ -20,6 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_array, check_random_state
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
@@ -43,9 +44,9 @@ from ._version import __version__
 # weights (to stop a diverging run), of the dead latents, and the progress-bar refresh.
 _CHECK_EVERY = 32
 # A squared reconstruction error this many times the variance of the rows means
-# divergence, even while finite: a model that predicts the mean has ratio 1, and a
-# fresh one about 2 (measured at learning_rate=10: 25 (relu) to 870 within 32 steps, for
-# every architecture; NaN for gated).
+# divergence, even while finite: a model that predicts the mean has ratio 1 (measured
+# at learning_rate=10 on the tests' synthetic rows: 25 for relu to 870 within 32
+# steps; NaN for gated).
 _DIVERGED_ERROR_RATIO = 10.0
 # Rows used to estimate the input scale and mean at initialisation.
 _INIT_SAMPLE_ROWS = 65_536
@@ -83,7 +84,18 @@ def check_input_width(sae, activations):
 
 
 class TrainingDivergedError(ValueError):
-    """Training diverged (NaN/inf, or a loss far above its start); good weights are kept."""
+    """Training diverged (NaN/inf, or an exploding error); good weights are kept.
+
+    Attributes
+    ----------
+    kept_weights : bool
+        Whether the estimator holds weights trained by the failed call (those of its
+        last good check); when false it was left as it was before the call.
+    """
+
+    def __init__(self, message, kept_weights=False):
+        super().__init__(message)
+        self.kept_weights = kept_weights
 
 
 class TrainingInterruptedWarning(UserWarning):
@@ -249,8 +261,10 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     changes the codes of the model held: `fit` builds a new model with the new
     values, and `partial_fit` continues the fitted weights with them (rebuilding the
     torch module, with a fresh Adam state, when one of them changed; the dictionary
-    size and the input normalisation stay those of the first call). `device` and
-    `sparse_output` are read at every call.
+    size and the input normalisation stay those of the first call). With
+    `warm_start`, `fit` continues the weights when the architecture is unchanged and
+    starts a new model when it changed. `device` and `sparse_output` are read at
+    every call.
 
     Interrupting training (Ctrl-C, `KeyboardInterrupt`) keeps the weights trained so
     far: the call stops, warns with `TrainingInterruptedWarning` and returns the
@@ -418,8 +432,17 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         ------
         TrainingDivergedError
             A `ValueError` raised when the loss or the weights become NaN/inf, or the
-            loss grows far above where it started. The weights of the last good check
-            are kept; when no step was good, the estimator is left as it was.
+            squared reconstruction error exceeds 10 times the variance of the rows.
+            The weights of the last good check are kept; when no step was good, the
+            estimator is left as it was.
+
+        Warns
+        -----
+        TrainingInterruptedWarning
+            When interrupted (Ctrl-C): the weights trained so far are kept.
+        sklearn.exceptions.ConvergenceWarning
+            When the last pass explains less variance than the first steps did and
+            less than predicting the mean.
         """
         continuing = self.warm_start and self._is_fitted()
         with self._restore_state_on_error():
@@ -449,8 +472,22 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         -------
         self : SparseAutoencoder
             The updated estimator.
+
+        Raises
+        ------
+        TrainingDivergedError
+            As in `fit`.
+
+        Warns
+        -----
+        TrainingInterruptedWarning, sklearn.exceptions.ConvergenceWarning
+            As in `fit`.
         """
         first_call = not self._is_fitted()
+        if not first_call:
+            # _fit_context validates only a first partial_fit, but later calls act on
+            # parameters changed since (k, architecture, ...): check them too.
+            self._validate_params()
         with self._restore_state_on_error():
             device = resolve_device(self.device)
             data = validated_data(self, X, reset=first_call, device=device)
@@ -513,6 +550,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self._module = module
         self._fit_architecture = self.architecture
         self._fit_options = options
+        if hasattr(self, "latent_frequency_"):  # the previous model's
+            del self.latent_frequency_
         self._optimizer = None
         self._rows_since_fired = None
         self._rows_seen = 0
@@ -543,7 +582,16 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                 )
             module = build_module(self.architecture, self.n_features_in_, n_components, options)
             mean_D = torch.from_numpy(self.input_mean_)
-            module.import_state(to_training_units(self._numpy_state(), self.input_scale_, mean_D))
+            state = to_training_units(self._numpy_state(), self.input_scale_, mean_D)
+            try:
+                module.import_state(state)
+            except RuntimeError as exc:  # e.g. per-latent thresholds into a scalar one
+                raise ValueError(
+                    f"partial_fit cannot continue a model fitted with architecture="
+                    f"{self._fit_architecture!r} as architecture={self.architecture!r}: its "
+                    f"threshold_ of shape {np.shape(self.threshold_)} does not fit. Call fit "
+                    "to train a new model."
+                ) from exc
             self._module = module
             self._fit_architecture = self.architecture
             self._fit_options = options
@@ -586,8 +634,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         )
         try:
             for _ in range(n_epochs):
-                totals = TrainingStatistics(run.n_components, device)
-                window = TrainingStatistics(run.n_components, device)
+                totals = run.totals = TrainingStatistics(run.n_components, device)
+                window = run.window = TrainingStatistics(run.n_components, device)
                 batches = data.batches(run.batch_size, self._generator, device)
                 for step, x_BD in enumerate(batches, start=1):
                     self._minibatch_step(run, window, x_BD)
@@ -595,12 +643,13 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                         # Before the bar's update, so its last line shows the final values.
                         progress.set_postfix(_postfix(self._check(run, window)), refresh=False)
                         totals.add(window)
-                        window = TrainingStatistics(run.n_components, device)
+                        window = run.window = TrainingStatistics(run.n_components, device)
                     progress.update(1)
-                self.loss_curve_.append(float(totals.loss_sum) / totals.n_rows)
+                run.pass_summary = totals.summary(run.module)
+                self.loss_curve_.append(run.pass_summary["loss"])
                 self.latent_frequency_ = to_numpy(totals.fires_F) / totals.n_rows
                 self.n_iter_ += 1
-                run.last_good["n_iter"] = self.n_iter_
+                run.candidate["n_iter"] = self.n_iter_
         except KeyboardInterrupt:
             # Keep what was trained (MLPClassifier does the same); nothing trained in
             # this call: re-raise, and the caller restores the estimator.
@@ -672,7 +721,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         )
         # Indices of the dead latents as of the last check (a host sync, every 32 steps).
         run.dead_latents = _dead_latents(tracker) if (use_aux or resample) else None
-        run.last_good = self._good_state(run)
+        # Weights are good once a window of steps from them passed a check.
+        run.candidate = self._good_state(run)
         return run
 
     def _minibatch_step(self, run, stats, x_BD):
@@ -704,6 +754,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             `TrainingStatistics.summary` of the steps since the last check.
         """
         summary = window.summary(run.module)
+        if run.first_explained_variance is None:
+            run.first_explained_variance = summary["explained_variance"]
         if not summary["finite"]:
             self._diverged(run, "the loss or the weights became NaN or infinite")
         if summary["error_ratio"] > _DIVERGED_ERROR_RATIO:
@@ -723,7 +775,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                 )
                 run.tracker.rows_since_fired_F[dead_F] = 0
                 run.dead_latents = None
-        run.last_good = self._good_state(run)
+        run.last_good, run.candidate = run.candidate, self._good_state(run)
         return summary
 
     def _good_state(self, run):
@@ -749,17 +801,20 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     def _diverged(self, run, reason):
         """Keep the last good weights (or none, from this call) and raise."""
         step = self.n_steps_
-        kept = run.last_good["n_steps"] > run.steps_before
-        self._restore_good_state(run)
+        kept = run.last_good is not None and run.last_good["n_steps"] > run.steps_before
         if kept:
+            self._restore_good_state(run)
             self._finish(run)
+            if run.module.coefficient_name is not None:  # the coefficient of those weights
+                self.sparsity_coefficient_ = float(run.module.sparsity_coefficient)
             outcome = f"The weights of step {self.n_steps_} (the last good check) were kept."
         else:
             # The caller restores the estimator as it was before this call.
             outcome = "No step of this call was good: the estimator is left as it was before it."
         raise TrainingDivergedError(
             f"Training diverged at step {step}: {reason}. {outcome} Lower learning_rate "
-            f"(now {run.learning_rate:.3g}) and refit, or check X for extreme values."
+            f"(now {run.learning_rate:.3g}) and refit, or check X for extreme values.",
+            kept_weights=kept,
         )
 
     def _keep_interrupted(self, run):
@@ -768,17 +823,41 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             run.module.constrain_weights()  # the interrupted step may not have
             finite = all(bool(torch.isfinite(p).all()) for p in run.module.parameters())
         if not finite:
+            if run.last_good is None or run.last_good["n_steps"] == run.steps_before:
+                raise KeyboardInterrupt  # nothing good to keep: the caller restores
             self._restore_good_state(run)
+        elif run.totals is not None:
+            # An interrupted first pass: the firing frequency of the rows it saw.
+            run.totals.add(run.window)
+            if run.totals.n_rows and not hasattr(self, "latent_frequency_"):
+                self.latent_frequency_ = to_numpy(run.totals.fires_F) / run.totals.n_rows
         warnings.warn(
             f"Training was interrupted after {self.n_steps_} steps ({self.n_iter_} full "
             "passes); the weights trained so far are kept. Call partial_fit or fit with "
             "warm_start=True to continue.",
             TrainingInterruptedWarning,
-            stacklevel=4,
+            stacklevel=5,  # the user's call, above fit, _fit_context and _train
         )
 
     def _finish(self, run):
         """Copy the run's weights, dead latents and coefficient to the fitted attributes."""
+        if not hasattr(self, "latent_frequency_") and run.totals is not None:
+            # Stopped in the first pass: the frequency over the good windows.
+            if run.totals.n_rows:
+                self.latent_frequency_ = to_numpy(run.totals.fires_F) / run.totals.n_rows
+        final = None if run.pass_summary is None else run.pass_summary["explained_variance"]
+        # Worse than the mean, and worse than where the call started: the steps did harm
+        # (a fresh model starts near -1 and a short run may end just below 0: no warning).
+        if final is not None and final < min(0.0, run.first_explained_variance):
+            warnings.warn(
+                "The trained model explains none of the variance of its training rows "
+                f"(explained variance {run.first_explained_variance:.3g} in the first steps, "
+                f"{final:.3g} in the last pass): it is worse than predicting their mean. "
+                f"Lower learning_rate (now {run.learning_rate:.3g}) and refit, or set "
+                "with_mean=True if the rows share an offset much larger than their spread.",
+                ConvergenceWarning,
+                stacklevel=5,
+            )
         tracker = run.tracker
         self._rows_since_fired = to_numpy(tracker.rows_since_fired_F)
         self._rows_seen = tracker.rows_seen
@@ -827,9 +906,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         try:
             yield
         except BaseException as error:
-            if isinstance(error, TrainingDivergedError) and self.n_steps_ != saved.get(
-                "n_steps_", 0
-            ):
+            if isinstance(error, TrainingDivergedError) and error.kept_weights:
                 raise
             self.__dict__.clear()
             self.__dict__.update(saved)
@@ -962,6 +1039,12 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                 stacklevel=2,
             )
         self.__dict__.update(state)
+        if "_architecture_fitted" in state and "_fit_options" not in state:
+            # Saved before the fitted options existed: they were the parameters then.
+            self._fit_architecture = self.__dict__.pop("_architecture_fitted")
+            self._fit_options = self._resolve_options(
+                self._fit_architecture, self.components_.shape[0]
+            )
 
 
 @dataclass
@@ -984,11 +1067,18 @@ class _TrainingRun:
     resample: bool
     mean_D: torch.Tensor | None
     scale: float
-    # Dead latents as of the last check, the last batch (for resampling) and the state
-    # a diverged run falls back to (`_good_state`).
+    # Dead latents as of the last check, and the last batch (for resampling).
     dead_latents: torch.Tensor | None = None
     last_batch_BD: torch.Tensor | None = None
+    # The latest snapshot (`candidate`), and the one a later window of steps passed a
+    # check from (`last_good`, None until then): what a diverged run falls back to.
+    candidate: dict | None = None
     last_good: dict | None = None
+    # The statistics of the current pass and check window, and of the last full pass.
+    totals: TrainingStatistics | None = None
+    window: TrainingStatistics | None = None
+    pass_summary: dict | None = None
+    first_explained_variance: float | None = None
 
 
 def _postfix(summary):
@@ -1005,12 +1095,12 @@ def _to_csr(codes_HF):
     ``nonzero`` lists the entries row by row, so its columns and values are already in
     CSR order, and the row pointers are the running counts per row.
     """
-    rows_N, columns_N = codes_HF.nonzero(as_tuple=True)
-    values_N = codes_HF[rows_N, columns_N]
-    counts_H = torch.bincount(rows_N, minlength=codes_HF.shape[0])
+    rows_Z, columns_Z = codes_HF.nonzero(as_tuple=True)
+    values_Z = codes_HF[rows_Z, columns_Z]
+    counts_H = torch.bincount(rows_Z, minlength=codes_HF.shape[0])
     indptr = np.concatenate([[0], counts_H.cumsum(0).cpu().numpy()])
     return sp.csr_matrix(
-        (to_numpy(values_N), columns_N.cpu().numpy(), indptr), shape=tuple(codes_HF.shape)
+        (to_numpy(values_Z), columns_Z.cpu().numpy(), indptr), shape=tuple(codes_HF.shape)
     )
 
 

@@ -4,7 +4,7 @@ Learning-rate and sparsity schedules, the default learning rate, the geometric
 median, dead-latent tracking and the sparsity-coefficient calibration of
 ``target_l0``. Each is small and tested against a plain reference on its own.
 
-Shape suffixes: N rows, B minibatch rows, D n_features, F n_components.
+Shape suffixes: N rows, B minibatch rows, D n_features, F n_components, A dead latents.
 """
 
 import math
@@ -186,28 +186,28 @@ def resample_dead_latents(module, optimizer, dead_F, x_BD, generator):
     -------
     n_resampled : int
     """
-    dead_index = dead_F.nonzero().flatten()
-    if dead_index.numel() == 0:
+    dead_A = dead_F.nonzero().flatten()
+    if dead_A.numel() == 0:
         return 0
     error_BD = x_BD - module.decode(module.encode(x_BD))
     weights_B = error_BD.square().sum(dim=1).double().cpu()
     if not float(weights_B.sum()) > 0:
         return 0
-    rows = torch.multinomial(weights_B, dead_index.numel(), replacement=True, generator=generator)
-    directions_KD = error_BD[rows.to(x_BD.device)]
-    directions_KD /= directions_KD.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    rows = torch.multinomial(weights_B, dead_A.numel(), replacement=True, generator=generator)
+    directions_AD = error_BD[rows.to(x_BD.device)]
+    directions_AD /= directions_AD.norm(dim=1, keepdim=True).clamp_min(1e-12)
     alive_F = ~dead_F
     encoder_norm_F = module.W_enc_DF.norm(dim=0)
     live_norm = encoder_norm_F[alive_F].mean() if bool(alive_F.any()) else encoder_norm_F.mean()
     decoder_norm = 1.0 if module.unit_norm_decoder else module.W_dec_FD.norm(dim=1).mean()
-    module.W_dec_FD[dead_index] = directions_KD * decoder_norm
-    module.W_enc_DF[:, dead_index] = directions_KD.T * (0.2 * live_norm)
-    module.b_enc_F[dead_index] = -(module.b_dec_D @ module.W_enc_DF[:, dead_index])
+    module.W_dec_FD[dead_A] = directions_AD * decoder_norm
+    module.W_enc_DF[:, dead_A] = directions_AD.T * (0.2 * live_norm)
+    module.b_enc_F[dead_A] = -(module.b_dec_D @ module.W_enc_DF[:, dead_A])
     for parameter, dim in ((module.W_dec_FD, 0), (module.W_enc_DF, 1), (module.b_enc_F, 0)):
         for moment in optimizer.state.get(parameter, {}).values():
             if moment.dim() > 0:  # exp_avg, exp_avg_sq; not the step count
-                moment.index_fill_(dim, dead_index, 0.0)
-    return int(dead_index.numel())
+                moment.index_fill_(dim, dead_A, 0.0)
+    return int(dead_A.numel())
 
 
 class TrainingSchedule:

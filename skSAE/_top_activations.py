@@ -1,7 +1,8 @@
 """Top-activating examples of latents: one streaming pass over a corpus, then windows.
 
-`top_activating_examples` reads a corpus once and reports, for each requested latent,
-the tokens it fires most on (with their context), samples from lower activation
+`top_activating_examples` reads a corpus in one streaming pass (then only the texts that
+hold a reported example, for their windows) and reports, for each requested latent, the
+tokens it fires most on (with their context), samples from lower activation
 quantiles, its firing density and activation histogram, and the tokens its decoder
 direction promotes and suppresses through the model's unembedding. Public through
 `skSAE.interpret`; `skSAE.dashboard` builds on `collect_reports`, which can also read

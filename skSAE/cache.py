@@ -156,9 +156,11 @@ class ActivationCache:
         leaves ``path`` as it was. The file is built under a temporary name
         (``<path>.partial``) and renamed once it holds its datasets, attributes and
         first rows; each later batch is appended and flushed with the count of
-        finished texts. A run killed at any moment thus leaves no file or a readable
-        one, and calling again with the same extractor settings and texts continues
-        after the last finished text. A file of another extraction (any difference in
+        finished texts. A run stopped by an error or an interrupt, or killed between
+        two flushes, thus leaves no file or a readable one (HDF5 has no journal: a
+        kill in the middle of a flush may still damage the file), and calling again
+        with the same extractor settings and texts continues after the last finished
+        text. A file of another extraction (any difference in
         `extraction_key` or in the texts) is refused.
         """
         cache = cls(path)
@@ -228,11 +230,15 @@ def _plain(value):
 def _create_store(path, attrs, first):
     """Write a new store with its first rows under a temporary name, then rename it."""
     partial = path.with_name(path.name + ".partial")
-    with h5py.File(partial, "w") as file:
-        file.attrs.update(attrs)
-        _create_datasets(file, first.activations.shape[1])
-        file.attrs["complete"] = False
-        _append_batches(file, [first], 0, None)
+    try:
+        with h5py.File(partial, "w") as file:
+            file.attrs.update(attrs)
+            _create_datasets(file, first.activations.shape[1])
+            file.attrs["complete"] = False
+            _append_batches(file, [first], 0, None)
+    except BaseException:  # an error or Ctrl-C: leave no half-written file behind
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, path)
 
 

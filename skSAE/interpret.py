@@ -1,7 +1,8 @@
 """Looking inside a fitted SAE: top-activating examples, a dashboard, and steering.
 
 The public face of the interpretation tools. `top_activating_examples` (from
-`skSAE._top_activations`) reads a corpus once and reports, for each requested latent,
+`skSAE._top_activations`) reads a corpus in one pass (then the texts holding an
+example, for their windows) and reports, for each requested latent,
 the tokens it fires most on (with their context), samples from lower activation
 quantiles, its firing density and activation histogram, and the tokens its decoder
 direction promotes and suppresses through the model's unembedding. `write_dashboard`
