@@ -42,3 +42,24 @@ def test_iter_chunks_of_a_closed_file_says_so(tmp_path):
         dataset = file["x"]
     with pytest.raises(ValueError, match="file that is closed"):
         list(iter_chunks(dataset, 2))
+
+
+def test_failed_store_creation_leaves_no_partial_file(tmp_path, monkeypatch):
+    from skSAE import cache as cache_module
+    from skSAE.extraction import ExtractedBatch
+
+    def failing(file, d_model):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_module, "_create_datasets", failing)
+    first = ExtractedBatch(
+        np.zeros((2, 3), np.float32),
+        np.zeros(2, np.int64),
+        np.zeros(2, np.int64),
+        np.arange(2),
+        1,
+    )
+    path = tmp_path / "acts.h5"
+    with pytest.raises(KeyboardInterrupt):
+        cache_module._create_store(path, {"model": "m"}, first)
+    assert list(tmp_path.iterdir()) == []
