@@ -23,7 +23,6 @@ import argparse
 import sys
 import time
 
-import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.metrics import r2_score
 
@@ -52,7 +51,7 @@ def evaluate(name, sae, X_train, X_test):
         name,
         mean_l0(sae.transform(X_test)),
         sae.score(X_test),
-        float(np.mean(sae.latent_frequency_ == 0)),
+        sae.dead_fraction_,
         seconds,
         sae.n_iter_ * X_train.shape[0] / seconds,
     )
