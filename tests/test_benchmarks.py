@@ -1,5 +1,7 @@
 """Smoke test of the benchmark scripts: they run and print their table."""
 
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +62,31 @@ def test_bench_sparse_decode_quick_checks_and_times_both_paths():
     assert len(rows) == 2
     # The float64 comparison of the two paths, last column.
     assert all(float(row[-1]) < 1e-10 for row in rows)
+
+
+def test_bench_budget_quick_prints_tables(tmp_path):
+    # --quick: one tiny (budget, width), 3 batch sizes x 2 learning rates; seconds.
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_budget.py"), "--quick", "--output", tmp_path],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "-- FVE/MMCS" in result.stdout and "-- >0.9/dead" in result.stdout
+    assert "best by FVE" in result.stdout and "best by MMCS" in result.stdout
+    cells = [
+        line.split()[2:]
+        for line in result.stdout.splitlines()
+        if line.split() and line.split()[0] in {"64", "256", "4096"}
+    ]
+    assert len(cells) == 6  # 3 batch sizes, in both tables
+    for row in cells:
+        assert len(row) == 2  # 2 learning rates
+        for cell in row:
+            first, second = (float(value) for value in cell.split("/"))
+            assert -1.0 <= first <= 1.0 and 0.0 <= second <= 1.0
+    saved = json.loads((tmp_path / "budget_quick.json").read_text())
+    for point in saved["results"]:
+        assert point["error"] is None
+        assert math.isfinite(point["fve"]) and 0.0 <= point["mmcs"] <= 1.0
