@@ -1,5 +1,6 @@
 """Smoke test of the benchmark scripts: they run and print their table."""
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -90,3 +91,22 @@ def test_bench_budget_quick_prints_tables(tmp_path):
     for point in saved["results"]:
         assert point["error"] is None
         assert math.isfinite(point["fve"]) and 0.0 <= point["mmcs"] <= 1.0
+
+
+def test_bench_peers_quick_runs_without_the_peers():
+    # In the project venv the peer libraries are absent: skSAE and the plain loop run,
+    # and the script says which peers it did not find; a few seconds.
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_peers.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "== equal tokens" in result.stdout and "== equal wall time" in result.stdout
+    rows = [line.split()[:2] for line in result.stdout.splitlines()]
+    # One row each per table: equal tokens (a grid of one point) and equal time.
+    assert rows.count(["skSAE", "defaults"]) == 2
+    assert rows.count(["plain", "batch"]) + rows.count(["plain", "*"]) == 2
+    if not all(importlib.util.find_spec(name) for name in ("sae_lens", "dictionary_learning")):
+        assert "peers not found" in result.stdout
