@@ -38,7 +38,7 @@ from ._recipe import (
 )
 from ._sklearn_compat import Interval, StrOptions, _fit_context
 from ._utils import resolve_device, to_numpy, torch_generator
-from ._version import __version__
+from ._version import __version__, pop_saved_version
 
 # Steps between the loop's only host/device synchronisations: a check of the loss and
 # weights (to stop a diverging run), of the dead latents, and the progress-bar refresh.
@@ -1030,14 +1030,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         return state
 
     def __setstate__(self, state):
-        version = state.pop("_sksae_version", None)
-        if version != __version__:
-            warnings.warn(
-                f"This SparseAutoencoder was saved with skSAE {version} and is loaded with "
-                f"skSAE {__version__}; check its outputs.",
-                UserWarning,
-                stacklevel=2,
-            )
+        pop_saved_version(state, "SparseAutoencoder")
         self.__dict__.update(state)
         if "_architecture_fitted" in state and "_fit_options" not in state:
             # Saved before the fitted options existed: they were the parameters then.

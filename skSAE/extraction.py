@@ -15,7 +15,6 @@ import hashlib
 import os
 import sys
 import time
-import warnings
 from contextlib import contextmanager
 from numbers import Integral
 from pathlib import Path
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ._sklearn_compat import HasMethods, Interval, StrOptions, _fit_context, validate_params
 from ._utils import resolve_device
-from ._version import __version__
+from ._version import __version__, pop_saved_version
 from .cache import ActivationCache, Extraction
 
 HOOKS = ("resid_post", "attn_out", "mlp_out")
@@ -770,14 +769,7 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
         return state
 
     def __setstate__(self, state):
-        version = state.pop("_sksae_version", None)
-        if version != __version__:
-            warnings.warn(
-                f"This ActivationExtractor was saved with skSAE {version} and is loaded "
-                f"with skSAE {__version__}; check its outputs.",
-                UserWarning,
-                stacklevel=2,
-            )
+        pop_saved_version(state, "ActivationExtractor")
         self.__dict__.update(state)
 
 
