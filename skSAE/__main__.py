@@ -40,11 +40,27 @@ def parse_args(argv=None):
     )
     parser.add_argument("--expansion-factor", type=float, default=8)
     parser.add_argument("--max-iter", type=int, default=5)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument(
+        "--learning-rate", type=float, default=None, help="default: 0.3 / sqrt(steps)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default="auto",
+        help="rows per step, or auto (default: about 1000 steps for the budget)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", default=None, help="save the fitted SAE here (joblib)")
     return parser.parse_args(argv)
+
+
+def _batch_size(value):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {value!r}") from None
 
 
 def split_texts(texts, n_chars, n_held_out_chars):
@@ -100,7 +116,8 @@ def main(argv=None):
     seconds = time.perf_counter() - started
     print(
         f"trained {sae.components_.shape[0]} latents, {sae.n_iter_} passes in {seconds:.0f} s "
-        f"({sae.n_iter_ * X_train.shape[0] / seconds:.0f} tok/s)"
+        f"({sae.n_iter_ * X_train.shape[0] / seconds:.0f} tok/s; {sae.n_steps_} steps of "
+        f"{sae.batch_size_} rows, learning rate {sae.learning_rate_:.3g})"
     )
 
     X_test = extractor.transform(test_texts)

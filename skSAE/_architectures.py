@@ -29,6 +29,7 @@ Gated). Inference from that form is ``act(x @ W_enc + b_enc)`` with
 is exported as the JumpReLU it is equivalent to (Rajamanoharan et al. 2024a).
 """
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -77,6 +78,30 @@ def to_training_units(state, scale, mean_D):
     return trained
 
 
+def threshold_for_l0(pre_NF, l0):
+    """The cut ``t`` such that about ``l0`` pre-activations per row are above it.
+
+    With ``n = round(l0 * N)``, ``t`` lies halfway between the ``n``-th and the
+    ``(n + 1)``-th largest values, so exactly ``n`` are above it when they differ, and
+    no row of the sample sits on the cut (where float rounding between training and
+    user units would decide); at least 0.
+    """
+    flat = pre_NF.flatten()
+    n_above = round(l0 * pre_NF.shape[0])
+    if n_above >= flat.numel():
+        return flat.new_zeros(())
+    values = flat.topk(n_above + 1, sorted=True).values
+    cut = values[-1] if n_above == 0 else (values[-2] + values[-1]) / 2
+    return cut.clamp_min(0)
+
+
+# Rows of the initialisation sample used to place thresholds or biases at a target L0:
+# about 2**22 pre-activations (16 MB), at least 256 rows.
+def l0_sample_rows(n_components):
+    """Rows of a sample whose pre-activations fill about 2**22 values (at least 256)."""
+    return max(256, 2**22 // n_components)
+
+
 class SparseAutoencoderModule(nn.Module):
     """Shared weights and maths; subclasses choose the activation and the penalty.
 
@@ -116,6 +141,12 @@ class SparseAutoencoderModule(nn.Module):
     # gated SAEs on the synthetic set (targets 2 to 16, within 7%); twice that
     # oscillated.
     calibration_gain = 16.0
+    # ... and at most this per step whatever the learning rate: Adam moves the weights
+    # about the learning rate per step, so at rates above ~3e-3 L0 follows a new
+    # coefficient within a few steps, but the momentum (about 10 steps) then carries it
+    # on. A larger gain wound the coefficient up past the target (relu, target 4 from
+    # L0 257 at lr 1e-2: coefficient x1e6, L0 0.3, never recovered).
+    max_calibration_step = 0.05
     # Whether target_l0 moves the thresholds (`nudge_thresholds`) rather than the
     # sparsity coefficient.
     calibrates_thresholds = False
@@ -187,6 +218,20 @@ class SparseAutoencoderModule(nn.Module):
 
     def start_at_l0(self, x_BD, target_l0):
         """Set what the variant can so that training starts at about ``target_l0``."""
+
+    def nudge_toward_l0(self, error):
+        """Move what acts on L0 at once, by the smoothed log L0 excess ``error``.
+
+        Called after each step of a ``target_l0`` calibration, besides the slower
+        change of the coefficient; nothing by default.
+        """
+
+    def settle(self, x_BD):
+        """At the end of a training call, fit what inference needs to its rows ``x_BD``.
+
+        ``x_BD`` is a sample of the call's training rows, in training units, of
+        `l0_sample_rows` rows at most. Nothing by default.
+        """
 
     def pre_activation(self, x_BD):
         """Encoder pre-activations ``x_BD @ W_enc_DF + b_enc_F``."""
@@ -289,6 +334,30 @@ class SparseAutoencoderModule(nn.Module):
             getattr(self, self.threshold_attribute).copy_(state["threshold"])
 
 
+# target_l0's rescue (`rescue_closed_latents`): below this share of the target, the
+# encoder biases are lifted directly, by this gain times the shortfall.
+RESCUE_BELOW_TARGET = 0.5
+RESCUE_GAIN = 0.05
+
+
+@torch.no_grad()
+def rescue_closed_latents(W_enc_DF, b_enc_F, error):
+    """Lift every encoder bias when the calibrated L0 is far below its target.
+
+    ``error`` is the smoothed ``log((L0 + 1) / (target + 1))``. Below
+    `RESCUE_BELOW_TARGET` times the target, each bias rises by `RESCUE_GAIN` times the
+    shortfall (in log units) times the latent's pre-activation scale (its encoder
+    column norm: the normalised inputs have unit variance along any direction). A
+    coefficient far above its equilibrium closes every latent of a ReLU or gated SAE
+    within a few steps, faster than the calibration lowers it, and a closed latent
+    gets no gradient: on 30,000 rows of the tests' synthetic set, target 4, starting
+    at 100 left L0 at 0 for good without it, and at 4.0-4.1 with it. Lifting the
+    biases at every step instead (above the target too) cost recovery.
+    """
+    shortfall = torch.clamp(math.log(RESCUE_BELOW_TARGET) - error, min=0.0)
+    b_enc_F.add_(RESCUE_GAIN * shortfall * W_enc_DF.norm(dim=0))
+
+
 class ReLUModule(SparseAutoencoderModule):
     """ReLU codes with an L1 penalty (Bricken et al. 2023; Conerly et al. 2024).
 
@@ -313,6 +382,20 @@ class ReLUModule(SparseAutoencoderModule):
     @property
     def unit_norm_decoder(self):
         return self.decoder_constraint == "unit_norm"
+
+    @torch.no_grad()
+    def start_at_l0(self, x_BD, target_l0):
+        """Lower every encoder bias by one amount so that training starts at ``target_l0``.
+
+        A fresh ReLU SAE fires about half its latents; reaching a small target from
+        there took the calibration far past it (see `max_calibration_step`).
+        """
+        pre_BF = self.pre_activation(x_BD[: l0_sample_rows(self.b_enc_F.numel())])
+        self.b_enc_F.sub_(threshold_for_l0(pre_BF, target_l0))
+
+    @torch.no_grad()
+    def nudge_toward_l0(self, error):
+        rescue_closed_latents(self.W_enc_DF, self.b_enc_F, error)
 
     def activate(self, pre_BF):
         return torch.relu(pre_BF)
@@ -489,6 +572,15 @@ class BatchTopKModule(TopKModule):
         updated = torch.lerp(self.threshold, smallest, weight.clamp(max=1))
         self.threshold.copy_(torch.where(found, updated, self.threshold))
 
+    @torch.no_grad()
+    def settle(self, x_BD):
+        """Set `threshold` so that inference keeps ``k`` codes per row of ``x_BD`` on average.
+
+        The running mean of the batch minima lags the weights by about 100 batches
+        (`threshold_momentum`): after a short run it kept twice ``k``.
+        """
+        self.threshold.copy_(threshold_for_l0(torch.relu(self.pre_activation(x_BD)), self.k))
+
     def activate(self, pre_BF):
         if not self.training:
             return torch.where(pre_BF > self.threshold, pre_BF, 0.0)
@@ -658,9 +750,8 @@ class JumpReLUModule(SparseAutoencoderModule):
 
         The coefficient then starts where that threshold is the equilibrium.
         """
-        pre_N = self.pre_activation(x_BD).flatten()
-        n_kept = max(1, min(pre_N.numel(), round(target_l0 * x_BD.shape[0])))
-        threshold = float(pre_N.topk(n_kept, sorted=False).values.min().clamp_min(1e-6))
+        pre_BF = self.pre_activation(x_BD[: l0_sample_rows(self.b_enc_F.numel())])
+        threshold = float(threshold_for_l0(pre_BF, target_l0).clamp_min(1e-6))
         self.threshold_F.fill_(threshold)
         self.sparsity_coefficient.fill_(4 * threshold**2)
 
@@ -717,6 +808,16 @@ class GatedModule(SparseAutoencoderModule):
         super().initialize(generator, x_BD, b_dec_D)
         self.r_mag_F.zero_()
         self.b_mag_F.copy_(self.b_enc_F)
+
+    @torch.no_grad()
+    def start_at_l0(self, x_BD, target_l0):
+        """Lower every gate bias by one amount so that training starts at ``target_l0``."""
+        gate_BF, _ = self._paths(x_BD[: l0_sample_rows(self.b_enc_F.numel())])
+        self.b_enc_F.sub_(threshold_for_l0(gate_BF, target_l0))
+
+    @torch.no_grad()
+    def nudge_toward_l0(self, error):
+        rescue_closed_latents(self.W_enc_DF, self.b_enc_F, error)  # the gate's biases
 
     def _paths(self, x_BD):
         base_BF = x_BD @ self.W_enc_DF

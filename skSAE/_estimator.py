@@ -25,13 +25,22 @@ from sklearn.utils import check_array, check_random_state
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-from ._architectures import ARCHITECTURES, build_module, to_training_units, to_user_units
+from ._architectures import (
+    ARCHITECTURES,
+    build_module,
+    l0_sample_rows,
+    to_training_units,
+    to_user_units,
+)
 from ._array_metrics import ExplainedVarianceAccumulator
 from ._data import CHUNK_BYTES, validated_data
 from ._recipe import (
+    MIN_CONVERGED_STEPS,
+    STREAM_TOKENS,
     DeadLatentTracker,
     TrainingSchedule,
     TrainingStatistics,
+    auto_batch_size,
     default_learning_rate,
     geometric_median,
     resample_dead_latents,
@@ -163,8 +172,11 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     decoder_bias_init : {"mean", "geometric_median"}, default="mean"
         Starting point of `b_dec_`, computed on up to 65,536 training rows.
     learning_rate : float, default=None
-        Adam step size. ``None`` means ``2e-4 / sqrt(n_components / 2**14)`` (Gao et al.
-        2024): 2e-4 at 16,384 latents, 3.2e-3 at 64.
+        Adam step size. ``None`` means ``0.3 / sqrt(steps)``, at most 1e-2, for the
+        optimiser steps the fit will make (``max_iter * ceil(n_samples / batch_size_)``):
+        1e-2 up to 900 steps, 3e-3 at 10,000. In `partial_fit` the steps are all those
+        made so far including the call's, and at least 977 (a stream of 1M rows), so
+        the rate falls as a stream goes on. The value used is `learning_rate_`.
     warmup_steps : int, default=0
         Steps of linear learning-rate warm-up at the start of training.
     decay_fraction : float, default=0.2
@@ -186,8 +198,12 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     resample_dead : bool, default=False
         Re-initialise dead latents towards badly reconstructed rows (Bricken et al.
         2023), checked every 32 steps. Only used when ``architecture="relu"``.
-    batch_size : int, default=4096
-        Rows per optimisation step (``min(batch_size, n_samples)``).
+    batch_size : int or "auto", default="auto"
+        Rows per optimisation step (at most ``n_samples``). ``"auto"`` sizes the batch
+        to the budget, ``n_samples * max_iter`` rows seen: the power of two nearest
+        1/1000 of it (about 1000 optimiser steps), between 128 and 4096. In
+        `partial_fit` the budget is unknown and taken as 1,000,000 rows (1024 a batch)
+        at the first call, whose value is kept. The value used is `batch_size_`.
     max_iter : int, default=10
         Passes over ``X`` made by `fit`.
     mixed_precision : bool, default=False
@@ -222,8 +238,10 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         Decoder bias: the reconstruction of an all-zero code.
     threshold_ : ndarray of shape () or (n_components,)
         Codes are kept where the pre-activation exceeds it: one value for
-        ``"batchtopk"`` and ``"matryoshka"`` (a running mean of the smallest code kept
-        in each training batch), one per latent for ``"jumprelu"`` and ``"gated"``.
+        ``"batchtopk"`` and ``"matryoshka"`` (set at the end of each training call so
+        that a sample of its rows, about 4 million pre-activations, keeps ``k`` codes
+        per row on average), one per latent
+        for ``"jumprelu"`` and ``"gated"``.
         Absent for the other architectures.
     input_scale_ : float
         Factor the inputs were multiplied by in training so that their mean squared norm
@@ -240,6 +258,10 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         Fraction of latents that are dead at the end of training (see `dead_window`).
     loss_curve_ : list of float
         Mean training loss of each pass, in normalised units.
+    batch_size_ : int
+        Rows per optimisation step of the last training call (`batch_size` resolved).
+    learning_rate_ : float
+        Base Adam step size of the last training call (`learning_rate` resolved).
     n_iter_ : int
         Passes over the data completed by the weights held.
     n_steps_ : int
@@ -336,7 +358,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         "dead_window": [Interval(Integral, 1, None, closed="left")],
         "aux_coefficient": [Interval(Real, 0, None, closed="left")],
         "resample_dead": ["boolean"],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "mixed_precision": ["boolean"],
         "compile": ["boolean"],
@@ -370,7 +392,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         dead_window=1_000_000,
         aux_coefficient=1 / 32,
         resample_dead=False,
-        batch_size=4096,
+        batch_size="auto",
         max_iter=10,
         mixed_precision=False,
         compile=False,
@@ -665,14 +687,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         module, optimizer = self._training_module(device)
         module.train()
         n_components = module.W_dec_FD.shape[0]
-        batch_size = min(self.batch_size, data.n_rows)
+        batch_size, learning_rate, total_steps = self._resolve_budget(data, n_epochs, whole_fit)
         steps_per_epoch = math.ceil(data.n_rows / batch_size)
-        total_steps = n_epochs * steps_per_epoch
-        learning_rate = (
-            self.learning_rate
-            if self.learning_rate is not None
-            else default_learning_rate(n_components)
-        )
         # In fit, a latent silent for a whole pass over X is dead even within the window.
         tracker = DeadLatentTracker(
             n_components,
@@ -697,6 +713,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         use_aux = module.supports_aux_loss and self.aux_coefficient > 0
         resample = self.resample_dead and module.supports_resampling
         run = _TrainingRun(
+            data=data,
             module=module,
             optimizer=optimizer,
             schedule=schedule,
@@ -724,6 +741,42 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         # Weights are good once a window of steps from them passed a check.
         run.candidate = self._good_state(run)
         return run
+
+    def _resolve_budget(self, data, n_epochs, whole_fit):
+        """`batch_size_`, `learning_rate_` and the steps of this call, from its budget.
+
+        `fit` sizes the batch for its ``n_rows * n_epochs`` rows and the learning rate
+        for its steps. `partial_fit` sees one block of an unknown stream: the batch is
+        sized once, for `STREAM_TOKENS` rows, and the rate for all the steps made so
+        far (at least the batch size's 1000 steps), so it falls as the stream goes on.
+        """
+        if self.batch_size != "auto":
+            batch_size = self.batch_size
+        elif whole_fit or not hasattr(self, "batch_size_"):
+            batch_size = auto_batch_size(data.n_rows * n_epochs if whole_fit else STREAM_TOKENS)
+        else:
+            batch_size = self.batch_size_  # a later partial_fit keeps the first call's
+        batch_size = min(batch_size, data.n_rows)
+        total_steps = n_epochs * math.ceil(data.n_rows / batch_size)
+        if self.learning_rate is not None:
+            learning_rate = self.learning_rate
+        elif whole_fit:
+            learning_rate = default_learning_rate(total_steps)
+        else:
+            stream_steps = math.ceil(STREAM_TOKENS / auto_batch_size(STREAM_TOKENS))
+            learning_rate = default_learning_rate(max(self.n_steps_ + total_steps, stream_steps))
+        if whole_fit and total_steps < MIN_CONVERGED_STEPS:
+            warnings.warn(
+                f"This fit will make only {total_steps} optimisation steps ({n_epochs} passes "
+                f"over {data.n_rows} rows, {batch_size} rows a step), too few to converge "
+                f"(at least {MIN_CONVERGED_STEPS}): raise max_iter, fit on more rows, or "
+                "lower batch_size.",
+                ConvergenceWarning,
+                stacklevel=6,  # the user's call, above fit, _fit_context, _train, _start_run
+            )
+        self.batch_size_ = batch_size
+        self.learning_rate_ = learning_rate
+        return batch_size, learning_rate, total_steps
 
     def _minibatch_step(self, run, stats, x_BD):
         """One optimisation step on a batch in the user's units."""
@@ -865,7 +918,17 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         coefficient = run.schedule.coefficient()
         if coefficient is not None:
             self.sparsity_coefficient_ = coefficient
+        sample_rows = min(l0_sample_rows(run.n_components), _INIT_SAMPLE_ROWS)
+        run.module.settle(self._training_sample(run, sample_rows))
         self._export(run.module)
+
+    def _training_sample(self, run, n_rows):
+        """Up to ``n_rows`` random rows of the call's data, in training units."""
+        device = run.module.W_enc_DF.device
+        x_BD = run.data.sample(n_rows, self._random_state).to(device)
+        if run.mean_D is not None:
+            x_BD = x_BD - run.mean_D
+        return x_BD * run.scale
 
     def _export(self, module):
         """Copy the module's public form, in the user's units, to the NumPy attributes."""
@@ -1044,6 +1107,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
 class _TrainingRun:
     """The torch objects and running values of one training call (see `_start_run`)."""
 
+    data: object
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
     schedule: TrainingSchedule

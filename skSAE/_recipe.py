@@ -11,14 +11,46 @@ import math
 
 import torch
 
+# batch_size="auto": about this many training rows per optimiser step, i.e. about
+# 1000 steps whatever the budget, between these bounds (benchmarks/README.md, "Budget
+# sweep": the best cells lie at 500-3000 steps; 50-100 steps lose 0.03-0.2 of held-out
+# variance explained).
+TOKENS_PER_STEP = 1000
+MIN_AUTO_BATCH_SIZE = 128
+MAX_AUTO_BATCH_SIZE = 4096
+# learning_rate=None: LEARNING_RATE_SCALE / sqrt(steps), the best learning rate of the
+# budget sweep as a function of the optimiser steps (3e-2 at 50-100 steps, 1e-2 at
+# 200-800, 3e-3 from 1-3k), capped at 1e-2: short fits on the scikit-learn common checks
+# rows (a large offset, little spread) diverged at 3e-2 within 2 steps.
+LEARNING_RATE_SCALE = 0.3
+MAX_DEFAULT_LEARNING_RATE = 1e-2
+# A streamed partial_fit resolves its defaults as if the stream held this many tokens.
+STREAM_TOKENS = 1_000_000
+# Fewer optimiser steps than this and a fit has not converged (the budget sweep: 50
+# steps lose about 0.1 of held-out variance explained to the best cell).
+MIN_CONVERGED_STEPS = 100
 
-def default_learning_rate(n_components):
-    """Adam step size for a dictionary of ``n_components`` latents.
 
-    ``2e-4 / sqrt(n_components / 2**14)``: the width scaling fitted by Gao et al.
-    (2024), which gives 2e-4 at 16k latents, 4e-4 at 4k and 3.2e-3 at 64.
+def auto_batch_size(tokens):
+    """Rows per step for a run of ``tokens`` training rows (rows times passes).
+
+    The power of two nearest ``tokens / 1000`` (about 1000 optimiser steps), clipped to
+    [128, 4096]: small budgets get many small steps, large ones large batches.
     """
-    return 2e-4 / math.sqrt(n_components / 2**14)
+    target = max(tokens / TOKENS_PER_STEP, 1.0)
+    batch_size = 2 ** round(math.log2(target))
+    return int(min(max(batch_size, MIN_AUTO_BATCH_SIZE), MAX_AUTO_BATCH_SIZE))
+
+
+def default_learning_rate(total_steps):
+    """Adam step size for a run of ``total_steps`` optimiser steps.
+
+    ``0.3 / sqrt(total_steps)``, at most 1e-2: the best learning rate of the budget
+    sweep (``benchmarks/README.md``) follows the number of steps, hardly the
+    dictionary width (the width rule of Gao et al. 2024 was 9 to 53 times too low
+    at 50 to 2000 steps).
+    """
+    return min(LEARNING_RATE_SCALE / math.sqrt(max(total_steps, 1)), MAX_DEFAULT_LEARNING_RATE)
 
 
 def warmup_factor(step, warmup_steps):
@@ -295,7 +327,9 @@ class TrainingSchedule:
         if self.module.calibrates_thresholds:
             self.module.nudge_thresholds(self.calibrator.measure(fires_F, n_rows))
         else:
-            self.calibrator.update(fires_F, n_rows, self.module.calibration_gain * self.lr)
+            gain = min(self.module.calibration_gain * self.lr, self.module.max_calibration_step)
+            self.calibrator.update(fires_F, n_rows, gain)
+            self.module.nudge_toward_l0(self.calibrator.error)
 
     def coefficient(self):
         """The coefficient reached (a Python float), or None without a coefficient."""

@@ -128,10 +128,12 @@ def test_with_mean_rescues_relu_on_offset_data(sparse_dataset):
     assert centred.dead_fraction_ < 0.1 and centred.score(X) > 0.7
 
 
-def test_learning_rate_default_scales_with_width(small_X):
+def test_learning_rate_default_follows_the_steps(small_X):
     sae = SparseAutoencoder(n_components=32, max_iter=1, decay_fraction=0.0, random_state=0)
     sae.fit(small_X)
-    assert sae._optimizer.param_groups[0]["lr"] == pytest.approx(default_learning_rate(32))
+    assert sae._optimizer.param_groups[0]["lr"] == pytest.approx(
+        default_learning_rate(sae.n_steps_)
+    )
 
 
 def test_learning_rate_decays_to_the_last_step(small_X):

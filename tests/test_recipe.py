@@ -12,17 +12,10 @@ from skSAE._recipe import (
     TrainingSchedule,
     TrainingStatistics,
     decay_factor,
-    default_learning_rate,
     geometric_median,
     resample_dead_latents,
     warmup_factor,
 )
-
-
-def test_default_learning_rate_follows_the_width_scaling():
-    assert default_learning_rate(2**14) == pytest.approx(2e-4)
-    assert default_learning_rate(2**12) == pytest.approx(4e-4)
-    assert default_learning_rate(64) == pytest.approx(3.2e-3)
 
 
 def test_warmup_factor_is_linear_then_one():
