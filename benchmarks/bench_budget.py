@@ -1,8 +1,9 @@
 """Batch size and learning rate per token budget: the sweep behind ``batch_size="auto"``.
 
 For each token budget (training rows x passes) and dictionary width, fits one TopK
-`SparseAutoencoder` per (batch size, learning rate) of a grid, the library's current
-defaults (``batch_size=4096``, ``learning_rate=None``) among them, and measures each
+`SparseAutoencoder` per (batch size, learning rate) of a grid, with the library's
+defaults (``batch_size="auto"``, ``learning_rate=None``) and the old ones
+(``batch_size=4096``, ``2e-4 / sqrt(n_components / 2**14)``) among them, and measures each
 fit on held-out rows. Quality per training token is the point: every fit of one
 table sees the same rows the same number of times, and only the batch size (so
 the number of optimiser steps) and the learning rate change.
@@ -22,9 +23,11 @@ the true directions of the best cosine with a row of ``components_``), ``>0.9``
 and the fit's wall time (a fit that raises, e.g. on divergence, prints ``diverged``).
 
 One table per (budget, width): rows are batch sizes (with their step counts),
-columns learning rates (``None`` is the current width-scaled default,
-``2e-4 / sqrt(n_components / 2**14)``), cells ``FVE/MMCS``; a second table gives
-``>0.9/dead``. Below them, the best (batch, lr) by FVE and by MMCS and how far the
+columns learning rates (``None`` is the default, ``0.3 / sqrt(steps)``; ``old`` the
+old width-scaled default ``2e-4 / sqrt(n_components / 2**14)``), cells ``FVE/MMCS``; a
+second table gives ``>0.9/dead``. The last row, ``auto``, is ``batch_size="auto"``
+(left out when the grid has its value: then the defaults are that row's ``None``).
+Below them, the best (batch, lr) by FVE and by MMCS and how far the
 defaults are from each. All results go to ``budget.json`` in the output folder
 (default ``benchmarks/output/``, ignored by git), rewritten after every fit.
 
@@ -32,6 +35,7 @@ Run from the repository root::
 
     python benchmarks/bench_budget.py           # the full grid (see GRID below)
     python benchmarks/bench_budget.py --tables 5 6  # only the 1M-token tables
+    python benchmarks/bench_budget.py --data smollm2  # SmolLM2 block-6 activations
     python benchmarks/bench_budget.py --quick   # tiny smoke test, seconds
 """
 
@@ -45,13 +49,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_frontier import make_synthetic
+from bench_frontier import load_activations, make_synthetic, split_by_document
 
 import skSAE
-from skSAE import SparseAutoencoder
+from skSAE import SparseAutoencoder, corpora
+from skSAE._recipe import auto_batch_size, default_learning_rate
 
 SEED = 0
-DEFAULT_BATCH = 4096  # the library's current default batch_size
+OLD_BATCH = 4096  # the defaults before batch_size="auto" (issue 11)
+OLD = "old"  # the old default learning rate, 2e-4 / sqrt(n_components / 2**14)
 DATA = {
     "n_features": 64,
     "n_true": 512,
@@ -62,7 +68,7 @@ DATA = {
 }
 # (rows, passes, n_components, batch sizes, learning rates); None is the default lr.
 # Ordered by budget, so that a run stopped early has the small budgets at both widths.
-LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, None)
+LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, OLD, None)
 GRID = (
     (20_000, 10, 512, (128, 256, 512, 1024, 4096), LRS),
     (20_000, 10, 2048, (128, 256, 512, 1024, 4096), LRS),
@@ -73,11 +79,22 @@ GRID = (
     (1_000_000, 1, 2048, (512, 2048, 4096), (3e-3, 1e-2, 3e-2, None)),
 )
 QUICK_DATA = {**DATA, "n_features": 16, "n_true": 32, "mean_active": 3.0, "test_rows": 512, "k": 3}
-QUICK_GRID = ((2000, 2, 64, (64, 256, 4096), (3e-3, None)),)
+QUICK_GRID = ((2000, 2, 64, (64, 4096), (OLD, None)),)
+# SmolLM2-135M block-6 activations of the pydoc texts (D=576; bench_peers' real set),
+# TopK k=32 at 8 * D latents, the main job's shape; whole documents held out.
+REAL = {"layer": 6, "context_size": 128, "test_tokens": 10_000, "k": 32}
+# One budget: a fit of 4608 latents takes 0.5-2 min on 2 cores.
+REAL_GRID = ((100_000, 2, 4608, (256, 1024, 4096), (2e-3, 6e-3, 2e-2, OLD, None)),)
+
+
+def old_learning_rate(n_components):
+    return 2e-4 / math.sqrt(n_components / 2**14)
 
 
 def mean_max_cosine(directions, components):
-    """(mean best cosine of each true direction, fraction of them above 0.9)."""
+    """(mean best cosine of each true direction, fraction of them above 0.9); NaN without."""
+    if directions is None:
+        return float("nan"), float("nan")
     learned = components / np.linalg.norm(components, axis=1, keepdims=True).clip(1e-12)
     best = (directions @ learned.T).max(axis=1)
     return float(best.mean()), float((best > 0.9).mean())
@@ -89,7 +106,7 @@ def fit_point(X_train, X_test, directions, *, passes, n_components, k, batch_siz
         k=k,
         n_components=n_components,
         batch_size=batch_size,
-        learning_rate=lr,
+        learning_rate=old_learning_rate(n_components) if lr == OLD else lr,
         max_iter=passes,
         device="cpu",
         random_state=SEED,
@@ -114,12 +131,14 @@ def fit_point(X_train, X_test, directions, *, passes, n_components, k, batch_siz
         "n_components": n_components,
         "batch_size": batch_size,
         "learning_rate": lr,
-        "learning_rate_used": lr if lr is not None else 2e-4 / math.sqrt(n_components / 2**14),
+        "learning_rate_used": sae.learning_rate_ if error is None else float("nan"),
         "fve": fve,
         "mmcs": mmcs,
         "matched": matched,
         "dead": dead,
-        "steps": math.ceil(X_train.shape[0] / min(batch_size, X_train.shape[0])) * passes,
+        "batch_size_used": sae.batch_size_ if error is None else batch_size,
+        "auto_batch_size": min(auto_batch_size(X_train.shape[0] * passes), X_train.shape[0]),
+        "steps": sae.n_steps_ if error is None else -1,
         "seconds": seconds,
         "error": error,
         "warnings": sorted({type(w.message).__name__ for w in caught}),
@@ -127,7 +146,7 @@ def fit_point(X_train, X_test, directions, *, passes, n_components, k, batch_siz
 
 
 def lr_label(lr):
-    return "None" if lr is None else f"{lr:g}"
+    return "None" if lr is None else lr if lr == OLD else f"{lr:g}"
 
 
 def print_tables(points, batches, lrs):
@@ -144,15 +163,24 @@ def print_tables(points, batches, lrs):
                 for p in row
             )
             print(f"{batch:>6} {row[0]['steps']:>6} {values}")
-    default = cell[DEFAULT_BATCH, None]
+    old = cell.get((OLD_BATCH, OLD))
+    auto = points[0]["auto_batch_size"]
+    new = cell.get(("auto", None), cell.get((auto, None)))
     for metric in ("fve", "mmcs"):
+        if all(math.isnan(p[metric]) for p in points):
+            continue
         best = max(points, key=lambda p: -math.inf if p["error"] else p[metric])
-        print(
+        line = (
             f"best by {metric.upper()}: batch {best['batch_size']}, lr "
-            f"{lr_label(best['learning_rate'])} ({best['steps']} steps): {best[metric]:.3f}; "
-            f"defaults (batch {DEFAULT_BATCH}, lr None, {default['steps']} steps): "
-            f"{default[metric]:.3f} ({default[metric] - best[metric]:+.3f})"
+            f"{lr_label(best['learning_rate'])} ({best['steps']} steps): {best[metric]:.3f}"
         )
+        for label, p in (("defaults", new), ("old defaults", old)):
+            if p is not None:
+                line += (
+                    f"; {label} (batch {p['batch_size_used']}, lr {p['learning_rate_used']:.3g}, "
+                    f"{p['steps']} steps): {p[metric]:.3f} ({p[metric] - best[metric]:+.3f})"
+                )
+        print(line)
     seconds = sum(p["seconds"] for p in points)
     tokens = sum(p["rows"] * p["passes"] for p in points)
     print(f"fit wall time of this table: {seconds:.0f} s ({tokens / seconds:.0f} tok/s)")
@@ -161,6 +189,12 @@ def print_tables(points, batches, lrs):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument(
+        "--data",
+        choices=("synthetic", "smollm2"),
+        default="synthetic",
+        help="synthetic with ground truth (default) or SmolLM2-135M block-6 activations",
+    )
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "output")
     parser.add_argument(
         "--tables",
@@ -169,11 +203,15 @@ def main(argv=None):
         help="run only these tables of the grid (1-based, in GRID order); same data",
     )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.data = "synthetic"
     data, grid = (QUICK_DATA, QUICK_GRID) if args.quick else (DATA, GRID)
+    if args.data == "smollm2":
+        data, grid = REAL, REAL_GRID
     # The data is drawn at the largest row count of the whole grid, so that a
     # selection of tables sees the same training and held-out rows as the full run.
     max_rows = max(rows for rows, *_ in grid)
-    name = "budget_quick" if args.quick else "budget"
+    name = "budget_quick" if args.quick else f"budget_{args.data}"
     if args.tables:
         grid = [grid[i - 1] for i in args.tables]
         name += "_tables-" + "-".join(str(i) for i in args.tables)
@@ -185,19 +223,37 @@ def main(argv=None):
         f"torch.get_num_threads()={torch.get_num_threads()}"
     )
     started = time.perf_counter()
-    X_all, X_test, directions = make_synthetic({**data, "rows": max_rows}, seed=SEED)
-    print(
-        f"synthetic: D={data['n_features']}, {data['n_true']} true directions, mean true L0 "
-        f"{data['mean_active']:g}, k={data['k']}, {X_test.shape[0]} held-out rows "
-        f"(drawn in {time.perf_counter() - started:.0f} s)"
-    )
+    if args.data == "smollm2":
+        activations, doc_index, _ = load_activations(
+            "SmolLM2", corpora.smollm2_path(), data["layer"], data, args.output, False, False
+        )
+        held_out = split_by_document(doc_index, data["test_tokens"])
+        X_all = activations[~held_out].astype(np.float32)
+        X_test = activations[held_out].astype(np.float32)
+        directions = None
+        print(
+            f"SmolLM2-135M block {data['layer']}, pydoc texts: D={X_all.shape[1]}, "
+            f"{X_all.shape[0]} training rows (the first rows of each budget), "
+            f"{X_test.shape[0]} held-out rows (whole documents), k={data['k']}"
+        )
+    else:
+        X_all, X_test, directions = make_synthetic({**data, "rows": max_rows}, seed=SEED)
+        print(
+            f"synthetic: D={data['n_features']}, {data['n_true']} true directions, mean true "
+            f"L0 {data['mean_active']:g}, k={data['k']}, {X_test.shape[0]} held-out rows "
+            f"(drawn in {time.perf_counter() - started:.0f} s)"
+        )
     results = []
     for rows, passes, n_components, batches, lrs in grid:
+        auto = min(auto_batch_size(rows * passes), rows)
         print(
             f"\n== {rows} rows x {passes} passes = {rows * passes} tokens, "
-            f"n_components={n_components} (default lr "
-            f"{2e-4 / math.sqrt(n_components / 2**14):.3g})"
+            f"n_components={n_components} (old default lr {old_learning_rate(n_components):.3g}; "
+            f"batch_size='auto' = {auto}, lr None = "
+            f"{default_learning_rate(passes * math.ceil(rows / auto)):.3g} there)"
         )
+        if auto not in batches:
+            batches = (*batches, "auto")
         points = []
         for batch in batches:
             for lr in lrs:

@@ -33,9 +33,11 @@ Architectures and their knob (one row group each):
   printed in the ``coef`` column).
 - ``topk``, ``batchtopk``, ``matryoshka``: the defaults, swept over ``k``.
 
-All but ``reference`` use the default learning rate
-(``2e-4 / sqrt(n_components / 2**14)``) and schedule. Every fit uses the same
-``batch_size``, ``max_iter`` and ``random_state``.
+All but ``reference`` use the library's defaults for the batch size and the learning
+rate (``batch_size="auto"``, ``learning_rate=None``: about 1000 steps at ``0.3 /
+sqrt(steps)``) and the schedule; ``reference`` keeps the seed's batch size (1024
+synthetic, 512 real) and rate. Every fit uses the same ``max_iter`` and
+``random_state``.
 
 Metrics, on the held-out rows unless said otherwise:
 
@@ -270,13 +272,13 @@ def sweep_values(architecture, config):
 
 def make_estimator(architecture, value, n_components, config):
     if architecture == "reference":
-        params = dict(REFERENCE_PARAMS)
+        # The seed's fixed recipe, batch size included.
+        params = dict(REFERENCE_PARAMS, batch_size=config["batch_size"])
     else:
-        params = {"architecture": architecture}
+        params = {"architecture": architecture}  # batch_size="auto", learning_rate=None
     params[KNOBS[architecture]] = value
     return SparseAutoencoder(
         n_components=n_components,
-        batch_size=config["batch_size"],
         max_iter=config["epochs"],
         device="cpu",
         random_state=SEED,
@@ -318,7 +320,8 @@ def fit_point(architecture, value, X_train, X_test, n_components, config, direct
     result["dead_held_out"] = dead_fraction(codes)
     result["coefficient"] = getattr(sae, "sparsity_coefficient_", None)
     result["train_l0"] = float(sae.latent_frequency_.sum())
-    result["learning_rate"] = sae.learning_rate  # None: the default for n_components
+    result["learning_rate"] = sae.learning_rate_
+    result["batch_size"] = sae.batch_size_
     if directions is not None:
         result["cosine"] = mean_max_cosine(directions, sae.components_)
     return result
@@ -478,7 +481,7 @@ def run_synthetic(args, output):
     print(
         f"\n== synthetic: D={config['n_features']}, {config['n_true']} true directions, "
         f"n_components={config['n_components']}, {X_train.shape[0]} training rows, "
-        f"{X_test.shape[0]} held-out rows, batch {config['batch_size']}, "
+        f"{X_test.shape[0]} held-out rows, reference batch {config['batch_size']}, "
         f"{config['epochs']} epochs =="
     )
     print(

@@ -66,7 +66,8 @@ def test_bench_sparse_decode_quick_checks_and_times_both_paths():
 
 
 def test_bench_budget_quick_prints_tables(tmp_path):
-    # --quick: one tiny (budget, width), 3 batch sizes x 2 learning rates; seconds.
+    # --quick: one tiny (budget, width), batches 64, 4096 and "auto" x the old and the
+    # new default learning rate; seconds.
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "bench_budget.py"), "--quick", "--output", tmp_path],
         capture_output=True,
@@ -76,10 +77,11 @@ def test_bench_budget_quick_prints_tables(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "-- FVE/MMCS" in result.stdout and "-- >0.9/dead" in result.stdout
     assert "best by FVE" in result.stdout and "best by MMCS" in result.stdout
+    assert "; defaults (batch 128, " in result.stdout  # 4000 tokens: the smallest batch
     cells = [
         line.split()[2:]
         for line in result.stdout.splitlines()
-        if line.split() and line.split()[0] in {"64", "256", "4096"}
+        if line.split() and line.split()[0] in {"64", "4096", "auto"}
     ]
     assert len(cells) == 6  # 3 batch sizes, in both tables
     for row in cells:
