@@ -89,9 +89,9 @@ class ActivationCache:
     Datasets: one per field of `Extraction`: ``activations`` (n_rows, d_model) float32,
     chunked and resizable; ``token_ids``, ``doc_index`` and ``position`` (n_rows,) int64.
     Attributes record the extractor's `extraction_key` (model, tokenizer, hook, layer,
-    context settings, dtype and skSAE version), the number and digest of the texts,
-    ``d_model``, and how far an unfinished extraction got. The object stores only the
-    path, so it pickles.
+    context and batch settings, dtype, the position and norm rules and skSAE version),
+    the number and digest of the texts, ``d_model``, and how far an unfinished extraction
+    got. The object stores only the path, so it pickles.
 
     Parameters
     ----------

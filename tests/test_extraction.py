@@ -402,10 +402,12 @@ def test_extraction_key_names_every_setting_that_changes_rows(tiny_model_dir):
         "dtype",
         "exclude_special_tokens",
         "drop_first_position",
+        "max_norm_ratio",
+        "batch_size",  # max_norm_ratio's median is taken per forward batch
         "sksae_version",
     }
     # Settings that do not change the rows leave the key as it is.
-    same = extractor_for(tiny_model_dir, verbose=1).set_params(batch_size=1, cache_dir="x")
+    same = extractor_for(tiny_model_dir, verbose=1).set_params(device="cpu", cache_dir="x")
     assert same.extraction_key() == key
     assert extractor_for(tiny_model_dir, tokenizer=make_char_tokenizer()).extraction_key() != key
 
@@ -446,6 +448,7 @@ def test_set_params_model_after_load_extracts_the_new_model(tiny_model_dir, tmp_
         ({"model": 3}, "model"),
         ({"model": "m", "tokenizer": 3}, "tokenizer"),
         ({"model": "m", "layer": -1}, "layer"),
+        ({"model": "m", "max_norm_ratio": 0.5}, "max_norm_ratio"),
     ],
 )
 def test_invalid_parameters_raise_in_fit_and_in_transform_without_fit(params, name):
@@ -573,3 +576,117 @@ def test_loss_recovered_validates_its_arguments(tiny_model_dir, function):
         function(perfect_sae(16), extractor, TEXTS, ablation="max")
     with pytest.raises(InvalidParameterError, match="'sae' parameter"):
         function("sae", extractor, TEXTS)
+
+
+# ------------------------------------------------------------------- norm rule
+
+
+def batch_median_reference(extractor, texts, ratio):
+    """Reference rows of the norm rule: ``max_norm_ratio=None`` rows, filtered per batch."""
+    every = list(extractor_for(extractor.model, max_norm_ratio=None).iter_batches(texts))
+    kept, ratios = [], []
+    for batch in every:
+        norms = np.linalg.norm(batch.activations.astype(np.float64), axis=1)
+        median = np.sort(norms)[(len(norms) - 1) // 2]  # torch.median's lower middle value
+        keep = norms <= ratio * median
+        kept.append(batch.activations[keep])
+        ratios.append(norms[keep] / median)
+    return np.concatenate(kept), np.concatenate(ratios)
+
+
+def with_massive_activations(extractor, scale=100.0):
+    """Scale the residual stream at context position 1 after block 0 (a massive activation).
+
+    Returns the hook handle; the extractor (layer 1) then sees it at that position.
+    """
+    from skSAE.extraction import _find_blocks
+
+    model, _ = extractor.load()
+
+    def scale_position_1(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = torch.cat([hidden[:, :1], scale * hidden[:, 1:2], hidden[:, 2:]], dim=1)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    return _find_blocks(model)[0].register_forward_hook(scale_position_1)
+
+
+def test_max_norm_ratio_drops_rows_over_the_batch_median_ratio(tiny_model_dir):
+    extractor = extractor_for(tiny_model_dir, max_norm_ratio=1.2)
+    acts = extractor.transform(TEXTS * 2)
+    expected, ratios = batch_median_reference(extractor, TEXTS * 2, 1.2)
+    every = extractor_for(tiny_model_dir, max_norm_ratio=None).transform(TEXTS * 2)
+    assert 0 < acts.shape[0] < every.shape[0]  # the rule dropped some rows, not all
+    np.testing.assert_array_equal(acts, expected)
+    assert ratios.max() <= 1.2
+
+
+def test_massive_activation_rows_dropped_by_default_kept_with_none(tiny_model_dir):
+    extractor = extractor_for(tiny_model_dir)
+    handle = with_massive_activations(extractor)
+    try:
+        kept = extractor.extract(TEXTS)
+        whole = extractor.set_params(max_norm_ratio=None).extract(TEXTS)  # the same model
+    finally:
+        handle.remove()
+    massive = whole.position % 16 == 1  # context position 1 (contexts of 16 tokens)
+    assert massive.sum() == sum(len(text) // 16 + (len(text) % 16 > 1) for text in TEXTS)
+    for name in whole._fields:
+        np.testing.assert_array_equal(getattr(kept, name), getattr(whole, name)[~massive])
+
+
+def test_dropped_positions_are_not_replaced_in_a_splice(tiny_model_dir):
+    extractor = extractor_for(tiny_model_dir)
+    handle = with_massive_activations(extractor)
+    try:
+        spliced = extractor.cross_entropy(TEXTS[:2], replacement=torch.zeros_like)
+        losses = extractor.spliced_losses(TEXTS[:2], {"zero": torch.zeros_like})
+        baselines = extractor.baseline_cross_entropies(TEXTS[:2])
+        # Reference: zero the block output at every position but 0 and 1, by hand.
+        model, tokenizer = extractor.load()
+
+        def zero_after_second(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = torch.cat([hidden[:, :2], torch.zeros_like(hidden[:, 2:])], dim=1)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        total, count = 0.0, 0
+        zeroing = extractor._hook_module().register_forward_hook(zero_after_second)
+        with torch.inference_mode():
+            for text in TEXTS[:2]:
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                for start in range(0, len(ids), 16):
+                    piece = torch.tensor([ids[start : start + 16]])
+                    logits = model(input_ids=piece).logits[0, :-1]
+                    total += float(
+                        torch.nn.functional.cross_entropy(logits, piece[0, 1:], reduction="sum")
+                    )
+                    count += piece.shape[1] - 1
+        zeroing.remove()
+    finally:
+        handle.remove()
+    assert spliced == pytest.approx(total / count, rel=1e-5)
+    assert losses.spliced["zero"] == pytest.approx(spliced, rel=1e-6)
+    assert baselines.ablated == pytest.approx(spliced, rel=1e-6)
+
+
+def test_loss_recovered_splices_sae_and_ablation_at_the_same_positions(tiny_model_dir):
+    # An SAE that outputs zeros is the zero ablation only if both replace the same positions.
+    extractor = extractor_for(tiny_model_dir, max_norm_ratio=1.2)
+    sae = perfect_sae(16)
+    sae.components_ = np.zeros_like(sae.components_)
+    details = loss_recovered_details(sae, extractor, TEXTS)
+    assert details.ce_sae == pytest.approx(details.ce_ablated, rel=1e-6)
+    every = extractor_for(tiny_model_dir, max_norm_ratio=None)
+    assert extractor.cross_entropy(TEXTS, torch.zeros_like) != pytest.approx(
+        every.cross_entropy(TEXTS, torch.zeros_like), rel=1e-6
+    )
+
+
+def test_max_norm_ratio_is_in_the_extraction_key(tiny_model_dir):
+    key = extractor_for(tiny_model_dir).extraction_key()
+    assert key["max_norm_ratio"] == 15.0
+    assert extractor_for(tiny_model_dir, max_norm_ratio=None).extraction_key()[
+        "max_norm_ratio"
+    ] == float("inf")
+    assert extractor_for(tiny_model_dir, max_norm_ratio=1.2).extraction_key() != key

@@ -161,3 +161,17 @@ def test_store_appears_only_once_it_holds_rows(tiny_model_dir, tmp_path, monkeyp
     assert seen[0] is False and all(seen[1:])
     assert ActivationCache(store).n_rows > 0
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_store_of_another_max_norm_ratio_is_refused(tiny_model_dir, tmp_path):
+    store = tmp_path / "acts.h5"
+    cache = extractor_for(tiny_model_dir, max_norm_ratio=None).extract(TEXTS, store=store)
+    assert cache.attrs["max_norm_ratio"] == float("inf")
+    with pytest.raises(ValueError, match=r"differs in \['max_norm_ratio'\]"):
+        extractor_for(tiny_model_dir).extract(TEXTS, store=store)
+
+
+def test_store_with_max_norm_ratio_equals_in_memory(tiny_model_dir, tmp_path):
+    extractor = extractor_for(tiny_model_dir, max_norm_ratio=1.2)
+    stored = extractor.extract(TEXTS * 2, store=tmp_path / "acts.h5").read()
+    assert_same_rows(stored, extractor.extract(TEXTS * 2))
