@@ -399,31 +399,32 @@ class TopKModule(SparseAutoencoderModule):
         if self.sparse_decode:
             x_hat_BD = _sparse_decode(values_BK, index_BK, self.W_dec_FD) + self.b_dec_D
         else:
-            codes_BF = torch.zeros_like(pre_BF).scatter(1, index_BK, values_BK)
+            codes_BF = torch.zeros_like(pre_BF).scatter_(1, index_BK, values_BK)
             x_hat_BD = self.decode(codes_BF)
         return x_hat_BD, _fires_from_indices(values_BK, index_BK, pre_BF.shape[1])
 
     def loss(self, x_BD, dead_latents=None):
         pre_BF = self.pre_activation(x_BD)
         x_hat_BD, fires_F = self._reconstruct(pre_BF)
-        error_BD = x_BD - x_hat_BD
-        squared_error = error_BD.square().sum()
+        # x_hat - x, not x - x_hat: the same squares, and no negation in the backward pass.
+        residual_BD = x_hat_BD - x_BD
+        squared_error = residual_BD.square().sum()
         loss = squared_error / x_BD.shape[0]
         if dead_latents is not None and self.aux_coefficient > 0:
-            aux = self.aux_loss(pre_BF, error_BD.detach(), dead_latents)
+            aux = self.aux_loss(pre_BF, residual_BD.detach(), dead_latents)
             loss = loss + self.aux_coefficient * aux
         return LossTerms(loss, squared_error.detach(), fires_F)
 
-    def aux_loss(self, pre_BF, error_BD, dead_latents):
-        """AuxK: squared error of the dead latents' top-``aux_k`` fit to ``error_BD``.
+    def aux_loss(self, pre_BF, residual_BD, dead_latents):
+        """AuxK: squared error of the dead latents' top-``aux_k`` fit to the error.
 
-        Only the dead latents' columns are searched, so the cost follows their number
-        rather than the dictionary's size.
+        The error is ``x - x_hat = -residual_BD``. Only the dead latents' columns are
+        searched, so the cost follows their number rather than the dictionary's size.
         """
         pre_BA = pre_BF.index_select(1, dead_latents)
         values_BK, index_BK = pre_BA.topk(min(self.aux_k, pre_BA.shape[1]), dim=1, sorted=False)
         aux_BD = _sparse_decode(torch.relu(values_BK), dead_latents[index_BK], self.W_dec_FD)
-        return (aux_BD - error_BD).square().sum() / pre_BF.shape[0]
+        return (aux_BD + residual_BD).square().sum() / pre_BF.shape[0]
 
 
 def _fires_from_indices(values_BK, index_BK, n_components):
@@ -493,7 +494,7 @@ class BatchTopKModule(TopKModule):
         if not self.training:
             return torch.where(pre_BF > self.threshold, pre_BF, 0.0)
         values_K, index_K = self.select_flat(pre_BF)
-        return torch.zeros_like(pre_BF).flatten().scatter(0, index_K, values_K).view_as(pre_BF)
+        return torch.zeros_like(pre_BF).flatten().scatter_(0, index_K, values_K).view_as(pre_BF)
 
     def _reconstruct(self, pre_BF):
         n_rows, n_components = pre_BF.shape
@@ -505,7 +506,7 @@ class BatchTopKModule(TopKModule):
             offsets_B = counts_B.cumsum(0) - counts_B
             x_hat_BD = _sparse_decode(values_K, latent_K, self.W_dec_FD, offsets_B) + self.b_dec_D
         else:
-            codes_N = torch.zeros_like(pre_BF).flatten().scatter(0, index_K, values_K)
+            codes_N = torch.zeros_like(pre_BF).flatten().scatter_(0, index_K, values_K)
             x_hat_BD = self.decode(codes_N.view_as(pre_BF))
         return x_hat_BD, _fires_from_indices(values_K, latent_K, n_components)
 
@@ -544,7 +545,7 @@ class MatryoshkaModule(BatchTopKModule):
         pre_BF = self.pre_activation(x_BD)
         n_rows, n_components = pre_BF.shape
         values_K, index_K = self.select_flat(pre_BF)
-        codes_BF = torch.zeros_like(pre_BF).flatten().scatter(0, index_K, values_K)
+        codes_BF = torch.zeros_like(pre_BF).flatten().scatter_(0, index_K, values_K)
         codes_BF = codes_BF.view_as(pre_BF)
         x_hat_BD = self.b_dec_D.expand_as(x_BD)
         prefix_errors_P = []
@@ -556,8 +557,8 @@ class MatryoshkaModule(BatchTopKModule):
         squared_error = prefix_errors_P[-1]
         loss = torch.stack(prefix_errors_P).mean() / n_rows
         if dead_latents is not None and self.aux_coefficient > 0:
-            error_BD = (x_BD - x_hat_BD).detach()
-            loss = loss + self.aux_coefficient * self.aux_loss(pre_BF, error_BD, dead_latents)
+            residual_BD = (x_hat_BD - x_BD).detach()
+            loss = loss + self.aux_coefficient * self.aux_loss(pre_BF, residual_BD, dead_latents)
         fires_F = _fires_from_indices(values_K, index_K % n_components, n_components)
         return LossTerms(loss, squared_error.detach(), fires_F)
 
