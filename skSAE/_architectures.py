@@ -482,31 +482,32 @@ class TopKModule(SparseAutoencoderModule):
         if self.sparse_decode:
             x_hat_BD = _sparse_decode(values_BK, index_BK, self.W_dec_FD) + self.b_dec_D
         else:
-            codes_BF = torch.zeros_like(pre_BF).scatter(1, index_BK, values_BK)
+            codes_BF = torch.zeros_like(pre_BF).scatter_(1, index_BK, values_BK)
             x_hat_BD = self.decode(codes_BF)
         return x_hat_BD, _fires_from_indices(values_BK, index_BK, pre_BF.shape[1])
 
     def loss(self, x_BD, dead_latents=None):
         pre_BF = self.pre_activation(x_BD)
         x_hat_BD, fires_F = self._reconstruct(pre_BF)
-        error_BD = x_BD - x_hat_BD
-        squared_error = error_BD.square().sum()
+        # x_hat - x, not x - x_hat: the same squares, and no negation in the backward pass.
+        residual_BD = x_hat_BD - x_BD
+        squared_error = residual_BD.square().sum()
         loss = squared_error / x_BD.shape[0]
         if dead_latents is not None and self.aux_coefficient > 0:
-            aux = self.aux_loss(pre_BF, error_BD.detach(), dead_latents)
+            aux = self.aux_loss(pre_BF, residual_BD.detach(), dead_latents)
             loss = loss + self.aux_coefficient * aux
         return LossTerms(loss, squared_error.detach(), fires_F)
 
-    def aux_loss(self, pre_BF, error_BD, dead_latents):
-        """AuxK: squared error of the dead latents' top-``aux_k`` fit to ``error_BD``.
+    def aux_loss(self, pre_BF, residual_BD, dead_latents):
+        """AuxK: squared error of the dead latents' top-``aux_k`` fit to the error.
 
-        Only the dead latents' columns are searched, so the cost follows their number
-        rather than the dictionary's size.
+        The error is ``x - x_hat = -residual_BD``. Only the dead latents' columns are
+        searched, so the cost follows their number rather than the dictionary's size.
         """
         pre_BA = pre_BF.index_select(1, dead_latents)
         values_BK, index_BK = pre_BA.topk(min(self.aux_k, pre_BA.shape[1]), dim=1, sorted=False)
         aux_BD = _sparse_decode(torch.relu(values_BK), dead_latents[index_BK], self.W_dec_FD)
-        return (aux_BD - error_BD).square().sum() / pre_BF.shape[0]
+        return (aux_BD + residual_BD).square().sum() / pre_BF.shape[0]
 
 
 def _fires_from_indices(values_BK, index_BK, n_components):
@@ -585,7 +586,7 @@ class BatchTopKModule(TopKModule):
         if not self.training:
             return torch.where(pre_BF > self.threshold, pre_BF, 0.0)
         values_K, index_K = self.select_flat(pre_BF)
-        return torch.zeros_like(pre_BF).flatten().scatter(0, index_K, values_K).view_as(pre_BF)
+        return torch.zeros_like(pre_BF).flatten().scatter_(0, index_K, values_K).view_as(pre_BF)
 
     def _reconstruct(self, pre_BF):
         n_rows, n_components = pre_BF.shape
@@ -597,7 +598,7 @@ class BatchTopKModule(TopKModule):
             offsets_B = counts_B.cumsum(0) - counts_B
             x_hat_BD = _sparse_decode(values_K, latent_K, self.W_dec_FD, offsets_B) + self.b_dec_D
         else:
-            codes_N = torch.zeros_like(pre_BF).flatten().scatter(0, index_K, values_K)
+            codes_N = torch.zeros_like(pre_BF).flatten().scatter_(0, index_K, values_K)
             x_hat_BD = self.decode(codes_N.view_as(pre_BF))
         return x_hat_BD, _fires_from_indices(values_K, latent_K, n_components)
 
@@ -636,7 +637,7 @@ class MatryoshkaModule(BatchTopKModule):
         pre_BF = self.pre_activation(x_BD)
         n_rows, n_components = pre_BF.shape
         values_K, index_K = self.select_flat(pre_BF)
-        codes_BF = torch.zeros_like(pre_BF).flatten().scatter(0, index_K, values_K)
+        codes_BF = torch.zeros_like(pre_BF).flatten().scatter_(0, index_K, values_K)
         codes_BF = codes_BF.view_as(pre_BF)
         x_hat_BD = self.b_dec_D.expand_as(x_BD)
         prefix_errors_P = []
@@ -648,57 +649,74 @@ class MatryoshkaModule(BatchTopKModule):
         squared_error = prefix_errors_P[-1]
         loss = torch.stack(prefix_errors_P).mean() / n_rows
         if dead_latents is not None and self.aux_coefficient > 0:
-            error_BD = (x_BD - x_hat_BD).detach()
-            loss = loss + self.aux_coefficient * self.aux_loss(pre_BF, error_BD, dead_latents)
+            residual_BD = (x_hat_BD - x_BD).detach()
+            loss = loss + self.aux_coefficient * self.aux_loss(pre_BF, residual_BD, dead_latents)
         fires_F = _fires_from_indices(values_K, index_K % n_components, n_components)
         return LossTerms(loss, squared_error.detach(), fires_F)
 
 
-def _rectangle(pre_BF, threshold_F, bandwidth):
-    """The kernel window of the straight-through estimators: ``|z - t| < bandwidth / 2``."""
-    return ((pre_BF - threshold_F).abs() < bandwidth / 2).to(pre_BF.dtype)
+def _rectangle(pre_BF, threshold_F, bandwidth, out=None):
+    """The kernel window of the straight-through estimators, ``|z - t| < bandwidth / 2`` (bool).
+
+    ``out``, a float tensor like ``pre_BF``, receives the distance ``|z - t|`` on the way.
+    """
+    distance_BF = pre_BF - threshold_F if out is None else torch.sub(pre_BF, threshold_F, out=out)
+    return distance_BF.abs_() < bandwidth / 2
 
 
 class _JumpReLU(torch.autograd.Function):
-    """``z * (z > t)``, with a kernel-density pseudo-gradient for ``t``.
+    """``z * (z > t)`` and each row's L0 ``sum(z > t)``, with pseudo-gradients for ``t``.
 
-    d/dt is ``-(t / bandwidth) * K((z - t) / bandwidth)`` with a rectangle kernel K
-    (Rajamanoharan et al. 2024b); z gets the plain gradient of the mask.
+    Through the codes, d/dt is ``-(t / bandwidth) * K((z - t) / bandwidth)`` with a
+    rectangle kernel K, and z gets the plain gradient of the mask; through the L0, d/dt
+    is ``-(1 / bandwidth) * K((z - t) / bandwidth)`` and z gets none (Rajamanoharan et
+    al. 2024b). Also returns each latent's firing count (no gradient).
+
+    One function for both, so that the backward pass keeps two boolean (B, F) masks
+    rather than the float pre-activations (the codes are kept by the decoder's product
+    anyway), and the counts come from one float pass over the mask.
     """
 
     @staticmethod
     def forward(ctx, pre_BF, threshold_F, bandwidth):
-        ctx.save_for_backward(pre_BF, threshold_F)
+        fired_BF = pre_BF > threshold_F
+        # One float (B, F) buffer beside the pre-activations: the step, then the
+        # distance to the threshold, then the codes.
+        buffer_BF = torch.empty_like(pre_BF)
+        step_BF = buffer_BF.copy_(fired_BF)
+        l0_B = step_BF.sum(dim=1)
+        fires_F = step_BF.sum(dim=0, dtype=torch.float32)
+        # Under autocast (bfloat16 pre-activations) the distance is float32: no reuse.
+        reuse = pre_BF.dtype == threshold_F.dtype
+        window_BF = _rectangle(pre_BF, threshold_F, bandwidth, out=buffer_BF if reuse else None)
+        ctx.save_for_backward(fired_BF, window_BF, threshold_F)
         ctx.bandwidth = bandwidth
-        return torch.where(pre_BF > threshold_F, pre_BF, 0.0)
+        ctx.mark_non_differentiable(fires_F)
+        # Outputs without a gradient (the counts; the L0 outside the loss) get None.
+        ctx.set_materialize_grads(False)
+        codes_BF = torch.where(fired_BF, pre_BF, pre_BF.new_zeros(()), out=buffer_BF)
+        return codes_BF, l0_B, fires_F
 
     @staticmethod
-    def backward(ctx, grad_BF):
-        pre_BF, threshold_F = ctx.saved_tensors
-        grad_pre_BF = grad_BF * (pre_BF > threshold_F)
-        window_BF = _rectangle(pre_BF, threshold_F, ctx.bandwidth)
-        grad_threshold_F = -(threshold_F / ctx.bandwidth) * (grad_BF * window_BF).sum(dim=0)
-        return grad_pre_BF, grad_threshold_F.to(threshold_F.dtype), None
-
-
-class _Step(torch.autograd.Function):
-    """``(z > t)`` as a number, with d/dt ``-(1 / bandwidth) * K((z - t) / bandwidth)``.
-
-    As in Rajamanoharan et al. (2024b), z gets no gradient from the L0 penalty.
-    """
-
-    @staticmethod
-    def forward(ctx, pre_BF, threshold_F, bandwidth):
-        ctx.save_for_backward(pre_BF, threshold_F)
-        ctx.bandwidth = bandwidth
-        return (pre_BF > threshold_F).to(pre_BF.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_BF):
-        pre_BF, threshold_F = ctx.saved_tensors
-        window_BF = _rectangle(pre_BF, threshold_F, ctx.bandwidth)
-        grad_threshold_F = -(grad_BF * window_BF).sum(dim=0) / ctx.bandwidth
-        return None, grad_threshold_F.to(threshold_F.dtype), None
+    def backward(ctx, grad_BF, grad_l0_B, grad_fires_F):
+        fired_BF, window_BF, threshold_F = ctx.saved_tensors
+        # One (B, F) buffer beside grad_BF for the products, which becomes d/dz.
+        dtype = (grad_BF if grad_BF is not None else grad_l0_B).dtype
+        buffer_BF = torch.empty_like(window_BF, dtype=dtype)
+        grad_threshold_F = None
+        if grad_BF is not None:
+            product_BF = torch.mul(grad_BF, window_BF, out=buffer_BF)
+            grad_threshold_F = -(threshold_F / ctx.bandwidth) * product_BF.sum(dim=0)
+        if grad_l0_B is not None:
+            product_BF = torch.mul(grad_l0_B[:, None], window_BF, out=buffer_BF)
+            grad_l0_F = -product_BF.sum(dim=0) / ctx.bandwidth
+            grad_threshold_F = (
+                grad_l0_F if grad_threshold_F is None else grad_threshold_F + grad_l0_F
+            )
+        if grad_threshold_F is not None:
+            grad_threshold_F = grad_threshold_F.to(threshold_F.dtype)
+        grad_pre_BF = None if grad_BF is None else torch.mul(grad_BF, fired_BF, out=buffer_BF)
+        return grad_pre_BF, grad_threshold_F, None
 
 
 class JumpReLUModule(SparseAutoencoderModule):
@@ -764,11 +782,20 @@ class JumpReLUModule(SparseAutoencoderModule):
     def activate(self, pre_BF):
         if not self.training:
             return torch.where(pre_BF > self.threshold_F, pre_BF, 0.0)
-        return _JumpReLU.apply(pre_BF, self.threshold_F, self.bandwidth)
+        return _JumpReLU.apply(pre_BF, self.threshold_F, self.bandwidth)[0]
 
     def penalty(self, codes_BF, pre_BF):
-        l0_B = _Step.apply(pre_BF, self.threshold_F, self.bandwidth).sum(dim=1)
+        l0_B = _JumpReLU.apply(pre_BF, self.threshold_F, self.bandwidth)[1]
         return self.sparsity_coefficient * l0_B.mean()
+
+    def loss(self, x_BD, dead_latents=None):
+        # The pre-activations are not kept: the backward pass needs only the masks.
+        codes_BF, l0_B, fires_F = _JumpReLU.apply(
+            self.pre_activation(x_BD), self.threshold_F, self.bandwidth
+        )
+        squared_error = (self.decode(codes_BF) - x_BD).square().sum()
+        loss = squared_error / x_BD.shape[0] + self.sparsity_coefficient * l0_B.mean()
+        return LossTerms(loss, squared_error.detach(), fires_F)
 
     @torch.no_grad()
     def constrain_weights(self):

@@ -543,8 +543,11 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self._random_state = check_random_state(self.random_state)
         self._generator = torch_generator(self._random_state)
         sample_BD = data.sample(_INIT_SAMPLE_ROWS, self._random_state).to(device)
-        mean_D = sample_BD.double().mean(dim=0) if self.with_mean else None
-        centred_BD = sample_BD.double() if mean_D is None else sample_BD.double() - mean_D
+        # One float64 copy of the sample, centred and scaled in place.
+        centred_BD = sample_BD.to(torch.float64, copy=True)
+        mean_D = centred_BD.mean(dim=0) if self.with_mean else None
+        if mean_D is not None:
+            centred_BD -= mean_D
         mean_squared_norm = float(centred_BD.square().sum(dim=1).mean())
         # Mean squared norm = n_features after scaling (Conerly et al. 2024), so that
         # coefficients and learning rates mean the same at any activation scale.
@@ -554,7 +557,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.input_mean_ = np.zeros(self.n_features_in_, np.float32)
         if mean_D is not None:
             self.input_mean_ = to_numpy(mean_D.float())
-        x_BD = (centred_BD * self.input_scale_).float()
+        x_BD = centred_BD.mul_(self.input_scale_).float()
+        del centred_BD
         if self.decoder_bias_init == "geometric_median":
             b_dec_D = geometric_median(x_BD)
         else:

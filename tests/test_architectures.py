@@ -163,6 +163,42 @@ def test_jumprelu_pseudo_gradients_match_the_kernel_formulas():
     torch.testing.assert_close(module.threshold_F.grad, -0.7 * window.sum(0) / 0.8 / B)
 
 
+def test_jumprelu_loss_matches_the_codes_and_penalty_separately():
+    module = make_module(JumpReLUModule, bandwidth=0.8)
+    with torch.no_grad():
+        module.threshold_F.copy_(torch.rand(F, dtype=torch.float64))
+    module.sparsity_coefficient.fill_(0.7)
+    x_BD = batch()
+    terms, grads = loss_and_grads(module, x_BD)
+    module.zero_grad()
+    pre = module.pre_activation(x_BD)
+    codes = module.activate(pre)
+    squared_error = ((module.decode(codes) - x_BD) ** 2).sum()
+    (squared_error / B + module.penalty(codes, pre)).backward()
+    torch.testing.assert_close(terms.loss, squared_error / B + module.penalty(codes, pre))
+    torch.testing.assert_close(terms.squared_error, squared_error.detach())
+    torch.testing.assert_close(terms.fires_F, (codes > 0).sum(0).to(terms.fires_F.dtype))
+    for name, parameter in module.named_parameters():
+        torch.testing.assert_close(grads[name], parameter.grad)
+
+
+def test_jumprelu_training_keeps_no_float_batch_by_latents_tensor_but_the_codes():
+    module = make_module(JumpReLUModule, bandwidth=0.8)
+    saved = {}
+
+    def pack(tensor):
+        if tensor.shape == (B, F):
+            saved[tensor.data_ptr()] = tensor.dtype
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        module.loss(batch())
+    float_tensors = [dtype for dtype in saved.values() if dtype.is_floating_point]
+    # The codes (kept by the decoder's product); the backward pass needs only two masks.
+    assert len(float_tensors) == 1
+    assert sorted(map(str, saved.values())) == ["torch.bool", "torch.bool", "torch.float64"]
+
+
 def test_jumprelu_start_at_l0_sets_the_requested_density():
     module = make_module(JumpReLUModule, bandwidth=0.1)
     x_BD = torch.randn(500, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
