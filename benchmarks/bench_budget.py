@@ -250,7 +250,7 @@ def main(argv=None):
             f"\n== {rows} rows x {passes} passes = {rows * passes} tokens, "
             f"n_components={n_components} (old default lr {old_learning_rate(n_components):.3g}; "
             f"batch_size='auto' = {auto}, lr None = "
-            f"{default_learning_rate(passes * math.ceil(rows / auto)):.3g} there)"
+            f"{default_learning_rate(passes * math.ceil(rows / auto), X_all.shape[1]):.3g} there)"
         )
         if auto not in batches:
             batches = (*batches, "auto")

@@ -227,7 +227,9 @@ def real_texts(quick):
 def load_activations(name, path, layer, config, output, refresh, quick):
     """Extract (or load from the cache) the activations and document index of each row."""
     tag = "".join(c if c.isalnum() else "-" for c in name.split(" ")[0])
-    cache = output / f"activations_{tag}_layer{layer}_ctx{config['context_size']}.npz"
+    # The extractor's defaults decide which rows are kept (max_norm_ratio among them).
+    ratio = ActivationExtractor().max_norm_ratio
+    cache = output / f"activations_{tag}_layer{layer}_ctx{config['context_size']}_ratio{ratio}.npz"
     if cache.exists() and not refresh and not quick:
         with np.load(cache) as saved:
             print(f"activations loaded from {cache}")

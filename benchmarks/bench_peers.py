@@ -400,6 +400,12 @@ def parse_args(argv=None):
         default="plain,sae_lens,dictionary_learning",
         help="comma-separated contestants besides skSAE (default: all)",
     )
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=None, help=f"default {BATCH_SIZES}"
+    )
+    parser.add_argument(
+        "--learning-rates", type=float, nargs="+", default=None, help=f"default {LEARNING_RATES}"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny smoke test")
     args = parser.parse_args(argv)
     if args.quick:
@@ -412,8 +418,10 @@ def main(argv=None):
     peers = find_peers()
     k = QUICK_K if args.quick else K
     passes = args.passes or (QUICK_PASSES if args.quick else PASSES)
-    batch_sizes = QUICK_BATCH_SIZES if args.quick else BATCH_SIZES
-    learning_rates = QUICK_LEARNING_RATES if args.quick else LEARNING_RATES
+    batch_sizes = QUICK_BATCH_SIZES if args.quick else tuple(args.batch_sizes or BATCH_SIZES)
+    learning_rates = (
+        QUICK_LEARNING_RATES if args.quick else tuple(args.learning_rates or LEARNING_RATES)
+    )
     started = time.perf_counter()
     X_train, X_test, directions, description = load_data(args)
     n_components = EXPANSION * X_train.shape[1]

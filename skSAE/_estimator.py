@@ -172,11 +172,13 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     decoder_bias_init : {"mean", "geometric_median"}, default="mean"
         Starting point of `b_dec_`, computed on up to 65,536 training rows.
     learning_rate : float, default=None
-        Adam step size. ``None`` means ``0.3 / sqrt(steps)``, at most 1e-2, for the
-        optimiser steps the fit will make (``max_iter * ceil(n_samples / batch_size_)``):
-        1e-2 up to 900 steps, 3e-3 at 10,000. In `partial_fit` the steps are all those
-        made so far including the call's, and at least 977 (a stream of 1M rows), so
-        the rate falls as a stream goes on. The value used is `learning_rate_`.
+        Adam step size. ``None`` means ``min(0.3 / sqrt(steps), 1e-2)`` for the optimiser
+        steps the fit will make (``max_iter * ceil(n_samples / batch_size_)``), times
+        ``(64 / n_features_in_) ** 0.75`` for inputs wider than 64: at 64 features
+        1e-2 up to 900 steps and 3e-3 at 10,000; at 576, 1.9e-3 at 790 steps. In
+        `partial_fit` the steps are all those made so far including the call's, and
+        at least 977 (a stream of 1M rows), so the rate falls as a stream goes on. The
+        value used is `learning_rate_`.
     warmup_steps : int, default=0
         Steps of linear learning-rate warm-up at the start of training.
     decay_fraction : float, default=0.2
@@ -765,10 +767,12 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         if self.learning_rate is not None:
             learning_rate = self.learning_rate
         elif whole_fit:
-            learning_rate = default_learning_rate(total_steps)
+            learning_rate = default_learning_rate(total_steps, self.n_features_in_)
         else:
             stream_steps = math.ceil(STREAM_TOKENS / auto_batch_size(STREAM_TOKENS))
-            learning_rate = default_learning_rate(max(self.n_steps_ + total_steps, stream_steps))
+            learning_rate = default_learning_rate(
+                max(self.n_steps_ + total_steps, stream_steps), self.n_features_in_
+            )
         if whole_fit and total_steps < MIN_CONVERGED_STEPS:
             warnings.warn(
                 f"This fit will make only {total_steps} optimisation steps ({n_epochs} passes "

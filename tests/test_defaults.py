@@ -54,14 +54,20 @@ def test_auto_batch_size_stays_between_128_and_4096():
 
 
 def test_default_learning_rate_follows_the_steps():
-    assert default_learning_rate(900) == pytest.approx(0.01)
-    assert default_learning_rate(10_000) == pytest.approx(3e-3)
-    assert default_learning_rate(4 * 900) == pytest.approx(default_learning_rate(900) / 2)
+    assert default_learning_rate(900, 64) == pytest.approx(0.01)
+    assert default_learning_rate(10_000, 64) == pytest.approx(3e-3)
+    assert default_learning_rate(3600, 64) == pytest.approx(default_learning_rate(900, 64) / 2)
+
+
+def test_default_learning_rate_falls_with_the_input_width():
+    assert default_learning_rate(10_000, 16) == default_learning_rate(10_000, 64)
+    assert default_learning_rate(10_000, 576) == pytest.approx(3e-3 * (64 / 576) ** 0.75)
+    assert default_learning_rate(10_000, 1024) == pytest.approx(3e-3 / 8)
 
 
 def test_default_learning_rate_is_capped_for_short_runs():
-    assert default_learning_rate(1) == MAX_DEFAULT_LEARNING_RATE
-    assert default_learning_rate(10) == MAX_DEFAULT_LEARNING_RATE
+    assert default_learning_rate(1, 64) == MAX_DEFAULT_LEARNING_RATE
+    assert default_learning_rate(10, 8) == MAX_DEFAULT_LEARNING_RATE
 
 
 # ------------------------------------------------------------- the estimator
@@ -73,7 +79,7 @@ def test_fit_resolves_the_batch_and_rate_from_its_budget():
     # 15,000 rows seen: at most 1000 steps means the smallest batch, 128: 24 steps a pass.
     assert sae.batch_size_ == 128
     assert sae.n_steps_ == 5 * math.ceil(3000 / 128)
-    assert sae.learning_rate_ == default_learning_rate(120) == MAX_DEFAULT_LEARNING_RATE
+    assert sae.learning_rate_ == default_learning_rate(120, 16) == MAX_DEFAULT_LEARNING_RATE
     assert sae.batch_size == "auto" and sae.learning_rate is None  # parameters untouched
 
 
@@ -95,7 +101,7 @@ def test_partial_fit_sizes_the_batch_for_a_long_stream_and_keeps_it():
     sae.partial_fit(X)
     assert sae.batch_size_ == auto_batch_size(STREAM_TOKENS) == 1024
     stream_steps = math.ceil(STREAM_TOKENS / 1024)
-    assert sae.learning_rate_ == pytest.approx(default_learning_rate(stream_steps))
+    assert sae.learning_rate_ == pytest.approx(default_learning_rate(stream_steps, 16))
     sae.partial_fit(X[:500])  # a smaller block: the batch is the whole block
     assert sae.batch_size_ == 500
     sae.partial_fit(X)
@@ -112,9 +118,9 @@ def test_partial_fit_rate_falls_as_the_stream_goes_on(monkeypatch):
         sae.partial_fit(X)
         rates.append(sae.learning_rate_)
     assert sae.batch_size_ == 128 and sae.n_steps_ == 200
-    assert rates[0] == rates[18] == pytest.approx(default_learning_rate(157))
-    assert rates[19] == pytest.approx(default_learning_rate(160))
-    assert rates[-1] == pytest.approx(default_learning_rate(200))
+    assert rates[0] == rates[18] == pytest.approx(default_learning_rate(157, 16))
+    assert rates[19] == pytest.approx(default_learning_rate(160, 16))
+    assert rates[-1] == pytest.approx(default_learning_rate(200, 16))
 
 
 def test_too_few_steps_warn_and_name_the_knobs(small_X):

@@ -132,7 +132,7 @@ def test_learning_rate_default_follows_the_steps(small_X):
     sae = SparseAutoencoder(n_components=32, max_iter=1, decay_fraction=0.0, random_state=0)
     sae.fit(small_X)
     assert sae._optimizer.param_groups[0]["lr"] == pytest.approx(
-        default_learning_rate(sae.n_steps_)
+        default_learning_rate(sae.n_steps_, small_X.shape[1])
     )
 
 
