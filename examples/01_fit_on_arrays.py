@@ -8,8 +8,9 @@ the ordinary scikit-learn workflow: ``fit`` on the first 90 % of the texts,
 is on both sides).
 
 Two SAEs are compared on the held-out rows, with PCA at the same number of active
-components as an honest baseline: a TopK SAE with ``k=32`` and a ReLU SAE whose
-``l1_coefficient`` gives a similar L0 at block 6 (other layers need their own value).
+components as an honest baseline: a TopK SAE with ``k=32`` and a ReLU SAE calibrated
+to the same L0 (``target_l0=32``). Both use the library's defaults for the batch size
+and the learning rate, resolved from the budget (``batch_size_``, ``learning_rate_``).
 
 Run from the repository root (offline; about 1.5 minutes on 2 idle CPU cores)::
 
@@ -97,8 +98,6 @@ def main(argv=None):
     common = dict(
         expansion_factor=8,
         max_iter=5,
-        learning_rate=2e-3,
-        batch_size=2048,
         random_state=0,
         verbose=1,
     )
@@ -111,8 +110,8 @@ def main(argv=None):
             X_test,
         ),
         evaluate(
-            "SAE relu (l1=1.5)",
-            SparseAutoencoder(architecture="relu", l1_coefficient=1.5, **common),
+            "SAE relu (target_l0=32)",
+            SparseAutoencoder(architecture="relu", target_l0=32, **common),
             X_train,
             X_test,
         ),
