@@ -96,7 +96,7 @@ def main(argv=None):
             f"{'L0':>6} {'dead':>6} {'steps':>6} {'fit s':>6}"
         )
         for layer in layers:
-            extractor = ActivationExtractor(model, layer=layer, device="cpu")
+            extractor = ActivationExtractor(model, layer=layer, device="cpu", verbose=1)
             X_train = extractor.transform(train_texts)
             X_test = extractor.transform(test_texts)
             for architecture in args.architectures:

@@ -95,10 +95,11 @@ def threshold_for_l0(pre_NF, l0):
     return cut.clamp_min(0)
 
 
-# Rows of the initialisation sample used to place thresholds or biases at a target L0:
-# about 2**22 pre-activations (16 MB), at least 256 rows.
 def l0_sample_rows(n_components):
-    """Rows of a sample whose pre-activations fill about 2**22 values (at least 256)."""
+    """Rows of the sample that places thresholds or biases at a target L0.
+
+    About 2**22 pre-activations (16 MB in float32), at least 256 rows.
+    """
     return max(256, 2**22 // n_components)
 
 
@@ -219,12 +220,15 @@ class SparseAutoencoderModule(nn.Module):
     def start_at_l0(self, x_BD, target_l0):
         """Set what the variant can so that training starts at about ``target_l0``."""
 
+    @torch.no_grad()
     def nudge_toward_l0(self, error):
-        """Move what acts on L0 at once, by the smoothed log L0 excess ``error``.
+        """Act on L0 at once, given the smoothed log L0 excess ``error``.
 
-        Called after each step of a ``target_l0`` calibration, besides the slower
-        change of the coefficient; nothing by default.
+        Called after each step of a ``target_l0`` calibration that steers the
+        coefficient (ReLU, gated: the encoder or gate biases), besides the slower change
+        of the coefficient: `rescue_closed_latents`.
         """
+        rescue_closed_latents(self.W_enc_DF, self.b_enc_F, error)
 
     def settle(self, x_BD):
         """At the end of a training call, fit what inference needs to its rows ``x_BD``.
@@ -392,10 +396,6 @@ class ReLUModule(SparseAutoencoderModule):
         """
         pre_BF = self.pre_activation(x_BD[: l0_sample_rows(self.b_enc_F.numel())])
         self.b_enc_F.sub_(threshold_for_l0(pre_BF, target_l0))
-
-    @torch.no_grad()
-    def nudge_toward_l0(self, error):
-        rescue_closed_latents(self.W_enc_DF, self.b_enc_F, error)
 
     def activate(self, pre_BF):
         return torch.relu(pre_BF)
@@ -841,10 +841,6 @@ class GatedModule(SparseAutoencoderModule):
         """Lower every gate bias by one amount so that training starts at ``target_l0``."""
         gate_BF, _ = self._paths(x_BD[: l0_sample_rows(self.b_enc_F.numel())])
         self.b_enc_F.sub_(threshold_for_l0(gate_BF, target_l0))
-
-    @torch.no_grad()
-    def nudge_toward_l0(self, error):
-        rescue_closed_latents(self.W_enc_DF, self.b_enc_F, error)  # the gate's biases
 
     def _paths(self, x_BD):
         base_BF = x_BD @ self.W_enc_DF

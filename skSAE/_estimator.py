@@ -242,8 +242,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         Codes are kept where the pre-activation exceeds it: one value for
         ``"batchtopk"`` and ``"matryoshka"`` (set at the end of each training call so
         that a sample of its rows, about 4 million pre-activations, keeps ``k`` codes
-        per row on average), one per latent
-        for ``"jumprelu"`` and ``"gated"``.
+        per row on average), one per latent for ``"jumprelu"`` and ``"gated"``.
         Absent for the other architectures.
     input_scale_ : float
         Factor the inputs were multiplied by in training so that their mean squared norm
@@ -789,7 +788,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     def _minibatch_step(self, run, stats, x_BD):
         """One optimisation step on a batch in the user's units."""
         module, optimizer = run.module, run.optimizer
-        x_BD = (x_BD - run.mean_D) * run.scale if run.mean_D is not None else x_BD * run.scale
+        x_BD = _training_units(run, x_BD)
         run.schedule.apply(optimizer, self.n_steps_ - run.steps_before)
         with run.autocast:
             terms = run.loss_function(x_BD, run.dead_latents if run.use_aux else None)
@@ -932,11 +931,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
 
     def _training_sample(self, run, n_rows):
         """Up to ``n_rows`` random rows of the call's data, in training units."""
-        device = run.module.W_enc_DF.device
-        x_BD = run.data.sample(n_rows, self._random_state).to(device)
-        if run.mean_D is not None:
-            x_BD = x_BD - run.mean_D
-        return x_BD * run.scale
+        x_BD = run.data.sample(n_rows, self._random_state).to(run.module.W_enc_DF.device)
+        return _training_units(run, x_BD)
 
     def _export(self, module):
         """Copy the module's public form, in the user's units, to the NumPy attributes."""
@@ -1144,6 +1140,11 @@ class _TrainingRun:
     window: TrainingStatistics | None = None
     pass_summary: dict | None = None
     first_explained_variance: float | None = None
+
+
+def _training_units(run, x_BD):
+    """Rows in the user's units to the training normalisation of ``run``."""
+    return (x_BD - run.mean_D) * run.scale if run.mean_D is not None else x_BD * run.scale
 
 
 def _postfix(summary):

@@ -22,6 +22,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+# Every architecture at a mean L0 of 4 (k, or the target of the calibrated ones).
+AT_L0_4 = {
+    "topk": dict(architecture="topk", k=4),
+    "batchtopk": dict(architecture="batchtopk", k=4),
+    "matryoshka": dict(architecture="matryoshka", k=4),
+    "jumprelu": dict(architecture="jumprelu", target_l0=4),
+    "gated": dict(architecture="gated", target_l0=4),
+    "relu": dict(architecture="relu", target_l0=4),
+}
+
+
 def make_sparse_dataset(
     n_samples=8192, n_features=32, n_true=64, p_active=4 / 64, noise=0.01, offset=0.3, seed=0
 ):

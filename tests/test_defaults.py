@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_sparse_dataset, mean_max_cosine
+from conftest import AT_L0_4, make_sparse_dataset, mean_max_cosine
 from sklearn.exceptions import ConvergenceWarning
 
 import skSAE._estimator as estimator_module
@@ -24,14 +24,6 @@ from skSAE._recipe import (
 )
 
 SMALL = dict(n_features=64, n_true=256, p_active=4 / 256, noise=0.02, offset=0.3)
-ARCHITECTURES_AT_L0_4 = {
-    "topk": dict(architecture="topk", k=4),
-    "batchtopk": dict(architecture="batchtopk", k=4),
-    "matryoshka": dict(architecture="matryoshka", k=4),
-    "jumprelu": dict(architecture="jumprelu", target_l0=4),
-    "gated": dict(architecture="gated", target_l0=4),
-    "relu": dict(architecture="relu", target_l0=4),
-}
 
 
 def mean_l0(sae, X):
@@ -197,12 +189,10 @@ RECOVERY_BAR = {
 
 
 @pytest.mark.slow  # acceptance: 30,000 rows x 8 passes, defaults only
-@pytest.mark.parametrize("name", sorted(ARCHITECTURES_AT_L0_4))
+@pytest.mark.parametrize("name", sorted(AT_L0_4))
 def test_every_architecture_meets_its_l0_on_small_data(small_data, name):
     X, X_test, directions = small_data
-    sae = SparseAutoencoder(
-        n_components=512, max_iter=8, random_state=0, **ARCHITECTURES_AT_L0_4[name]
-    )
+    sae = SparseAutoencoder(n_components=512, max_iter=8, random_state=0, **AT_L0_4[name])
     sae.fit(X)
     assert mean_l0(sae, X_test) == pytest.approx(4, rel=0.1)
     assert mean_max_cosine(directions, sae.components_) > RECOVERY_BAR[name]

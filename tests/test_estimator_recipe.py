@@ -6,7 +6,7 @@ The acceptance figures of issue 5 are measured on the synthetic set of conftest
 
 import numpy as np
 import pytest
-from conftest import make_sparse_dataset, mean_max_cosine
+from conftest import AT_L0_4, make_sparse_dataset, mean_max_cosine
 
 from skSAE import SparseAutoencoder
 from skSAE._recipe import default_learning_rate, geometric_median
@@ -21,14 +21,6 @@ SEED_REFERENCE = dict(
     decay_fraction=0.0,
     aux_coefficient=0.0,
 )
-AT_L0_4 = {
-    "topk": dict(architecture="topk", k=4),
-    "batchtopk": dict(architecture="batchtopk", k=4),
-    "matryoshka": dict(architecture="matryoshka", k=4),
-    "jumprelu": dict(architecture="jumprelu", target_l0=4),
-    "gated": dict(architecture="gated", target_l0=4),
-    "relu": dict(architecture="relu", target_l0=4),
-}
 
 
 @pytest.fixture(scope="module")
