@@ -1,5 +1,6 @@
 """skSAE: sparse autoencoders for mechanistic interpretability, with a scikit-learn face."""
 
+from . import io
 from ._estimator import SparseAutoencoder, TrainingDivergedError, TrainingInterruptedWarning
 from ._version import __version__
 from .cache import ActivationCache
@@ -12,4 +13,5 @@ __all__ = [
     "TrainingDivergedError",
     "TrainingInterruptedWarning",
     "__version__",
+    "io",
 ]

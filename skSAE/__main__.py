@@ -9,9 +9,7 @@ explained, dead latents and loss recovered on held-out texts. Every step is offl
 import argparse
 import time
 
-import joblib
-
-from . import ActivationExtractor, SparseAutoencoder, corpora
+from . import ActivationExtractor, SparseAutoencoder, corpora, io
 from ._architectures import ARCHITECTURES
 from .metrics import loss_recovered_details, mean_l0
 
@@ -50,7 +48,11 @@ def parse_args(argv=None):
         help="rows per step, or auto (default: about 1000 steps for the budget)",
     )
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--output", default=None, help="save the fitted SAE here (joblib)")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="save the fitted SAE to this folder (skSAE.io's format, with the hook metadata)",
+    )
     return parser.parse_args(argv)
 
 
@@ -138,8 +140,8 @@ def main(argv=None):
     for name, value in rows:
         print(f"{name:<32}{value:>10}")
     if args.output:
-        joblib.dump(sae, args.output)
-        print(f"\nsaved the SAE to {args.output}")
+        io.save(sae, args.output, overwrite=True, **extractor.hook_metadata())
+        print(f"\nsaved the SAE to {args.output} (skSAE.io.load reads it)")
 
 
 if __name__ == "__main__":

@@ -271,6 +271,10 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         Number of features seen during `fit`.
     feature_names_in_ : ndarray of shape (n_features_in_,)
         Names of features seen during `fit`, when ``X`` has string column names.
+    metadata_ : dict
+        Only on models read by `skSAE.io.load`: what the file records about the model
+        and hook the SAE was trained on (``model_name``, ``hook_name``, ...; see
+        `ActivationExtractor.from_metadata`). Absent otherwise.
 
     See Also
     --------
@@ -549,12 +553,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         mean_D = centred_BD.mean(dim=0) if self.with_mean else None
         if mean_D is not None:
             centred_BD -= mean_D
-        mean_squared_norm = float(centred_BD.square().sum(dim=1).mean())
-        # Mean squared norm = n_features after scaling (Conerly et al. 2024), so that
-        # coefficients and learning rates mean the same at any activation scale.
-        self.input_scale_ = (
-            math.sqrt(self.n_features_in_ / mean_squared_norm) if (mean_squared_norm > 0) else 1.0
-        )
+        self.input_scale_ = _input_scale(centred_BD)
         self.input_mean_ = np.zeros(self.n_features_in_, np.float32)
         if mean_D is not None:
             self.input_mean_ = to_numpy(mean_D.float())
@@ -689,6 +688,17 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
 
     def _start_run(self, data, n_epochs, device, whole_fit):
         """The torch state of one training call."""
+        if getattr(self, "_scale_from_data", False):
+            # An imported model (`skSAE.io`) trains in units measured on the first data
+            # it is trained on; its weights are rebuilt in them, with a fresh Adam state.
+            sample_BD = data.sample(_INIT_SAMPLE_ROWS, self._random_state)
+            self.input_scale_ = _input_scale(
+                sample_BD.to(torch.float64)
+                - torch.from_numpy(self.input_mean_).to(sample_BD.device, torch.float64)
+            )
+            self._scale_from_data = False
+            self._module = None
+            self._optimizer = None
         module, optimizer = self._training_module(device)
         module.train()
         n_components = module.W_dec_FD.shape[0]
@@ -712,7 +722,10 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             decay_fraction=self.decay_fraction if whole_fit else 0.0,
             coefficient=self._coefficient(self.architecture),
             target_l0=self.target_l0,
-            start_coefficient=getattr(self, "sparsity_coefficient_", None),
+            # An imported model has no coefficient yet: it starts from the parameter.
+            start_coefficient=getattr(
+                self, "sparsity_coefficient_", self._coefficient(self.architecture)
+            ),
             device=device,
         )
         use_aux = module.supports_aux_loss and self.aux_coefficient > 0
@@ -1142,6 +1155,17 @@ class _TrainingRun:
     first_explained_variance: float | None = None
 
 
+def _input_scale(centred_BD):
+    """The factor that makes the mean squared norm of the rows ``n_features``.
+
+    At that scale (Conerly et al. 2024) coefficients and learning rates mean the same
+    at any activation scale.
+    """
+    mean_squared_norm = float(centred_BD.square().sum(dim=1).mean())
+    n_features = centred_BD.shape[1]
+    return math.sqrt(n_features / mean_squared_norm) if mean_squared_norm > 0 else 1.0
+
+
 def _training_units(run, x_BD):
     """Rows in the user's units to the training normalisation of ``run``."""
     return (x_BD - run.mean_D) * run.scale if run.mean_D is not None else x_BD * run.scale
@@ -1179,3 +1203,170 @@ def _dead_latents(tracker):
 def _snapshot(module):
     """Copies of the module's state, to restore if training diverges."""
     return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
+def fitted_estimator(
+    params,
+    state,
+    *,
+    architecture=None,
+    fit_options=None,
+    attributes=None,
+    training_state=None,
+    scale_from_data=False,
+):
+    """A fitted `SparseAutoencoder` from a public form in the user's units (`skSAE.io`).
+
+    Parameters
+    ----------
+    params : dict
+        Constructor parameters.
+    state : dict of ndarray
+        ``W_enc_`` (D, F), ``b_enc_`` (F,), ``components_`` (F, D) with unit rows,
+        ``b_dec_`` (D,), and ``threshold_`` where the architecture has one; optionally
+        ``input_mean_`` (D,) and ``latent_frequency_`` (F,).
+    fit_options : dict, default=None
+        The module's constructor options as fitted; None resolves them from ``params``.
+    architecture : str, default=None
+        The fitted architecture; None means ``params["architecture"]``.
+    attributes : dict, default=None
+        Other fitted attributes (``input_scale_``, ``n_steps_``, ...), set as given.
+    training_state : dict, default=None
+        The random state and dead-latent counters of `exported_state`; None starts
+        them afresh (from ``random_state``).
+    scale_from_data : bool, default=False
+        The training normalisation is unknown (a model trained elsewhere): the first
+        training call measures it on its data.
+
+    Returns
+    -------
+    sae : SparseAutoencoder
+    """
+    sae = SparseAutoencoder(**params)
+    sae._validate_params()
+    architecture = sae.architecture if architecture is None else architecture
+    if architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"architecture must be one of {sorted(ARCHITECTURES)}, got {architecture!r}."
+        )
+    W_enc_DF = np.array(state["W_enc_"], dtype=np.float32, order="C")
+    n_features, n_components = W_enc_DF.shape
+    arrays = {"W_enc_": W_enc_DF}
+    for name, shape in (
+        ("b_enc_", (n_components,)),
+        ("components_", (n_components, n_features)),
+        ("b_dec_", (n_features,)),
+    ):
+        arrays[name] = np.array(state[name], dtype=np.float32, order="C")
+        if arrays[name].shape != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {arrays[name].shape}.")
+    module_class = ARCHITECTURES[architecture]
+    if module_class.has_threshold:
+        threshold = np.array(state["threshold_"], dtype=np.float32, order="C")
+        expected = () if issubclass(module_class, ARCHITECTURES["batchtopk"]) else (n_components,)
+        if threshold.shape != expected:
+            raise ValueError(
+                f"threshold_ of architecture={architecture!r} must have shape {expected}, "
+                f"got {threshold.shape}."
+            )
+        arrays["threshold_"] = threshold
+    for name, value in arrays.items():
+        if not np.isfinite(value).all():
+            raise ValueError(f"{name} holds NaN or infinite values.")
+        setattr(sae, name, value)
+    # No X to validate when a model is read from a file: the width is the weights'.
+    sae.n_features_in_ = n_features
+    sae.input_mean_ = np.zeros(n_features, np.float32)
+    if "input_mean_" in state:
+        sae.input_mean_ = np.array(state["input_mean_"], dtype=np.float32, order="C")
+    if "latent_frequency_" in state:
+        sae.latent_frequency_ = np.asarray(state["latent_frequency_"], dtype=np.float64)
+    sae.input_scale_ = 1.0
+    sae.loss_curve_ = []
+    sae.n_iter_ = 0
+    sae.n_steps_ = 0
+    for name, value in (attributes or {}).items():
+        if name == "feature_names_in_":
+            value = np.asarray(value, dtype=object)
+        setattr(sae, name, value)
+    sae._fit_architecture = architecture
+    sae._fit_options = module_class.resolve_options(
+        {**sae.get_params(), **(fit_options or {})}, n_components
+    )
+    sae._random_state = check_random_state(sae.random_state)
+    if training_state is not None:
+        # The state a pickle keeps, so that training continues exactly as it would.
+        sae._random_state = np.random.RandomState()
+        sae._random_state.set_state(
+            (
+                "MT19937",
+                np.asarray(training_state["random_keys"], dtype=np.uint32),
+                int(training_state["random_position"]),
+                int(training_state["random_has_gauss"]),
+                float(training_state["random_cached_gaussian"]),
+            )
+        )
+    sae._generator = None
+    sae._module = None
+    sae._optimizer = None
+    sae._rows_since_fired = None
+    sae._rows_seen = 0
+    if training_state is not None and "rows_since_fired" in training_state:
+        sae._rows_since_fired = np.asarray(training_state["rows_since_fired"], dtype=np.float64)
+        sae._rows_seen = int(training_state["rows_seen"])
+    sae._scale_from_data = scale_from_data
+    return sae
+
+
+# Fitted attributes `exported_state` saves besides the arrays, when present.
+_SAVED_ATTRIBUTES = (
+    "input_scale_",
+    "sparsity_coefficient_",
+    "dead_fraction_",
+    "loss_curve_",
+    "batch_size_",
+    "learning_rate_",
+    "n_iter_",
+    "n_steps_",
+)
+_SAVED_ARRAYS = (*_PUBLIC_NAMES.values(), "input_mean_", "latent_frequency_")
+
+
+def exported_state(sae):
+    """What `fitted_estimator` needs to rebuild ``sae`` exactly (`skSAE.io`'s own format).
+
+    Returns
+    -------
+    saved : dict
+        ``architecture`` and ``fit_options`` (as fitted), ``arrays`` (NumPy),
+        ``attributes`` (JSON scalars and lists), ``training_state`` (random state and
+        dead-latent counters: arrays and scalars) and ``scale_from_data``.
+    """
+    check_is_fitted(sae)
+    arrays = {name: np.asarray(getattr(sae, name)) for name in _SAVED_ARRAYS if hasattr(sae, name)}
+    attributes = {name: getattr(sae, name) for name in _SAVED_ATTRIBUTES if hasattr(sae, name)}
+    attributes["loss_curve_"] = [float(value) for value in attributes.get("loss_curve_", [])]
+    if hasattr(sae, "feature_names_in_"):
+        attributes["feature_names_in_"] = [str(name) for name in sae.feature_names_in_]
+    options = dict(sae._fit_options)
+    _, keys, position, has_gauss, cached_gaussian = sae._random_state.get_state()
+    training_state = {
+        "random_keys": keys,
+        "random_position": int(position),
+        "random_has_gauss": int(has_gauss),
+        "random_cached_gaussian": float(cached_gaussian),
+    }
+    if sae._rows_since_fired is not None:
+        training_state["rows_since_fired"] = np.asarray(sae._rows_since_fired, np.float64)
+        training_state["rows_seen"] = int(sae._rows_seen)
+    return {
+        "architecture": sae._fit_architecture,
+        "fit_options": {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in options.items()
+        },
+        "arrays": arrays,
+        "attributes": attributes,
+        "training_state": training_state,
+        "scale_from_data": bool(getattr(sae, "_scale_from_data", False)),
+    }

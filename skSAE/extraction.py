@@ -26,6 +26,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_memory
 from tqdm.auto import tqdm
 
+from ._hook_names import extractor_hook, transformer_lens_name
 from ._sklearn_compat import HasMethods, Interval, StrOptions, _fit_context, validate_params
 from ._utils import resolve_device
 from ._version import __version__, pop_saved_version
@@ -756,6 +757,107 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
             documents_done=documents_done,
         )
 
+    # ------------------------------------------------------------ SAE metadata
+
+    @classmethod
+    def from_metadata(cls, source, model=None, **params):
+        """The extractor of the activations an SAE was trained on, from its metadata.
+
+        Parameters
+        ----------
+        source : SparseAutoencoder or dict
+            A model read by `skSAE.io.load` (its ``metadata_``), or such a dict. The
+            hook comes from ``hook`` and ``layer`` (skSAE's own), else ``hook_name``:
+            TransformerLens names (``blocks.6.hook_resid_post``, ``hook_mlp_out``,
+            ``hook_attn_out``, ``hook_resid_pre``), dictionary_learning's
+            (``resid_post_layer_6``) or module paths (``layers.6``, sparsify's,
+            ``model.layers.6.mlp``), else ``hf_hook_name``. ``context_size``,
+            ``exclude_special_tokens``, ``drop_first_position`` and
+            ``max_norm_ratio`` are taken over when present.
+        model : str, path or transformers.PreTrainedModel, default=None
+            The model; None means the metadata's ``model_name`` (which must then be
+            a folder or hub name `transformers` can load here).
+        **params
+            Any other `ActivationExtractor` parameter, over the metadata's.
+
+        Returns
+        -------
+        extractor : ActivationExtractor
+
+        Examples
+        --------
+        >>> extractor = ActivationExtractor.from_metadata(
+        ...     {"hook_name": "blocks.6.hook_mlp_out", "context_size": 64}, model="path/to/model")
+        >>> extractor.hook, extractor.layer, extractor.context_size
+        ('mlp_out', 6, 64)
+        """
+        metadata = getattr(source, "metadata_", source)
+        if not isinstance(metadata, dict):
+            raise ValueError(
+                f"from_metadata expects a model read by skSAE.io.load or a dict, got "
+                f"{type(source).__name__} without metadata_; pass hook= and layer= to "
+                "ActivationExtractor instead."
+            )
+        if isinstance(metadata.get("hook"), str) and isinstance(metadata.get("layer"), int):
+            hook, layer = metadata["hook"], metadata["layer"]
+        else:
+            name = metadata.get("hook_name") or metadata.get("hf_hook_name")
+            if not isinstance(name, str):
+                raise ValueError(
+                    "The metadata names no hook (hook_name or hf_hook_name); pass hook= "
+                    f"and layer= to ActivationExtractor. It has {sorted(metadata)}."
+                )
+            hook, layer = extractor_hook(name)
+        model = metadata.get("model_name") if model is None else model
+        if model is None:
+            raise ValueError("The metadata names no model_name; pass model=.")
+        settings = {"model": model, "hook": hook, "layer": layer}
+        for name, kinds in (
+            ("context_size", int),
+            ("exclude_special_tokens", bool),
+            ("drop_first_position", bool),
+            ("max_norm_ratio", (int, float, type(None))),
+        ):
+            if name in metadata and isinstance(metadata[name], kinds):
+                settings[name] = metadata[name]
+        settings.update(params)
+        return cls(**settings)
+
+    def hook_metadata(self):
+        """What an SAE trained on this extractor's rows should record about them.
+
+        Pass it to `skSAE.io.save` (``**extractor.hook_metadata()``): the model, the
+        hook in TransformerLens and Hugging Face spelling, and the extraction settings,
+        so that `from_metadata` (or SAELens) finds the same activations. Loads the model.
+
+        Returns
+        -------
+        metadata : dict
+            ``model_name``, ``hook_name`` (TransformerLens spelling, or the module path
+            for a module hook), ``hf_hook_name`` (the module's path in the model),
+            ``hook``, ``layer``, ``context_size``, ``prepend_bos`` (whether the tokenizer
+            adds a BOS token), ``exclude_special_tokens``, ``drop_first_position`` and
+            ``max_norm_ratio``.
+        """
+        model, tokenizer = self.load()
+        module = self._hook_module()
+        hf_name = next(name for name, candidate in model.named_modules() if candidate is module)
+        hook, layer = (self.hook, self.layer) if self.hook in HOOKS else extractor_hook(self.hook)
+        ids = tokenizer("a")["input_ids"]
+        bos = getattr(tokenizer, "bos_token_id", None)
+        return {
+            "model_name": _model_name(self.model),
+            "hook_name": transformer_lens_name(hook, layer) or hf_name,
+            "hf_hook_name": hf_name,
+            "hook": hook,
+            "layer": layer,
+            "context_size": self.context_size,
+            "prepend_bos": bool(ids) and bos is not None and ids[0] == bos,
+            "exclude_special_tokens": self.exclude_special_tokens,
+            "drop_first_position": self.drop_first_position,
+            "max_norm_ratio": self.max_norm_ratio,
+        }
+
     # ----------------------------------------------------------------- loading
 
     def load(self):
@@ -882,6 +984,13 @@ def _find_blocks(model):
         f"Could not find the list of {n_layers} blocks in {type(model).__name__}; pass "
         "hook='<module path>' instead."
     )
+
+
+def _model_name(model):
+    """The model as a name others can load: the path or hub name, or ``name_or_path``."""
+    if _is_model_object(model):
+        return getattr(model.config, "name_or_path", "") or type(model).__name__
+    return os.fspath(model)
 
 
 def _is_model_object(model):

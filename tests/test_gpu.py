@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from skSAE import SparseAutoencoder
+from skSAE import SparseAutoencoder, io
 from skSAE._architectures import ARCHITECTURES
 
 pytestmark = pytest.mark.gpu
@@ -41,6 +41,21 @@ def test_cuda_model_loads_on_cpu_only_machine(tmp_path, small_X):
         "import pickle, numpy as np, sys;"
         f"sae = pickle.loads(open({str(tmp_path / 'sae.pkl')!r}, 'rb').read());"
         "sae.set_params(device='auto');"
+        f"codes = sae.transform(np.load({str(tmp_path / 'X.npy')!r}));"
+        f"np.testing.assert_array_equal(codes, np.load({str(tmp_path / 'codes.npy')!r}))"
+    )
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env)
+
+
+def test_cuda_model_saved_by_io_loads_on_cpu_only_machine(tmp_path, small_X):
+    sae = SparseAutoencoder(device="cuda", **FAST).fit(small_X)
+    io.save(sae, tmp_path / "sae")
+    np.save(tmp_path / "X.npy", small_X)
+    np.save(tmp_path / "codes.npy", sae.set_params(device="cpu").transform(small_X))
+    script = (
+        "import numpy as np; from skSAE import io;"
+        f"sae = io.load({str(tmp_path / 'sae')!r});"
         f"codes = sae.transform(np.load({str(tmp_path / 'X.npy')!r}));"
         f"np.testing.assert_array_equal(codes, np.load({str(tmp_path / 'codes.npy')!r}))"
     )

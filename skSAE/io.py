@@ -1,0 +1,378 @@
+"""Load and save SAEs as files: skSAE's own safe format, SAELens, sparsify, dictionary_learning.
+
+`load` reads a folder into a fitted `SparseAutoencoder`; `save` writes one. No format
+here runs code on load (no pickle): safetensors, JSON, and for dictionary_learning a
+torch state dict read with ``weights_only=True``.
+
+| format                  | read | write | architectures                                          |
+|-------------------------|------|-------|--------------------------------------------------------|
+| ``"skSAE"``             | yes  | yes   | all six                                                |
+| ``"saelens"`` (6.x)     | yes  | yes   | standard, topk, jumprelu, gated (batchtopk and         |
+|                         |      |       | matryoshka are written as jumprelu)                    |
+| ``"sparsify"``          | yes  | no    | topk                                                   |
+| ``"dictionary_learning"`` | yes | no   | AutoEncoder, AutoEncoderTopK, BatchTopKSAE,            |
+|                         |      |       | MatryoshkaBatchTopKSAE, JumpReluAutoEncoder, Gated     |
+"""
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import sklearn
+import torch
+
+from ._estimator import SparseAutoencoder, exported_state, fitted_estimator
+from ._formats import (
+    DICTIONARY_LEARNING_WEIGHTS,
+    SAELENS_CONFIG,
+    SAELENS_WEIGHTS,
+    SPARSIFY_CONFIG,
+    SPARSIFY_WEIGHTS,
+    FormatError,
+    read_dictionary_learning,
+    read_json_object,
+    read_saelens,
+    read_safetensors,
+    read_sparsify,
+    write_saelens,
+)
+from ._utils import resolve_device
+from ._version import __version__
+
+__all__ = ["FORMAT_VERSION", "FormatError", "detect_format", "load", "save"]
+
+FORMAT_VERSION = 1
+"""Version of skSAE's own layout that `save` writes; `load` reads it and older ones."""
+
+_MODEL_FILE = "model.safetensors"
+_CONFIG_FILE = "config.json"
+_READ_FORMATS = ("skSAE", "saelens", "sparsify", "dictionary_learning")
+_WRITE_FORMATS = ("skSAE", "saelens")
+
+
+def load(path, format="auto", *, norm_scaling_factor=None):
+    """Read an SAE folder into a fitted `SparseAutoencoder`.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The folder: skSAE's (``config.json`` + ``model.safetensors``), SAELens's
+        (``cfg.json`` + ``sae_weights.safetensors``, optional ``sparsity.safetensors``),
+        sparsify's (``cfg.json`` + ``sae.safetensors``, one folder per hook point) or
+        dictionary_learning's (``config.json`` + ``ae.pt``).
+    format : {"auto", "skSAE", "saelens", "sparsify", "dictionary_learning"}, default="auto"
+        ``"auto"`` tells the format from the file names.
+    norm_scaling_factor : float, default=None
+        For SAELens files with ``normalize_activations="expected_average_only_in"``:
+        the constant the inputs were multiplied by in training, folded into the
+        weights. Other formats ignore it.
+
+    Returns
+    -------
+    sae : SparseAutoencoder
+        Fitted. ``transform`` and ``inverse_transform`` compute what the original
+        library computes: reconstructions exactly, codes times the decoder row norms
+        (``components_`` rows are unit-norm; the files' rows usually are already).
+        A model from another library has ``metadata_`` (the file's model, hook and
+        format) and trains, with `partial_fit` or ``warm_start``, in units measured on
+        the first rows it is trained on.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` does not exist.
+    FormatError
+        A `ValueError` naming the file and field: a file, not a folder; no known
+        layout; a missing or misshaped tensor; an unknown architecture; a truncated
+        file; a JSON file that is not an object; a newer skSAE format version.
+
+    Notes
+    -----
+    Fine-tuning a loaded model (`partial_fit`, or `fit` with ``warm_start=True``)
+    keeps its architecture, dictionary size and weights and starts a fresh Adam
+    state. ``k`` and ``target_l0`` may be changed with `set_params`; the dictionary
+    size and input width cannot. The sparsity coefficient of an imported ReLU, gated
+    or JumpReLU model is unknown: it starts from `l1_coefficient` or `l0_coefficient`
+    (in training units), so pass ``target_l0`` to keep its sparsity.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile
+    >>> from skSAE import SparseAutoencoder, io
+    >>> X = np.random.default_rng(0).normal(size=(256, 8)).astype(np.float32)
+    >>> sae = SparseAutoencoder(n_components=16, k=2, max_iter=1, random_state=0).fit(X)
+    >>> folder = tempfile.mkdtemp()
+    >>> io.save(sae, folder, overwrite=True)
+    >>> bool((io.load(folder).transform(X) == sae.transform(X)).all())
+    True
+    """
+    folder = _existing_folder(path)
+    if format == "auto":
+        format = detect_format(folder)
+    elif format not in _READ_FORMATS:
+        raise ValueError(f"format must be 'auto' or one of {list(_READ_FORMATS)}, got {format!r}.")
+    if format == "skSAE":
+        return _load_own(folder)
+    if format == "saelens":
+        imported = read_saelens(folder, norm_scaling_factor=norm_scaling_factor)
+    elif format == "sparsify":
+        imported = read_sparsify(folder)
+    else:
+        imported = read_dictionary_learning(folder)
+    n_components = imported.state["W_enc_"].shape[1]
+    params = {"architecture": imported.architecture, "n_components": n_components}
+    params.update(imported.params)
+    return fitted_estimator(
+        params,
+        imported.state,
+        attributes={"metadata_": imported.metadata},
+        scale_from_data=True,
+    )
+
+
+def detect_format(path):
+    """The format of an SAE folder, from its file names (see `load`).
+
+    Raises
+    ------
+    FormatError
+        When the folder matches no format; names the files each format needs.
+    """
+    folder = Path(path)
+    names = {entry.name for entry in folder.iterdir()} if folder.is_dir() else set()
+    if {_CONFIG_FILE, _MODEL_FILE} <= names:
+        return "skSAE"
+    if {SAELENS_CONFIG, SAELENS_WEIGHTS} <= names:
+        return "saelens"
+    if {SPARSIFY_CONFIG, SPARSIFY_WEIGHTS} <= names:
+        return "sparsify"
+    if DICTIONARY_LEARNING_WEIGHTS in names:
+        return "dictionary_learning"
+    sparsify_files = {SPARSIFY_CONFIG, SPARSIFY_WEIGHTS}
+    hook_points = sorted(
+        entry.name
+        for entry in (folder.iterdir() if folder.is_dir() else ())
+        if entry.is_dir() and sparsify_files <= {e.name for e in entry.iterdir()}
+    )
+    hint = ""
+    if hook_points:
+        hint = f" It holds one sparsify SAE per hook point: load one of {hook_points}."
+    raise FormatError(
+        f"{folder} holds no SAE skSAE recognises (found {sorted(names) or 'nothing'}). "
+        f"Expected {_CONFIG_FILE} + {_MODEL_FILE} (skSAE), {SAELENS_CONFIG} + "
+        f"{SAELENS_WEIGHTS} (SAELens), {SPARSIFY_CONFIG} + {SPARSIFY_WEIGHTS} (sparsify) "
+        f"or {DICTIONARY_LEARNING_WEIGHTS} + config.json (dictionary_learning).{hint}"
+    )
+
+
+def save(sae, path, format="skSAE", *, overwrite=False, **metadata):
+    """Write a fitted `SparseAutoencoder` to a folder.
+
+    Parameters
+    ----------
+    sae : SparseAutoencoder
+        Fitted.
+    path : str or path-like
+        The folder to create. An existing non-empty folder is replaced only with
+        ``overwrite=True``, and only once the new one is complete.
+    format : {"skSAE", "saelens"}, default="skSAE"
+        ``"skSAE"``: ``model.safetensors`` (the fitted arrays) and ``config.json``
+        (parameters, fitted scalars, versions, metadata); `load` rebuilds the model
+        exactly. ``"saelens"``: SAELens 6's ``cfg.json`` + ``sae_weights.safetensors``
+        (+ ``sparsity.safetensors`` when `latent_frequency_` is known), for
+        ``sae_lens.SAE.load_from_disk``.
+    overwrite : bool, default=False
+        Replace an existing folder.
+    **metadata
+        JSON values recorded with the model, over those of ``sae.metadata_``; e.g.
+        ``**extractor.hook_metadata()`` (model, hook in TransformerLens and Hugging
+        Face spelling, context size), which SAELens reads from its ``metadata``.
+
+    Raises
+    ------
+    FileExistsError
+        When ``path`` exists and ``overwrite`` is false, or is a file.
+    ValueError
+        When a metadata value is not JSON.
+    """
+    if not isinstance(sae, SparseAutoencoder):
+        raise TypeError(f"save expects a SparseAutoencoder, got {type(sae).__name__}.")
+    if format not in _WRITE_FORMATS:
+        raise ValueError(f"format must be one of {list(_WRITE_FORMATS)}, got {format!r}.")
+    saved = exported_state(sae)
+    metadata = {
+        **{k: v for k, v in getattr(sae, "metadata_", {}).items() if k != "format"},
+        **metadata,
+    }
+    for key, value in metadata.items():
+        try:
+            json.dumps(value)
+        except TypeError as exc:
+            raise ValueError(f"metadata {key!r} is not a JSON value: {value!r}.") from exc
+    target = Path(path)
+    if target.is_file():
+        raise FileExistsError(f"{target} is a file; save writes a folder.")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{target} exists and is not empty; pass overwrite=True to replace it."
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        if format == "skSAE":
+            _write_own(scratch, sae, saved, metadata)
+        else:
+            k = saved["fit_options"].get("k") if saved["architecture"] == "topk" else None
+            write_saelens(scratch, saved["arrays"], saved["architecture"], k=k, metadata=metadata)
+        _replace_folder(scratch, target)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------ own format
+
+
+def _write_own(folder, sae, saved, metadata):
+    from safetensors.numpy import save_file
+
+    params = sae.get_params(deep=False)
+    if params.get("prefix_sizes") is not None:
+        params["prefix_sizes"] = [int(size) for size in params["prefix_sizes"]]
+    if params.get("random_state") is not None and not isinstance(params["random_state"], int):
+        params["random_state"] = None  # a RandomState instance has no JSON form
+    arrays = {name: np.array(value, order="C") for name, value in saved["arrays"].items()}
+    training = saved["training_state"]
+    for name in ("random_keys", "rows_since_fired"):
+        if name in training:
+            arrays[f"training.{name}"] = np.array(training[name], order="C")
+    training_scalars = {
+        name: value for name, value in training.items() if not isinstance(value, np.ndarray)
+    }
+    save_file(arrays, os.fspath(folder / _MODEL_FILE))
+    config = {
+        "format": "skSAE",
+        "format_version": FORMAT_VERSION,
+        "versions": {
+            "skSAE": __version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "scikit-learn": sklearn.__version__,
+        },
+        "architecture": saved["architecture"],
+        "fit_options": saved["fit_options"],
+        "params": params,
+        "attributes": saved["attributes"],
+        "training_state": training_scalars,
+        "scale_from_data": saved["scale_from_data"],
+        "metadata": metadata,
+    }
+    with open(folder / _CONFIG_FILE, "w", encoding="utf-8") as file:
+        json.dump(config, file, indent=2)
+
+
+def _load_own(folder):
+    config_path = folder / _CONFIG_FILE
+    config = read_json_object(config_path)
+    if config.get("format") != "skSAE":
+        raise FormatError(
+            f"{config_path}: field 'format' is {config.get('format')!r}, expected 'skSAE'."
+        )
+    version = config.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise FormatError(
+            f"{config_path}: field 'format_version' must be an integer, got {version!r}."
+        )
+    if version > FORMAT_VERSION:
+        written_by = (config.get("versions") or {}).get("skSAE", "a newer skSAE")
+        raise FormatError(
+            f"{config_path} has format_version {version}, written by skSAE {written_by}; this "
+            f"skSAE {__version__} reads format versions up to {FORMAT_VERSION}. Upgrade skSAE."
+        )
+    for name in ("params", "attributes", "fit_options", "metadata"):
+        if not isinstance(config.get(name), dict):
+            raise FormatError(f"{config_path}: field {name!r} must be an object.")
+    known = SparseAutoencoder().get_params()
+    params = {key: value for key, value in config["params"].items() if key in known}
+    unknown = sorted(set(config["params"]) - set(known))
+    if unknown:
+        warnings.warn(
+            f"{config_path}: ignoring parameters this skSAE does not have: {unknown}.",
+            UserWarning,
+            stacklevel=3,
+        )
+    if isinstance(params.get("device"), str):
+        try:
+            resolve_device(params["device"])
+        except (ValueError, RuntimeError):
+            warnings.warn(
+                f"{config_path}: saved with device={params['device']!r}, which this machine "
+                "does not have; loaded with device='auto'.",
+                UserWarning,
+                stacklevel=3,
+            )
+            params["device"] = "auto"
+    arrays = read_safetensors(folder / _MODEL_FILE)
+    for name in ("W_enc_", "b_enc_", "components_", "b_dec_"):
+        if name not in arrays:
+            raise FormatError(f"{folder / _MODEL_FILE} has no tensor {name!r}.")
+    training_state = None
+    if "training.random_keys" in arrays and isinstance(config.get("training_state"), dict):
+        training_state = {
+            **config["training_state"],
+            **{
+                name[len("training.") :]: value
+                for name, value in arrays.items()
+                if name.startswith("training.")
+            },
+        }
+    try:
+        sae = fitted_estimator(
+            params,
+            {name: value for name, value in arrays.items() if not name.startswith("training.")},
+            architecture=config.get("architecture"),
+            fit_options=config["fit_options"],
+            attributes={**config["attributes"], "metadata_": config["metadata"]},
+            training_state=training_state,
+            scale_from_data=bool(config.get("scale_from_data", False)),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise FormatError(f"{folder}: {exc}") from exc
+    if not config["metadata"]:
+        del sae.metadata_
+    return sae
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def _existing_folder(path):
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} does not exist.")
+    if not folder.is_dir():
+        raise FormatError(
+            f"{folder} is a file; load expects the folder that holds an SAE's files "
+            f"(try {folder.parent})."
+        )
+    return folder
+
+
+def _replace_folder(new, target):
+    """Move the complete folder ``new`` to ``target``; an old ``target`` goes only after."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    os.rmdir(old)
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

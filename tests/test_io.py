@@ -1,0 +1,716 @@
+"""skSAE.io: our own format, and the files of SAELens, sparsify and dictionary_learning.
+
+Each foreign layout is built here with `safetensors` or `torch.save`, exactly as its
+library writes it, and the loaded model's codes are compared with that library's
+formula written out in float64 (not with our folding): codes equal the original's
+times the decoder row norms, reconstructions equal the original's.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TEXTS
+from safetensors.numpy import load_file, save_file
+from sklearn.base import clone
+
+from skSAE import ActivationExtractor, SparseAutoencoder, io
+from skSAE._architectures import ARCHITECTURES
+from skSAE._hook_names import extractor_hook, transformer_lens_name
+from skSAE.interpret import generate_with_steering, write_dashboard
+from skSAE.io import FormatError
+from skSAE.metrics import loss_recovered
+
+D, F, K = 12, 40, 5
+RTOL, ATOL = 1e-5, 1e-5
+
+
+def fitted(architecture, **params):
+    X = np.random.default_rng(0).normal(size=(512, D)).astype(np.float32)
+    if ARCHITECTURES[architecture].coefficient_name is None:
+        params.setdefault("k", K)
+    else:
+        params.setdefault("target_l0", K)
+    sae = SparseAutoencoder(
+        n_components=F, architecture=architecture, max_iter=2, random_state=0, **params
+    ).fit(X)
+    return sae, X
+
+
+def inputs(seed=1, n=300):
+    return np.random.default_rng(seed).normal(size=(n, D))
+
+
+def weights(seed=0, unit=False):
+    """Random float32 weights with decoder row norms between 0.5 and 2 (or unit)."""
+    rng = np.random.default_rng(seed)
+    W_enc = rng.normal(size=(D, F)) / np.sqrt(D)
+    W_dec = rng.normal(size=(F, D))
+    W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
+    if not unit:
+        W_dec *= rng.uniform(0.5, 2.0, size=(F, 1))
+    b_enc = rng.normal(size=F) * 0.1
+    b_dec = rng.normal(size=D) * 0.3
+    return [w.astype(np.float32) for w in (W_enc, b_enc, W_dec, b_dec)]
+
+
+def f64(*arrays):
+    return [np.asarray(a, dtype=np.float64) for a in arrays]
+
+
+def topk_rows(pre, k):
+    """Keep the k largest entries of each row, ReLU applied (as every library does)."""
+    out = np.zeros_like(pre)
+    index = np.argsort(-pre, axis=1)[:, :k]
+    rows = np.arange(pre.shape[0])[:, None]
+    out[rows, index] = np.maximum(pre[rows, index], 0)
+    return out
+
+
+def check_equivalent(sae, X, codes, W_dec, b_dec):
+    """Our codes are theirs times the row norms; our reconstructions are theirs."""
+    norm = np.linalg.norm(W_dec, axis=1)
+    ours = sae.transform(X.astype(np.float32)).astype(np.float64)
+    np.testing.assert_allclose(ours, codes * norm, rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(ours > 0, codes * norm > 0)
+    np.testing.assert_allclose(
+        sae.inverse_transform(ours.astype(np.float32)), codes @ W_dec + b_dec, rtol=RTOL, atol=1e-4
+    )
+    np.testing.assert_allclose(np.linalg.norm(sae.components_, axis=1), 1, atol=1e-6)
+
+
+# ----------------------------------------------------------------- own format
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_own_format_round_trips_exactly(architecture, tmp_path):
+    sae, X = fitted(architecture)
+    io.save(sae, tmp_path / "m", model_name="tiny", hook_name="blocks.1.hook_resid_post")
+    loaded = io.load(tmp_path / "m")
+    np.testing.assert_array_equal(loaded.transform(X), sae.transform(X))
+    np.testing.assert_array_equal(
+        loaded.inverse_transform(sae.transform(X)), sae.inverse_transform(sae.transform(X))
+    )
+    assert loaded.get_params() == sae.get_params()
+    for name in (
+        "input_scale_",
+        "n_steps_",
+        "n_iter_",
+        "batch_size_",
+        "learning_rate_",
+        "loss_curve_",
+        "dead_fraction_",
+    ):
+        assert getattr(loaded, name) == getattr(sae, name), name
+    np.testing.assert_array_equal(loaded.latent_frequency_, sae.latent_frequency_)
+    assert loaded.metadata_ == {"model_name": "tiny", "hook_name": "blocks.1.hook_resid_post"}
+    assert loaded.score(X) == sae.score(X)
+    # No pickle: a JSON config and a safetensors file.
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["format"] == "skSAE" and config["architecture"] == architecture
+    assert set(load_file(tmp_path / "m" / "model.safetensors")) >= {"W_enc_", "components_"}
+
+
+def test_own_format_continues_training_like_the_original(tmp_path):
+    sae, X = fitted("topk")
+    io.save(sae, tmp_path / "m")
+    loaded = io.load(tmp_path / "m")
+    # Both continue with a fresh Adam state (an unpickled model does too).
+    reference = clone(sae).set_params(warm_start=True)
+    reference.__setstate__(sae.__getstate__())
+    reference.partial_fit(X)
+    loaded.partial_fit(X)
+    np.testing.assert_allclose(loaded.components_, reference.components_, rtol=1e-6, atol=1e-7)
+    assert loaded.n_steps_ == sae.n_steps_ + reference.n_steps_ - sae.n_steps_
+
+
+def test_own_format_keeps_feature_names(tmp_path):
+    pandas = pytest.importorskip("pandas")
+    X = pandas.DataFrame(inputs().astype(np.float32), columns=[f"c{i}" for i in range(D)])
+    sae = SparseAutoencoder(n_components=F, k=K, max_iter=1, random_state=0).fit(X)
+    io.save(sae, tmp_path / "m")
+    loaded = io.load(tmp_path / "m")
+    assert list(loaded.feature_names_in_) == list(X.columns)
+    np.testing.assert_array_equal(loaded.transform(X), sae.transform(X))
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    sae, _ = fitted("topk")
+    io.save(sae, tmp_path / "m")
+    config_path = tmp_path / "m" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["format_version"] = io.FORMAT_VERSION + 1
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(FormatError, match="format_version 2.*Upgrade skSAE"):
+        io.load(tmp_path / "m")
+
+
+def test_own_format_loads_without_the_saved_device(tmp_path):
+    sae, X = fitted("topk")
+    io.save(sae.set_params(device="cuda:7"), tmp_path / "m")  # a device this machine lacks
+    with pytest.warns(UserWarning, match="device='cuda:7'.*loaded with device='auto'"):
+        loaded = io.load(tmp_path / "m")
+    np.testing.assert_array_equal(loaded.transform(X), sae.set_params(device="cpu").transform(X))
+
+
+def test_save_refuses_to_overwrite_and_replaces_only_when_asked(tmp_path):
+    sae, X = fitted("topk")
+    other, _ = fitted("relu")
+    io.save(sae, tmp_path / "m")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        io.save(other, tmp_path / "m")
+    np.testing.assert_array_equal(io.load(tmp_path / "m").transform(X), sae.transform(X))
+    # A failed save (metadata that is not JSON) leaves the existing folder as it was.
+    with pytest.raises(ValueError, match="metadata 'bad' is not a JSON value"):
+        io.save(other, tmp_path / "m", overwrite=True, bad=object())
+    np.testing.assert_array_equal(io.load(tmp_path / "m").transform(X), sae.transform(X))
+    io.save(other, tmp_path / "m", overwrite=True)
+    assert io.load(tmp_path / "m").architecture == "relu"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no scratch folders left
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        io.save(sae, tmp_path / "file")
+
+
+def test_save_rejects_unfitted_and_unknown_format(tmp_path):
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        io.save(SparseAutoencoder(), tmp_path / "m")
+    sae, _ = fitted("topk")
+    with pytest.raises(ValueError, match="format must be one of"):
+        io.save(sae, tmp_path / "m", format="sparsify")
+
+
+def test_bad_files_get_clear_errors(tmp_path):
+    sae, _ = fitted("topk")
+    io.save(sae, tmp_path / "m")
+    folder = tmp_path / "m"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        io.load(tmp_path / "missing")
+    with pytest.raises(FormatError, match="is a file; load expects the folder"):
+        io.load(folder / "config.json")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FormatError, match="holds no SAE skSAE recognises"):
+        io.load(empty)
+    # A truncated safetensors file.
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(FormatError, match="model.safetensors is not a readable safetensors"):
+        io.load(folder)
+    (folder / "model.safetensors").write_bytes(weights)
+    # A JSON file that is not an object.
+    config = (folder / "config.json").read_text()
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(FormatError, match="config.json must hold a JSON object, got a list"):
+        io.load(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(FormatError, match="config.json is not valid JSON"):
+        io.load(folder)
+    (folder / "config.json").write_text(config)
+    # A missing tensor and a wrong shape.
+    arrays = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in arrays.items() if k != "b_dec_"}, folder / "model.safetensors")
+    with pytest.raises(FormatError, match="model.safetensors has no tensor 'b_dec_'"):
+        io.load(folder)
+    save_file({**arrays, "b_enc_": arrays["b_enc_"][:-1]}, folder / "model.safetensors")
+    with pytest.raises(FormatError, match=r"b_enc_ must have shape \(40,\)"):
+        io.load(folder)
+
+
+# ---------------------------------------------------------------------- SAELens
+
+
+def saelens_folder(path, architecture, tensors, apply_b_dec=True, **fields):
+    path.mkdir()
+    save_file(
+        {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+        path / "sae_weights.safetensors",
+    )
+    config = {
+        "architecture": architecture,
+        "d_in": D,
+        "d_sae": F,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": apply_b_dec,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "sae_lens_version": "6.54.12",
+            "hook_name": "blocks.2.hook_resid_post",
+            "model_name": "tiny",
+            "context_size": 32,
+        },
+        **fields,
+    }
+    (path / "cfg.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+@pytest.mark.parametrize("architecture", ["standard", "topk", "topk-rescaled", "jumprelu", "gated"])
+def test_saelens_files_load_with_their_codes(architecture, apply_b_dec, tmp_path):
+    unit = architecture == "topk"  # selection on unscaled pre-activations needs unit rows
+    W_enc, b_enc, W_dec, b_dec = weights(unit=unit)
+    rng = np.random.default_rng(5)
+    name = architecture.split("-")[0]
+    tensors = {"W_enc": W_enc, "W_dec": W_dec, "b_dec": b_dec}
+    fields = {}
+    if name == "gated":
+        tensors.update(b_gate=b_enc, b_mag=rng.normal(size=F) * 0.1, r_mag=rng.normal(size=F) * 0.3)
+    else:
+        tensors["b_enc"] = b_enc
+    if name == "jumprelu":
+        tensors["threshold"] = rng.uniform(-0.05, 0.3, size=F)
+    if name == "topk":
+        fields = {"k": K, "rescale_acts_by_decoder_norm": architecture == "topk-rescaled"}
+    saelens_folder(tmp_path / "s", name, tensors, apply_b_dec, **fields)
+    sae = io.load(tmp_path / "s")
+    assert sae.architecture == {"standard": "relu"}.get(name, name)
+    # SAELens's formula (saes/*.py), in float64 on the float32 weights.
+    X = inputs()
+    t = {k: np.asarray(v, np.float32).astype(np.float64) for k, v in tensors.items()}
+    x = X - t["b_dec"] * apply_b_dec
+    if name == "gated":
+        gate = (x @ t["W_enc"] + t["b_gate"]) > 0
+        codes = gate * np.maximum(x @ (t["W_enc"] * np.exp(t["r_mag"])) + t["b_mag"], 0)
+    else:
+        pre = x @ t["W_enc"] + t["b_enc"]
+        if name == "standard":
+            codes = np.maximum(pre, 0)
+        elif name == "jumprelu":
+            codes = np.maximum(pre, 0) * (pre > t["threshold"])
+        elif fields["rescale_acts_by_decoder_norm"]:
+            norm = np.linalg.norm(t["W_dec"], axis=1)
+            codes = topk_rows(pre * norm, K) / norm  # decoded as acts / norm @ W_dec
+        else:
+            codes = topk_rows(pre, K)
+    check_equivalent(sae, X, codes, t["W_dec"], t["b_dec"])
+    assert sae.metadata_["hook_name"] == "blocks.2.hook_resid_post"
+    assert sae.metadata_["format"] == "saelens"
+
+
+def test_saelens_sparsity_file_gives_latent_frequency(tmp_path):
+    W_enc, b_enc, W_dec, b_dec = weights()
+    folder = saelens_folder(
+        tmp_path / "s", "standard", {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    )
+    frequency = np.random.default_rng(0).uniform(0, 0.2, size=F)
+    frequency[:3] = 0
+    save_file(
+        {"sparsity": np.log10(frequency + 1e-10).astype(np.float32)},
+        folder / "sparsity.safetensors",
+    )
+    np.testing.assert_allclose(io.load(folder).latent_frequency_, frequency, rtol=1e-5, atol=1e-9)
+
+
+def test_saelens_unfoldable_files_are_refused(tmp_path):
+    W_enc, b_enc, W_dec, b_dec = weights()
+    tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    folder = saelens_folder(tmp_path / "a", "topk", tensors, k=K)
+    with pytest.raises(FormatError, match="decoder rows are not unit-norm"):
+        io.load(folder)
+    folder = saelens_folder(tmp_path / "b", "standard", tensors, normalize_activations="layer_norm")
+    with pytest.raises(FormatError, match="normalize_activations='layer_norm'"):
+        io.load(folder)
+    folder = saelens_folder(tmp_path / "c", "transcoder", tensors)
+    with pytest.raises(FormatError, match="architecture 'transcoder' is not one skSAE models"):
+        io.load(folder)
+    folder = saelens_folder(tmp_path / "d", "standard", {**tensors, "W_enc": W_enc[:-1]})
+    with pytest.raises(FormatError, match=r"'W_enc' has shape \(11, 40\), expected \(12, 40\)"):
+        io.load(folder)
+    folder = saelens_folder(tmp_path / "e", "gated", tensors)
+    with pytest.raises(FormatError, match="has no tensor 'b_gate'"):
+        io.load(folder)
+
+
+def test_saelens_expected_average_norm_is_folded_when_the_scale_is_given(tmp_path):
+    W_enc, b_enc, W_dec, b_dec = f64(*weights())
+    tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    folder = saelens_folder(
+        tmp_path / "s", "standard", tensors, normalize_activations="expected_average_only_in"
+    )
+    with pytest.raises(FormatError, match="norm_scaling_factor="):
+        io.load(folder)
+    scale = 0.25
+    sae = io.load(folder, norm_scaling_factor=scale)
+    X = inputs() * 4
+    t = {k: v.astype(np.float32).astype(np.float64) for k, v in tensors.items()}
+    # SAELens: the SAE sees x * s and its output is divided by s.
+    codes = np.maximum((X * scale - t["b_dec"]) @ t["W_enc"] + t["b_enc"], 0)
+    check_equivalent(sae, X, codes, t["W_dec"] / scale, t["b_dec"] / scale)
+
+
+def test_saelens_pre_6_config_is_read_with_its_defaults(tmp_path):
+    W_enc, b_enc, W_dec, b_dec = weights(unit=True)
+    folder = tmp_path / "old"
+    folder.mkdir()
+    save_file(
+        {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec},
+        folder / "sae_weights.safetensors",
+    )
+    (folder / "cfg.json").write_text(
+        json.dumps(
+            {
+                "d_in": D,
+                "d_sae": F,
+                "activation_fn": "topk",
+                "activation_fn_kwargs": {"k": K},
+                "hook_point": "blocks.4.hook_mlp_out",
+                "model_name": "gpt2",
+            }
+        )
+    )
+    sae = io.load(folder)
+    assert (sae.architecture, sae.k) == ("topk", K)
+    assert sae.metadata_["hook_name"] == "blocks.4.hook_mlp_out"
+    x = inputs() - b_dec.astype(np.float64)  # apply_b_dec_to_input defaulted to true
+    codes = topk_rows(x @ W_enc.astype(np.float64) + b_enc, K)
+    check_equivalent(sae, inputs(), codes, W_dec.astype(np.float64), b_dec.astype(np.float64))
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_saved_for_saelens_computes_our_codes(architecture, tmp_path):
+    sae, X = fitted(architecture)
+    io.save(sae, tmp_path / "s", format="saelens", hook_name="blocks.1.hook_resid_post")
+    config = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    assert config["metadata"]["sae_lens_version"] == "6.0.0"
+    assert config["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+    assert config["normalize_activations"] == "none" and not config["apply_b_dec_to_input"]
+    t = {
+        k: v.astype(np.float64)
+        for k, v in load_file(tmp_path / "s" / "sae_weights.safetensors").items()
+    }
+    x = X.astype(np.float64)
+    name = config["architecture"]
+    if name == "gated":
+        gate = (x @ t["W_enc"] + t["b_gate"]) > 0
+        codes = gate * np.maximum(x @ (t["W_enc"] * np.exp(t["r_mag"])) + t["b_mag"], 0)
+    else:
+        pre = x @ t["W_enc"] + t["b_enc"]
+        codes = {
+            "standard": lambda: np.maximum(pre, 0),
+            "topk": lambda: topk_rows(pre, config["k"]),
+            "jumprelu": lambda: np.maximum(pre, 0) * (pre > t["threshold"]),
+        }[name]()
+    np.testing.assert_allclose(sae.transform(X), codes, rtol=RTOL, atol=ATOL)
+    sparsity = load_file(tmp_path / "s" / "sparsity.safetensors")["sparsity"]
+    np.testing.assert_allclose(10.0**sparsity - 1e-10, sae.latent_frequency_, rtol=1e-4, atol=1e-9)
+    # And back: the SAELens files load as the model they came from.
+    back = io.load(tmp_path / "s")
+    np.testing.assert_allclose(back.transform(X), sae.transform(X), rtol=RTOL, atol=ATOL)
+
+
+# --------------------------------------------------------------------- sparsify
+
+
+def sparsify_folder(path, tensors, **fields):
+    path.mkdir(parents=True)
+    save_file(
+        {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+        path / "sae.safetensors",
+    )
+    config = {
+        "activation": "topk",
+        "expansion_factor": 32,
+        "normalize_decoder": True,
+        "num_latents": F,
+        "k": K,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": D,
+        **fields,
+    }
+    (path / "cfg.json").write_text(json.dumps(config))
+    return path
+
+
+def test_sparsify_files_load_with_their_codes(tmp_path):
+    W_enc, b_enc, W_dec, b_dec = f64(*weights(unit=True))
+    folder = sparsify_folder(
+        tmp_path / "layers.6",
+        {"encoder.weight": W_enc.T, "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec},
+    )
+    sae = io.load(folder)
+    assert (sae.architecture, sae.k, sae.metadata_["hook_name"]) == ("topk", K, "layers.6")
+    t = [w.astype(np.float32).astype(np.float64) for w in (W_enc, b_enc, W_dec, b_dec)]
+    X = inputs()
+    # sparsify: topk(relu((x - b_dec) @ encoder.weight.T + encoder.bias)), codes @ W_dec + b_dec.
+    codes = topk_rows(np.maximum((X - t[3]) @ t[0] + t[1], 0), K)
+    check_equivalent(sae, X, codes, t[2], t[3])
+    assert ActivationExtractor.from_metadata(sae, model="m").get_params()["hook"] == "resid_post"
+
+
+def test_sparsify_multi_hook_root_and_unsupported_files(tmp_path):
+    W_enc, b_enc, W_dec, b_dec = weights(unit=True)
+    tensors = {"encoder.weight": W_enc.T, "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    sparsify_folder(tmp_path / "root" / "layers.3", tensors)
+    with pytest.raises(FormatError, match=r"load one of \['layers.3'\]"):
+        io.load(tmp_path / "root")
+    folder = sparsify_folder(tmp_path / "skip", {**tensors, "W_skip": np.zeros((D, D))})
+    with pytest.raises(FormatError, match="W_skip"):
+        io.load(folder)
+    folder = sparsify_folder(tmp_path / "tc", tensors, transcode=True)
+    with pytest.raises(FormatError, match="transcoder"):
+        io.load(folder)
+    folder = sparsify_folder(tmp_path / "gm", tensors, activation="groupmax")
+    with pytest.raises(FormatError, match="activation 'groupmax'"):
+        io.load(folder)
+
+
+# ---------------------------------------------------------- dictionary_learning
+
+
+def dl_folder(path, dict_class, state, **trainer):
+    path.mkdir()
+    torch.save(
+        {
+            k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v
+            for k, v in state.items()
+        },
+        path / "ae.pt",
+    )
+    config = {
+        "trainer": {
+            "dict_class": dict_class,
+            "activation_dim": D,
+            "dict_size": F,
+            "lm_name": "tiny",
+            "layer": 2,
+            "submodule_name": "resid_post_layer_2",
+            **trainer,
+        },
+        "buffer": {"ctx_len": 64},
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def as32(*arrays):
+    return [torch.tensor(np.asarray(a, np.float32)) for a in arrays]
+
+
+@pytest.mark.parametrize(
+    "dict_class",
+    [
+        "AutoEncoder",
+        "JumpReluAutoEncoder",
+        "AutoEncoderTopK",
+        "BatchTopKSAE",
+        "MatryoshkaBatchTopKSAE",
+        "GatedAutoEncoder",
+    ],
+)
+def test_dictionary_learning_files_load_with_their_codes(dict_class, tmp_path):
+    topk = dict_class == "AutoEncoderTopK"
+    W_enc, b_enc, W_dec, b_dec = as32(*weights(unit=topk))
+    rng = np.random.default_rng(7)
+    k = torch.tensor(K, dtype=torch.int)
+    if dict_class == "AutoEncoder":
+        state = {
+            "bias": b_dec,
+            "encoder.weight": W_enc.T.contiguous(),
+            "encoder.bias": b_enc,
+            "decoder.weight": W_dec.T.contiguous(),
+        }
+    elif dict_class == "JumpReluAutoEncoder":
+        state = {
+            "W_enc": W_enc,
+            "b_enc": b_enc,
+            "W_dec": W_dec,
+            "b_dec": b_dec,
+            "threshold": torch.tensor(rng.uniform(-0.05, 0.3, F), dtype=torch.float32),
+        }
+    elif dict_class in ("AutoEncoderTopK", "BatchTopKSAE"):
+        state = {
+            "b_dec": b_dec,
+            "k": k,
+            "threshold": torch.tensor(0.2),
+            "encoder.weight": W_enc.T.contiguous(),
+            "encoder.bias": b_enc,
+            "decoder.weight": W_dec.T.contiguous(),
+        }
+    elif dict_class == "MatryoshkaBatchTopKSAE":
+        state = {
+            "W_enc": W_enc,
+            "b_enc": b_enc,
+            "W_dec": W_dec,
+            "b_dec": b_dec,
+            "k": k,
+            "threshold": torch.tensor(0.15),
+            "group_sizes": torch.tensor([8, 12, 20]),
+        }
+    else:
+        state = {
+            "decoder_bias": b_dec,
+            "r_mag": torch.tensor(rng.normal(size=F) * 0.3).float(),
+            "gate_bias": b_enc,
+            "mag_bias": torch.tensor(rng.normal(size=F) * 0.1).float(),
+            "encoder.weight": W_enc.T.contiguous(),
+            "decoder.weight": W_dec.T.contiguous(),
+        }
+    sae = io.load(dl_folder(tmp_path / "dl", dict_class, state, k=K))
+    s = {name: value.double().numpy() for name, value in state.items()}
+    X = inputs()
+    # dictionary_learning's encode/decode (dictionary.py, trainers/*.py), in float64.
+    if dict_class == "AutoEncoder":
+        codes = np.maximum((X - s["bias"]) @ s["encoder.weight"].T + s["encoder.bias"], 0)
+        W, b = s["decoder.weight"].T, s["bias"]
+    elif dict_class == "JumpReluAutoEncoder":
+        pre = X @ s["W_enc"] + s["b_enc"]
+        codes = np.maximum(pre * (pre > s["threshold"]), 0)
+        W, b = s["W_dec"], s["b_dec"]
+    elif dict_class in ("AutoEncoderTopK", "BatchTopKSAE"):
+        post = np.maximum((X - s["b_dec"]) @ s["encoder.weight"].T + s["encoder.bias"], 0)
+        codes = topk_rows(post, K) if topk else post * (post > s["threshold"])
+        W, b = s["decoder.weight"].T, s["b_dec"]
+    elif dict_class == "MatryoshkaBatchTopKSAE":
+        post = np.maximum((X - s["b_dec"]) @ s["W_enc"] + s["b_enc"], 0)
+        codes, W, b = post * (post > s["threshold"]), s["W_dec"], s["b_dec"]
+    else:
+        x_enc = (X - s["decoder_bias"]) @ s["encoder.weight"].T
+        gate = (x_enc + s["gate_bias"]) > 0
+        codes = gate * np.maximum(np.exp(s["r_mag"]) * x_enc + s["mag_bias"], 0)
+        W, b = s["decoder.weight"].T, s["decoder_bias"]
+    check_equivalent(sae, X, codes, W, b)
+    expected = {
+        "AutoEncoder": "relu",
+        "JumpReluAutoEncoder": "jumprelu",
+        "AutoEncoderTopK": "topk",
+        "GatedAutoEncoder": "gated",
+    }
+    # A shared threshold times non-unit row norms is one threshold per latent: JumpReLU.
+    assert sae.architecture == expected.get(dict_class, "jumprelu")
+    assert sae.metadata_["model_name"] == "tiny" and sae.metadata_["context_size"] == 64
+    extractor = ActivationExtractor.from_metadata(sae)
+    assert (extractor.model, extractor.hook, extractor.layer) == ("tiny", "resid_post", 2)
+
+
+def test_dictionary_learning_unit_norm_batchtopk_and_matryoshka_keep_their_architecture(tmp_path):
+    W_enc, b_enc, W_dec, b_dec = as32(*weights(unit=True))
+    k = torch.tensor(K, dtype=torch.int)
+    state = {
+        "W_enc": W_enc,
+        "b_enc": b_enc,
+        "W_dec": W_dec,
+        "b_dec": b_dec,
+        "k": k,
+        "threshold": torch.tensor(0.15),
+        "group_sizes": torch.tensor([8, 12, 20]),
+    }
+    sae = io.load(dl_folder(tmp_path / "m", "MatryoshkaBatchTopKSAE", state))
+    assert (sae.architecture, sae.k, list(sae.prefix_sizes)) == ("matryoshka", K, [8, 20, 40])
+    assert sae.threshold_.shape == ()
+    state = {
+        "b_dec": b_dec,
+        "k": k,
+        "threshold": torch.tensor(-1.0),  # never calibrated
+        "encoder.weight": W_enc.T.contiguous(),
+        "encoder.bias": b_enc,
+        "decoder.weight": W_dec.T.contiguous(),
+    }
+    sae = io.load(dl_folder(tmp_path / "b", "BatchTopKSAE", state))
+    assert sae.architecture == "batchtopk" and float(sae.threshold_) == 0.0
+
+
+def test_dictionary_learning_bad_files(tmp_path):
+    folder = dl_folder(tmp_path / "x", "AutoEncoderNew", {"bias": np.zeros(D, np.float32)})
+    with pytest.raises(FormatError, match="dict_class 'AutoEncoderNew' is not one skSAE reads"):
+        io.load(folder)
+    folder = tmp_path / "y"
+    folder.mkdir()
+    (folder / "ae.pt").write_bytes(b"not a torch file")
+    (folder / "config.json").write_text(
+        json.dumps({"trainer": {"dict_class": "AutoEncoder", "activation_dim": D, "dict_size": F}})
+    )
+    with pytest.raises(FormatError, match="ae.pt is not a readable torch state dict"):
+        io.load(folder)
+
+
+# --------------------------------------------------------- fine-tune and hooks
+
+
+@pytest.mark.parametrize("architecture", ["topk", "jumprelu"])
+def test_imported_model_fine_tunes_in_its_own_units(architecture, tmp_path):
+    _, b_enc, W_dec, b_dec = weights(unit=True)
+    # A tied SAE for activations 50 times larger than unit scale.
+    tensors = {"W_enc": W_dec.T, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec * 50}
+    fields = {"k": K} if architecture == "topk" else {}
+    if architecture == "jumprelu":
+        tensors["threshold"] = np.full(F, 5.0)
+    sae = io.load(saelens_folder(tmp_path / "s", architecture, tensors, False, **fields))
+    X = (inputs(n=2000) * 50).astype(np.float32)  # activations far from unit scale
+    before = sae.score(X)
+    sae.set_params(learning_rate=1e-3, target_l0=K if architecture == "jumprelu" else None)
+    sae.partial_fit(X)
+    assert sae.input_scale_ == pytest.approx(1 / 50, rel=0.1)  # measured on X
+    assert sae.n_steps_ > 0 and np.isfinite(sae.components_).all()
+    assert sae.score(X) > before
+    assert sae.metadata_["hook_name"] == "blocks.2.hook_resid_post"  # kept by the fine-tune
+    refit = clone(sae).fit(X)  # same hyperparameters, a fresh model
+    assert refit.components_.shape == sae.components_.shape
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("blocks.6.hook_resid_post", ("resid_post", 6)),
+        ("blocks.6.hook_mlp_out", ("mlp_out", 6)),
+        ("blocks.6.hook_attn_out", ("attn_out", 6)),
+        ("blocks.6.hook_resid_pre", ("resid_post", 5)),
+        ("layers.6", ("resid_post", 6)),
+        ("model.layers.6.mlp", ("mlp_out", 6)),
+        ("transformer.h.2.attn", ("attn_out", 2)),
+        ("mlp_out_layer_3", ("mlp_out", 3)),
+        ("model.layers.3.mlp.down_proj", ("model.layers.3.mlp.down_proj", 0)),
+    ],
+)
+def test_hook_names_map_to_extractor_hooks(name, expected):
+    assert extractor_hook(name) == expected
+
+
+def test_hook_names_without_a_module_are_refused():
+    for name in ("blocks.0.hook_resid_pre", "blocks.3.hook_resid_mid", "blocks.3.hook_z"):
+        with pytest.raises(ValueError, match="not the output of a module"):
+            extractor_hook(name)
+    assert transformer_lens_name("mlp_out", 2) == "blocks.2.hook_mlp_out"
+    assert transformer_lens_name("model.layers.2", 0) is None
+
+
+def test_hook_metadata_round_trips_through_a_saved_model(tiny_model_dir, tmp_path):
+    extractor = ActivationExtractor(
+        tiny_model_dir, layer=1, hook="mlp_out", context_size=16, device="cpu"
+    )
+    X = extractor.transform(TEXTS)
+    sae = SparseAutoencoder(n_components=32, k=4, max_iter=1, random_state=0).fit(X)
+    metadata = extractor.hook_metadata()
+    assert metadata["hook_name"] == "blocks.1.hook_mlp_out"
+    assert metadata["hf_hook_name"] in ("transformer.h.1.mlp", "model.layers.1.mlp")
+    expected = loss_recovered(sae, extractor, TEXTS)
+    for format in ("skSAE", "saelens"):
+        io.save(sae, tmp_path / format, format=format, **metadata)
+        loaded = io.load(tmp_path / format)
+        rebuilt = ActivationExtractor.from_metadata(loaded, device="cpu")
+        assert (rebuilt.hook, rebuilt.layer, rebuilt.context_size) == ("mlp_out", 1, 16)
+        np.testing.assert_array_equal(rebuilt.transform(TEXTS), X)
+        # An ordinary fitted estimator for the package's tools.
+        assert loss_recovered(loaded, rebuilt, TEXTS) == pytest.approx(expected, rel=1e-4)
+        page = write_dashboard(loaded, rebuilt, TEXTS, tmp_path / f"{format}.html", n_latents=2)
+        assert page.stat().st_size > 1000
+        steered = generate_with_steering(
+            loaded, rebuilt, "the", latent=0, scale=5.0, max_new_tokens=3
+        )
+        assert isinstance(steered, str)
+        sparse = loaded.set_params(sparse_output=True).transform(X)
+        np.testing.assert_allclose(sparse.toarray(), sae.transform(X), rtol=1e-6, atol=1e-9)
+
+
+def test_from_metadata_needs_a_hook():
+    with pytest.raises(ValueError, match="without metadata_"):
+        ActivationExtractor.from_metadata(SparseAutoencoder())
+    with pytest.raises(ValueError, match="names no hook"):
+        ActivationExtractor.from_metadata({"model_name": "m"})
