@@ -9,6 +9,8 @@ shuffled training pass) and `blocks` (the rows in order, for inference).
 Shape suffixes: N rows of X, B minibatch rows, H rows of a chunk, D n_features.
 """
 
+import hashlib
+
 import numpy as np
 import torch
 from sklearn.utils import check_array
@@ -76,12 +78,22 @@ class InMemoryData:
         rows = np.sort(random_state.choice(self.n_rows, n_rows, replace=False))
         return self.X_ND[torch.from_numpy(rows).to(self.X_ND.device)]
 
-    def batches(self, batch_size, generator, device):
-        """One shuffled pass, as batches of ``batch_size`` rows (the last may be short)."""
+    def batches(self, batch_size, generator, device, skip=0, after_skip=None):
+        """One shuffled pass, as batches of ``batch_size`` rows (the last may be short).
+
+        ``skip`` leaves out the pass's first batches (a resumed run), and ``after_skip``
+        is called once they are drawn, before the next batch uses the generator.
+        """
         order_N = torch.randperm(self.n_rows, generator=generator).to(self.X_ND.device)
-        for start in range(0, self.n_rows, batch_size):
+        if after_skip is not None:
+            after_skip()
+        for start in range(skip * batch_size, self.n_rows, batch_size):
             x_BD = self.X_ND.index_select(0, order_N[start : start + batch_size])
             yield x_BD.to(device, non_blocking=True)
+
+    def fingerprint(self):
+        """Shape and a hash of sampled rows: what a checkpoint must have been trained on."""
+        return _fingerprint(self.n_rows, self.X_ND.shape[1], lambda rows: self.X_ND[rows].cpu())
 
     def blocks(self, block_rows, device):
         """The rows in order, in blocks of ``block_rows``."""
@@ -129,10 +141,17 @@ class StreamedData:
         start = int(random_state.randint(max(1, self.n_rows - n_rows + 1)))
         return self._checked(start, np.asarray(self.X[start : start + n_rows]))
 
-    def batches(self, batch_size, generator, device):
-        """One pass: chunks in random order, rows shuffled within; full batches across chunks."""
+    def batches(self, batch_size, generator, device, skip=0, after_skip=None):
+        """One pass: chunks in random order, rows shuffled within; full batches across chunks.
+
+        ``skip`` and ``after_skip`` as in `InMemoryData.batches`: the skipped batches are
+        still read (their chunks' shuffles come from the generator), not yielded.
+        """
         leftover_BD = None
         n_blocks = -(-self.n_rows // self.chunk_rows)
+        produced = 0
+        if skip == 0 and after_skip is not None:
+            after_skip()  # the block order is drawn; resume before the first shuffle
         for block in torch.randperm(n_blocks, generator=generator).tolist():
             start = block * self.chunk_rows
             x_HD = self._checked(start, np.asarray(self.X[start : start + self.chunk_rows]))
@@ -141,15 +160,37 @@ class StreamedData:
                 x_HD = torch.cat([leftover_BD, x_HD])
             n_full = x_HD.shape[0] // batch_size * batch_size
             for offset in range(0, n_full, batch_size):
+                produced += 1
+                if produced <= skip:
+                    if produced == skip and after_skip is not None:
+                        after_skip()
+                    continue
                 yield x_HD[offset : offset + batch_size].to(device, non_blocking=True)
             leftover_BD = x_HD[n_full:] if n_full < x_HD.shape[0] else None
-        if leftover_BD is not None:
+        if leftover_BD is not None and produced >= skip:
             yield leftover_BD.to(device, non_blocking=True)
+
+    def fingerprint(self):
+        """Shape and a hash of sampled rows: what a checkpoint must have been trained on."""
+        return _fingerprint(
+            self.n_rows, self.n_features, lambda rows: torch.from_numpy(np.asarray(self.X[rows]))
+        )
 
     def blocks(self, block_rows, device):
         """The rows in order, in blocks of at most ``block_rows``."""
         for start, block in iter_chunks(self.X, min(block_rows, self.chunk_rows)):
             yield self._checked(start, block).to(device)
+
+
+def _fingerprint(n_rows, n_features, read_rows):
+    """``n_rows``, ``n_features`` and the SHA-256 of up to 256 evenly spaced rows (float32)."""
+    rows = np.unique(np.linspace(0, n_rows - 1, min(n_rows, 256)).astype(np.int64))
+    sample = read_rows(rows).to(torch.float32).contiguous().numpy()
+    return {
+        "n_rows": int(n_rows),
+        "n_features": int(n_features),
+        "rows_sha256": hashlib.sha256(sample.tobytes()).hexdigest(),
+    }
 
 
 def _validated_device_tensor(estimator, X, *, reset):

@@ -10,11 +10,13 @@ F n_components, A dead latents, Z non-zero codes of a block.
 
 import copy
 import math
+import os
 import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from numbers import Integral, Real
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -33,6 +35,7 @@ from ._architectures import (
     to_user_units,
 )
 from ._array_metrics import ExplainedVarianceAccumulator
+from ._checkpoint import CHECKPOINT_FORMAT, fingerprint_params, read_checkpoint, write_checkpoint
 from ._data import CHUNK_BYTES, validated_data
 from ._recipe import (
     MIN_CONVERGED_STEPS,
@@ -227,6 +230,18 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         of starting again.
     sparse_output : bool, default=False
         When true, `transform` returns a `scipy.sparse.csr_matrix`.
+    checkpoint_path : str or path-like, default=None
+        A file where `fit` keeps its full training state (weights, Adam moments,
+        schedule and calibration, dead-latent counters, random states, position in
+        the pass), written atomically every `checkpoint_every` steps. Running the same
+        `fit` again after a crash continues from it, and ends with the model an
+        uninterrupted run makes; a checkpoint of other data or other parameters is
+        refused. The file is removed when the fit completes. Not used by `partial_fit`
+        (save between calls with `skSAE.io.save`).
+    checkpoint_every : int, default=1000
+        Steps between checkpoints (written at the first progress check, every 32 steps
+        and at the end of each pass, on or after each multiple). Only used with
+        `checkpoint_path`.
 
     Attributes
     ----------
@@ -372,6 +387,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         "verbose": ["verbose"],
         "warm_start": ["boolean"],
         "sparse_output": ["boolean"],
+        "checkpoint_path": [str, os.PathLike, None],
+        "checkpoint_every": [Interval(Integral, 1, None, closed="left")],
     }
 
     def __init__(
@@ -406,6 +423,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         verbose=0,
         warm_start=False,
         sparse_output=False,
+        checkpoint_path=None,
+        checkpoint_every=1000,
     ):
         self.n_components = n_components
         self.expansion_factor = expansion_factor
@@ -436,6 +455,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.verbose = verbose
         self.warm_start = warm_start
         self.sparse_output = sparse_output
+        self.checkpoint_path = checkpoint_path
+        self.checkpoint_every = checkpoint_every
 
     # ------------------------------------------------------------------ fitting
 
@@ -651,26 +672,46 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         rate decays at the end and a latent silent for a whole pass counts as dead.
         """
         run = self._start_run(data, n_epochs, device, whole_fit)
+        checkpoints = None
+        if self.checkpoint_path is not None and whole_fit:
+            checkpoints = _Checkpoints(self, run, data, n_epochs)
+        resume = None if checkpoints is None else checkpoints.restore()
         progress = tqdm(
             total=run.total_steps,
+            initial=self.n_steps_ - run.steps_before,
             disable=not self.verbose,
             file=sys.stdout,
             desc=f"SparseAutoencoder({self.architecture})",
             unit="step",
         )
         try:
-            for _ in range(n_epochs):
-                totals = run.totals = TrainingStatistics(run.n_components, device)
+            for epoch in range(0 if resume is None else resume.epoch, n_epochs):
+                resuming = resume is not None and epoch == resume.epoch
+                if not resuming:
+                    run.totals = TrainingStatistics(run.n_components, device)
+                totals = run.totals
                 window = run.window = TrainingStatistics(run.n_components, device)
-                batches = data.batches(run.batch_size, self._generator, device)
-                for step, x_BD in enumerate(batches, start=1):
+                epoch_generator_state = self._generator.get_state()
+                skip = resume.step if resuming else 0
+                batches = data.batches(
+                    run.batch_size,
+                    self._generator,
+                    device,
+                    skip=skip,
+                    after_skip=resume.continue_random_stream if resuming else None,
+                )
+                for step, x_BD in enumerate(batches, start=skip + 1):
                     self._minibatch_step(run, window, x_BD)
                     if self.n_steps_ % _CHECK_EVERY == 0 or step == run.steps_per_epoch:
                         # Before the bar's update, so its last line shows the final values.
                         progress.set_postfix(_postfix(self._check(run, window)), refresh=False)
                         totals.add(window)
                         window = run.window = TrainingStatistics(run.n_components, device)
+                        if checkpoints is not None and checkpoints.due():
+                            checkpoints.write(epoch, step, epoch_generator_state)
                     progress.update(1)
+                if resuming:
+                    resume.continue_random_stream()  # when the pass had no batch left
                 run.pass_summary = totals.summary(run.module)
                 self.loss_curve_.append(run.pass_summary["loss"])
                 self.latent_frequency_ = to_numpy(totals.fires_F) / totals.n_rows
@@ -685,6 +726,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         finally:
             progress.close()
         self._finish(run)
+        if checkpoints is not None:
+            checkpoints.remove()
 
     def _start_run(self, data, n_epochs, device, whole_fit):
         """The torch state of one training call."""
@@ -1153,6 +1196,196 @@ class _TrainingRun:
     window: TrainingStatistics | None = None
     pass_summary: dict | None = None
     first_explained_variance: float | None = None
+
+
+class _Resume(NamedTuple):
+    """Where a restored checkpoint continues: the pass, the batches done in it."""
+
+    epoch: int
+    step: int
+    continue_random_stream: object
+
+
+class _Checkpoints:
+    """The checkpoint file of one `fit` (``checkpoint_path``): write, restore, remove.
+
+    A checkpoint is taken right after a progress check, when the check window is
+    empty, so the state is the run's whole state: weights, Adam, the calibration, the
+    dead-latent counters, the pass totals, the snapshots a divergence falls back to,
+    the NumPy random state, and the torch generator both at the start of the pass
+    (to redraw its order) and now (to continue after the batches already done).
+    """
+
+    def __init__(self, sae, run, data, n_epochs):
+        self.sae = sae
+        self.run = run
+        self.path = sae.checkpoint_path
+        self.every = sae.checkpoint_every
+        ignore = {"verbose", "checkpoint_path", "checkpoint_every", "device", "warm_start"}
+        self.fingerprint = {
+            **data.fingerprint(),
+            **fingerprint_params(sae.get_params(), ignore),
+            "n_epochs": n_epochs,
+            "steps_before": run.steps_before,
+            "batch_size": run.batch_size,
+            "learning_rate": run.learning_rate,
+        }
+        self.last_written = sae.n_steps_
+
+    def due(self):
+        return self.sae.n_steps_ - self.last_written >= self.every
+
+    def write(self, epoch, step, epoch_generator_state):
+        sae, run = self.sae, self.run
+        calibrator = run.schedule.calibrator
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": self.fingerprint,
+            "epoch": epoch,
+            "step": step,
+            "generator_epoch": epoch_generator_state,
+            "generator_now": sae._generator.get_state(),
+            "random_state": _random_state_tensors(sae._random_state),
+            "estimator": {
+                "n_steps_": sae.n_steps_,
+                "n_iter_": sae.n_iter_,
+                "loss_curve_": list(sae.loss_curve_),
+                "latent_frequency_": (
+                    torch.from_numpy(sae.latent_frequency_)
+                    if hasattr(sae, "latent_frequency_")
+                    else None
+                ),
+                "input_scale_": sae.input_scale_,
+                "input_mean_": torch.from_numpy(sae.input_mean_),
+            },
+            "module": _on_cpu(run.module.state_dict()),
+            "optimizer": _on_cpu(run.optimizer.state_dict()),
+            "calibrator": None
+            if calibrator is None
+            else _on_cpu(
+                {
+                    "log_coefficient": calibrator.log_coefficient,
+                    "l0_average": calibrator.l0_average,
+                    "error": calibrator.error,
+                }
+            ),
+            "tracker": _on_cpu(
+                {
+                    "rows_since_fired_F": run.tracker.rows_since_fired_F,
+                    "rows_seen": run.tracker.rows_seen,
+                }
+            ),
+            "totals": _on_cpu(vars(run.totals)),
+            "run": _on_cpu(
+                {
+                    "first_explained_variance": run.first_explained_variance,
+                    "dead_latents": run.dead_latents,
+                    "candidate": run.candidate,
+                    "last_good": run.last_good,
+                    "pass_summary": run.pass_summary,
+                }
+            ),
+        }
+        write_checkpoint(self.path, state)
+        self.last_written = sae.n_steps_
+
+    def restore(self):
+        """Load the checkpoint into the run, or return None when there is none."""
+        state = read_checkpoint(self.path, self.fingerprint)
+        if state is None:
+            return None
+        sae, run = self.sae, self.run
+        device = run.module.W_enc_DF.device
+        estimator = state["estimator"]
+        sae.n_steps_ = estimator["n_steps_"]
+        sae.n_iter_ = estimator["n_iter_"]
+        sae.loss_curve_ = list(estimator["loss_curve_"])
+        if estimator["latent_frequency_"] is not None:
+            sae.latent_frequency_ = estimator["latent_frequency_"].numpy()
+        sae.input_scale_ = estimator["input_scale_"]
+        sae.input_mean_ = estimator["input_mean_"].numpy()
+        run.scale = sae.input_scale_
+        run.mean_D = torch.from_numpy(sae.input_mean_).to(device) if sae.input_mean_.any() else None
+        run.module.load_state_dict(state["module"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        if state["calibrator"] is not None:
+            calibrator = run.schedule.calibrator
+            for name, value in state["calibrator"].items():
+                setattr(calibrator, name, None if value is None else value.to(device))
+        run.tracker.rows_since_fired_F = state["tracker"]["rows_since_fired_F"].to(device)
+        run.tracker.rows_seen = state["tracker"]["rows_seen"]
+        run.totals = TrainingStatistics(run.n_components, device)
+        for name, value in state["totals"].items():
+            setattr(
+                run.totals, name, value.to(device) if isinstance(value, torch.Tensor) else value
+            )
+        saved_run = state["run"]
+        run.first_explained_variance = saved_run["first_explained_variance"]
+        run.dead_latents = _on_device(saved_run["dead_latents"], device)
+        run.candidate = _on_device(saved_run["candidate"], device)
+        run.last_good = _on_device(saved_run["last_good"], device)
+        run.pass_summary = saved_run["pass_summary"]
+        sae._random_state = _random_state_from_tensors(state["random_state"])
+        sae._generator.set_state(state["generator_epoch"])
+        self.last_written = sae.n_steps_
+        generator_now = state["generator_now"]
+        continued = []
+
+        def continue_random_stream():
+            if not continued:
+                sae._generator.set_state(generator_now)
+                continued.append(True)
+
+        return _Resume(state["epoch"], state["step"], continue_random_stream)
+
+    def remove(self):
+        """The fit is complete: its checkpoint has done its work."""
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def _on_cpu(value):
+    """A copy of nested dicts, lists and tuples with every tensor detached on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(item) for item in value)
+    return value
+
+
+def _on_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _on_device(item, device) for key, item in value.items()}
+    return value
+
+
+def _random_state_tensors(random_state):
+    """A NumPy RandomState's state as plain values (a checkpoint holds no pickled object)."""
+    _, keys, position, has_gauss, cached_gaussian = random_state.get_state()
+    return {
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "position": int(position),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
+
+
+def _random_state_from_tensors(saved):
+    random_state = np.random.RandomState()
+    random_state.set_state(
+        (
+            "MT19937",
+            saved["keys"].numpy().astype(np.uint32),
+            saved["position"],
+            saved["has_gauss"],
+            saved["cached_gaussian"],
+        )
+    )
+    return random_state
 
 
 def _input_scale(centred_BD):
