@@ -597,6 +597,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self._module = module
         self._fit_architecture = self.architecture
         self._fit_options = options
+        self._scale_from_data = False  # an imported model's weights are gone
         if hasattr(self, "latent_frequency_"):  # the previous model's
             del self.latent_frequency_
         self._optimizer = None
@@ -1510,10 +1511,15 @@ def fitted_estimator(
     # No X to validate when a model is read from a file: the width is the weights'.
     sae.n_features_in_ = n_features
     sae.input_mean_ = np.zeros(n_features, np.float32)
-    if "input_mean_" in state:
-        sae.input_mean_ = np.array(state["input_mean_"], dtype=np.float32, order="C")
-    if "latent_frequency_" in state:
-        sae.latent_frequency_ = np.asarray(state["latent_frequency_"], dtype=np.float64)
+    for name, shape, dtype in (
+        ("input_mean_", (n_features,), np.float32),
+        ("latent_frequency_", (n_components,), np.float64),
+    ):
+        if name in state:
+            value = np.array(state[name], dtype=dtype, order="C")
+            if value.shape != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {value.shape}.")
+            setattr(sae, name, value)
     sae.input_scale_ = 1.0
     sae.loss_curve_ = []
     sae.n_iter_ = 0
@@ -1546,13 +1552,18 @@ def fitted_estimator(
     sae._rows_seen = 0
     if training_state is not None and "rows_since_fired" in training_state:
         sae._rows_since_fired = np.asarray(training_state["rows_since_fired"], dtype=np.float64)
+        if sae._rows_since_fired.shape != (n_components,):
+            raise ValueError(
+                f"rows_since_fired must have shape ({n_components},), got "
+                f"{sae._rows_since_fired.shape}."
+            )
         sae._rows_seen = int(training_state["rows_seen"])
     sae._scale_from_data = scale_from_data
     return sae
 
 
-# Fitted attributes `exported_state` saves besides the arrays, when present.
-_SAVED_ATTRIBUTES = (
+# Fitted attributes `exported_state` saves besides the arrays, when present (`skSAE.io`).
+SAVED_ATTRIBUTES = (
     "input_scale_",
     "sparsity_coefficient_",
     "dead_fraction_",
@@ -1577,7 +1588,7 @@ def exported_state(sae):
     """
     check_is_fitted(sae)
     arrays = {name: np.asarray(getattr(sae, name)) for name in _SAVED_ARRAYS if hasattr(sae, name)}
-    attributes = {name: getattr(sae, name) for name in _SAVED_ATTRIBUTES if hasattr(sae, name)}
+    attributes = {name: getattr(sae, name) for name in SAVED_ATTRIBUTES if hasattr(sae, name)}
     attributes["loss_curve_"] = [float(value) for value in attributes.get("loss_curve_", [])]
     if hasattr(sae, "feature_names_in_"):
         attributes["feature_names_in_"] = [str(name) for name in sae.feature_names_in_]

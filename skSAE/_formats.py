@@ -26,9 +26,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-# Decoder rows within this of unit norm count as unit norm (float32 renormalisation
-# leaves about 1e-7).
+# Decoder rows within this of one norm count as sharing it (float32 renormalisation
+# leaves about 1e-7); bfloat16 and float16 storage leave up to about 4e-4 at widths
+# 768-4096.
 UNIT_NORM_TOLERANCE = 1e-5
+HALF_PRECISION_NORM_TOLERANCE = 2e-3
 # SAELens's sparsity file holds log10(firing fraction + this).
 SPARSITY_EPSILON = 1e-10
 # The SAELens version whose layout `write_saelens` writes; SAELens reads a file without
@@ -84,7 +86,7 @@ def read_safetensors(path):
         tensors = load_file(os.fspath(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise FormatError(f"{path} is not a readable safetensors file ({exc}).") from exc
-    return {name: _to_float64(name, tensor, path) for name, tensor in tensors.items()}
+    return _TensorFile(tensors, path)
 
 
 def read_torch_state(path):
@@ -95,10 +97,28 @@ def read_torch_state(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise FormatError(f"{path} is not a readable torch state dict ({exc}).") from exc
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise FormatError(
+            f"{path} is not a readable torch state dict ({type(exc).__name__}: {first_line})."
+        ) from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise FormatError(f"{path} must hold a dict of tensors (a state dict).")
-    return {name: _to_float64(name, tensor, path) for name, tensor in state.items()}
+    return _TensorFile(state, path)
+
+
+class _TensorFile(dict):
+    """A file's tensors as float64 arrays, with their stored dtypes in ``dtypes``."""
+
+    def __init__(self, tensors, path):
+        super().__init__({name: _to_float64(name, value, path) for name, value in tensors.items()})
+        self.dtypes = {name: value.dtype for name, value in tensors.items()}
+
+
+def norm_tolerance_for(tensors, name):
+    """How far decoder-row norms may spread from storage rounding alone."""
+    dtype = getattr(tensors, "dtypes", {}).get(name)
+    half = dtype in (torch.bfloat16, torch.float16)
+    return HALF_PRECISION_NORM_TOLERANCE if half else UNIT_NORM_TOLERANCE
 
 
 def _to_float64(name, tensor, path):
@@ -148,6 +168,7 @@ def public_form(
     input_bias_D=None,
     threshold=None,
     topk_on_unscaled=False,
+    norm_tolerance=UNIT_NORM_TOLERANCE,
     path="",
 ):
     """skSAE's public form (float64) of ``act((x - input_bias) @ W_enc + b_enc)``.
@@ -163,7 +184,10 @@ def public_form(
         library here applies one, so a negative threshold acts as 0).
     topk_on_unscaled : bool, default=False
         A TopK that selects on the pre-activations as given: the decoder rows must
-        be unit-norm, as the selection would change otherwise.
+        share one norm, as the selection would change otherwise.
+    norm_tolerance : float
+        Relative spread of the row norms that still counts as one norm (storage
+        rounding: `norm_tolerance_for`).
     path : str
         The file, for error messages.
 
@@ -177,19 +201,26 @@ def public_form(
     if input_bias_D is not None:
         b_enc_F = b_enc_F - input_bias_D @ W_enc_DF
     norm_F = np.linalg.norm(W_dec_FD, axis=1)
-    unit = np.abs(norm_F - 1).max(initial=0) <= UNIT_NORM_TOLERANCE
-    if topk_on_unscaled and not unit:
-        worst = float(norm_F[np.argmax(np.abs(norm_F - 1))])
+    alive_F = norm_F > 0
+    common = float(np.median(norm_F[alive_F])) if alive_F.any() else 1.0
+    shared = np.abs(norm_F[alive_F] / common - 1).max(initial=0) <= norm_tolerance
+    if topk_on_unscaled and not shared:
+        spread = float(np.abs(norm_F[alive_F] / common - 1).max())
         raise FormatError(
-            f"{path}: a TopK SAE whose decoder rows are not unit-norm (one has norm "
-            f"{worst:.6g}) selects its top k latents on unscaled pre-activations, which "
-            "skSAE's unit-norm components_ cannot reproduce. Renormalise its decoder in "
-            "the library that trained it (keeping the encoder), then load it."
+            f"{path}: a TopK SAE whose decoder rows differ in norm (by up to {spread:.3g} "
+            f"relative to {common:.6g}) selects its top k latents on unscaled "
+            "pre-activations, which skSAE's unit-norm components_ cannot reproduce. "
+            "Renormalise its decoder in the library that trained it, then load it."
         )
-    # A zero row (a latent that never learned) stays zero; its code decodes to nothing.
-    # Rows unit-norm up to float32 rounding are kept as they are, so that a file skSAE
-    # wrote reads back bit for bit.
-    norm_F = np.ones_like(norm_F) if unit else np.where(norm_F > 0, norm_F, 1.0)
+    if shared:
+        # One norm for every row (up to storage rounding): folding that one scale keeps
+        # every code's order (TopK too), and unit rows stay as they are, so that a file
+        # skSAE wrote reads back bit for bit.
+        scale = 1.0 if abs(common - 1) <= norm_tolerance else common
+        norm_F = np.full_like(norm_F, scale)
+    else:
+        # A zero row (a latent that never learned) stays zero; it decodes to nothing.
+        norm_F = np.where(alive_F, norm_F, 1.0)
     state = {
         "W_enc_": W_enc_DF * norm_F,
         "b_enc_": b_enc_F * norm_F,
@@ -198,7 +229,7 @@ def public_form(
     }
     if threshold is not None:
         threshold = np.maximum(np.asarray(threshold, dtype=np.float64), 0.0)
-        state["threshold_"] = threshold if unit else threshold * norm_F
+        state["threshold_"] = threshold * (norm_F[0] if shared else norm_F)
     return state
 
 
@@ -215,6 +246,12 @@ def _shared_threshold(state, architecture):
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_CONFIG = "cfg.json"
 SAELENS_SPARSITY = "sparsity.safetensors"
+# The keys SAELens renames when it reads a file written before 6.0.
+_SAELENS_RENAMES = {
+    "hook_point": "hook_name",
+    "hook_point_head_index": "hook_head_index",
+    "activation_fn_str": "activation_fn",
+}
 _SAELENS_ARCHITECTURES = {
     "standard": "relu",
     "topk": "topk",
@@ -233,21 +270,25 @@ def read_saelens(folder, norm_scaling_factor=None):
     folder = Path(folder)
     config_path, weights_path = folder / SAELENS_CONFIG, folder / SAELENS_WEIGHTS
     config = read_json_object(config_path)
-    metadata = dict(config.get("metadata") or {})
-    if not isinstance(config.get("metadata", {}), dict):
+    if not isinstance(config.get("metadata", {}), (dict, type(None))):
         raise FormatError(f"{config_path}: field 'metadata' must be an object.")
-    pre_6 = not (config.get("sae_lens_version") or metadata.get("sae_lens_version"))
-    if pre_6:  # the defaults SAELens gives a file written before 6.0
-        for name in ("hook_name", "hook_point", "model_name", "context_size", "prepend_bos"):
+    metadata = dict(config.get("metadata") or {})
+    version = config.get("sae_lens_version") or metadata.get("sae_lens_version")
+    if _major_version(version) < 6:  # as SAELens converts a file written before 6.0
+        config = {_SAELENS_RENAMES.get(key, key): value for key, value in config.items()}
+        for name in ("hook_name", "model_name", "context_size", "prepend_bos"):
             if name in config:
-                metadata.setdefault("hook_name" if name == "hook_point" else name, config[name])
+                metadata.setdefault(name, config[name])
         kwargs = config.get("activation_fn_kwargs") or {}
-        if config.get("activation_fn") == "topk" and "k" in kwargs:
+        if config.get("activation_fn") == "topk" and isinstance(kwargs, dict) and "k" in kwargs:
             config = {**config, "architecture": "topk", "k": kwargs["k"]}
-    name = config.get("architecture", "standard" if pre_6 else None)
+        config.setdefault("architecture", "standard")
+        hook_name = str(metadata.get("hook_name", ""))
+        config.setdefault("reshape_activations", "hook_z" if "hook_z" in hook_name else "none")
+    name = config.get("architecture")
     if name is None:
         raise FormatError(f"{config_path} has no field 'architecture'.")
-    if name not in _SAELENS_ARCHITECTURES:
+    if not isinstance(name, str) or name not in _SAELENS_ARCHITECTURES:
         raise FormatError(
             f"{config_path}: architecture {name!r} is not one skSAE models (it reads "
             f"{sorted(_SAELENS_ARCHITECTURES)})."
@@ -264,7 +305,11 @@ def read_saelens(folder, norm_scaling_factor=None):
     W_enc = tensor(tensors, "W_enc", (d_in, d_sae), weights_path)
     W_dec = tensor(tensors, "W_dec", (d_sae, d_in), weights_path)
     b_dec = tensor(tensors, "b_dec", (d_in,), weights_path)
+    # Early files wrote a boolean: true meant the expected-average scaling.
     normalisation = config.get("normalize_activations", "none")
+    normalisation = {False: "none", True: "expected_average_only_in"}.get(
+        normalisation, normalisation
+    )
     if normalisation == "expected_average_only_in":
         if norm_scaling_factor is None:
             raise FormatError(
@@ -274,6 +319,8 @@ def read_saelens(folder, norm_scaling_factor=None):
             )
         # The SAE saw x * s: fold s as SAELens's fold_activation_norm_scaling_factor does.
         scale = float(norm_scaling_factor)
+        if not (np.isfinite(scale) and scale > 0):
+            raise ValueError(f"norm_scaling_factor must be a positive number, got {scale!r}.")
         W_enc, W_dec, b_dec = W_enc * scale, W_dec / scale, b_dec / scale
     elif normalisation not in ("none", None):
         raise FormatError(
@@ -299,6 +346,7 @@ def read_saelens(folder, norm_scaling_factor=None):
             b_dec,
             input_bias_D=input_bias,
             threshold=b_mag - scale * b_gate,
+            norm_tolerance=norm_tolerance_for(tensors, "W_dec"),
             path=weights_path,
         )
     else:
@@ -317,6 +365,7 @@ def read_saelens(folder, norm_scaling_factor=None):
             input_bias_D=input_bias,
             threshold=threshold,
             topk_on_unscaled=name == "topk" and not rescaled,
+            norm_tolerance=norm_tolerance_for(tensors, "W_dec"),
             path=weights_path,
         )
         if name == "topk":
@@ -327,6 +376,14 @@ def read_saelens(folder, norm_scaling_factor=None):
         state["latent_frequency_"] = np.clip(10.0**log_sparsity - SPARSITY_EPSILON, 0.0, 1.0)
     metadata["format"] = "saelens"
     return ImportedSAE(architecture, params, state, metadata)
+
+
+def _major_version(version):
+    """The major number of a version string (``"6.0.0rc1"`` -> 6); 0 when absent or odd."""
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return 0
 
 
 def write_saelens(folder, state, architecture, *, k=None, metadata=None):
@@ -396,6 +453,11 @@ def read_sparsify(folder):
         ("transcode", "a transcoder (it predicts another activation)"),
         ("skip_connection", "a skip connection (W_skip)"),
         ("matching_pursuit", "a matching-pursuit encoder"),
+        ("signed", "a signed TopK (it keeps negative codes)"),
+        ("embed_skip", "an embedding skip connection"),
+        ("gram_lookup", "a Gram-matrix lookup encoder"),
+        ("slice_encoder", "a sliced encoder"),
+        ("slice_decoder", "a sliced decoder"),
     ):
         if config.get(flag):
             raise FormatError(f"{config_path}: {flag}=true: {why} is not an SAE skSAE models.")
@@ -419,7 +481,14 @@ def read_sparsify(folder):
     W_dec = tensor(tensors, "W_dec", (n_latents, d_in), weights_path)
     b_dec = tensor(tensors, "b_dec", (d_in,), weights_path)
     state = public_form(
-        encoder.T, bias, W_dec, b_dec, input_bias_D=b_dec, topk_on_unscaled=True, path=weights_path
+        encoder.T,
+        bias,
+        W_dec,
+        b_dec,
+        input_bias_D=b_dec,
+        topk_on_unscaled=True,
+        norm_tolerance=norm_tolerance_for(tensors, "W_dec"),
+        path=weights_path,
     )
     # sparsify names a folder after its hook point (``layers.6``, ``layers.6.mlp``).
     metadata = {"format": "sparsify", "hook_name": folder.name}
@@ -454,6 +523,10 @@ def read_dictionary_learning(folder):
     def get(name, shape):
         return tensor(state_dict, name, shape, weights_path)
 
+    tolerance = norm_tolerance_for(
+        state_dict, "W_dec" if "W_dec" in state_dict else "decoder.weight"
+    )
+
     params = {}
     if dict_class == "AutoEncoder":
         bias = get("bias", (d,))
@@ -464,6 +537,7 @@ def read_dictionary_learning(folder):
             get("decoder.weight", (d, f)).T,
             bias,
             input_bias_D=bias,
+            norm_tolerance=tolerance,
             path=weights_path,
         )
     elif dict_class == "JumpReluAutoEncoder":
@@ -474,12 +548,13 @@ def read_dictionary_learning(folder):
             get("W_dec", (f, d)),
             get("b_dec", (d,)),
             threshold=get("threshold", (f,)),
+            norm_tolerance=tolerance,
             path=weights_path,
         )
     elif dict_class in ("AutoEncoderTopK", "BatchTopKSAE"):
         b_dec = get("b_dec", (d,))
         architecture = "topk" if dict_class == "AutoEncoderTopK" else "batchtopk"
-        params["k"] = int(get("k", ()))
+        params["k"] = _dictionary_learning_k(state_dict, trainer, weights_path, config_path)
         state = public_form(
             get("encoder.weight", (f, d)).T,
             get("encoder.bias", (f,)),
@@ -488,12 +563,13 @@ def read_dictionary_learning(folder):
             input_bias_D=b_dec,
             threshold=None if architecture == "topk" else get("threshold", ()),
             topk_on_unscaled=architecture == "topk",
+            norm_tolerance=tolerance,
             path=weights_path,
         )
     elif dict_class == "MatryoshkaBatchTopKSAE":
         b_dec = get("b_dec", (d,))
         architecture = "matryoshka"
-        params["k"] = int(get("k", ()))
+        params["k"] = _dictionary_learning_k(state_dict, trainer, weights_path, config_path)
         group_sizes = state_dict.get("group_sizes")
         if group_sizes is None or group_sizes.ndim != 1 or group_sizes.sum() != f:
             raise FormatError(
@@ -508,6 +584,7 @@ def read_dictionary_learning(folder):
             b_dec,
             input_bias_D=b_dec,
             threshold=get("threshold", ()),
+            norm_tolerance=tolerance,
             path=weights_path,
         )
     elif dict_class == "GatedAutoEncoder":
@@ -522,6 +599,7 @@ def read_dictionary_learning(folder):
             decoder_bias,
             input_bias_D=decoder_bias,
             threshold=b_mag - scale * b_gate,
+            norm_tolerance=tolerance,
             path=weights_path,
         )
     else:
@@ -545,3 +623,10 @@ def read_dictionary_learning(folder):
     if "buffer" in config and isinstance(config["buffer"], dict) and "ctx_len" in config["buffer"]:
         metadata["context_size"] = config["buffer"]["ctx_len"]
     return ImportedSAE(architecture, params, state, metadata)
+
+
+def _dictionary_learning_k(state_dict, trainer, weights_path, config_path):
+    """``k`` from the state dict's buffer, else from the trainer config (as the library)."""
+    if "k" in state_dict:
+        return int(tensor(state_dict, "k", (), weights_path))
+    return field(trainer, "k", config_path, int)

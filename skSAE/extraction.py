@@ -15,6 +15,7 @@ import hashlib
 import os
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from numbers import Integral, Real
 from pathlib import Path
@@ -811,6 +812,15 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
         model = metadata.get("model_name") if model is None else model
         if model is None:
             raise ValueError("The metadata names no model_name; pass model=.")
+        loading = metadata.get("model_from_pretrained_kwargs")
+        if isinstance(loading, dict) and loading.get("center_writing_weights"):
+            warnings.warn(
+                "The SAE was trained on a TransformerLens model loaded with "
+                "center_writing_weights=True, whose residual stream is centred; the "
+                "Hugging Face model's activations are not, so its codes will differ.",
+                UserWarning,
+                stacklevel=2,
+            )
         settings = {"model": model, "hook": hook, "layer": layer}
         for name, kinds in (
             ("context_size", int),

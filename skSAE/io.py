@@ -25,7 +25,7 @@ import numpy as np
 import sklearn
 import torch
 
-from ._estimator import SparseAutoencoder, exported_state, fitted_estimator
+from ._estimator import SAVED_ATTRIBUTES, SparseAutoencoder, exported_state, fitted_estimator
 from ._formats import (
     DICTIONARY_LEARNING_WEIGHTS,
     SAELENS_CONFIG,
@@ -50,6 +50,7 @@ FORMAT_VERSION = 1
 
 _MODEL_FILE = "model.safetensors"
 _CONFIG_FILE = "config.json"
+_OWN_ATTRIBUTES = (*SAVED_ATTRIBUTES, "feature_names_in_")
 _READ_FORMATS = ("skSAE", "saelens", "sparsify", "dictionary_learning")
 _WRITE_FORMATS = ("skSAE", "saelens")
 
@@ -216,12 +217,23 @@ def save(sae, path, format="skSAE", *, overwrite=False, **metadata):
     target = Path(path)
     if target.is_file():
         raise FileExistsError(f"{target} is a file; save writes a folder.")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{target} exists and is not empty; pass overwrite=True to replace it."
-        )
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"{target} exists and is not empty; pass overwrite=True to replace it."
+            )
+        try:
+            detect_format(target)
+        except FormatError:
+            raise FileExistsError(
+                f"{target} holds files that are not an SAE; overwrite=True replaces only "
+                "an SAE folder (or an empty one). Choose another path."
+            ) from None
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(scratch, 0o777 & ~umask)  # mkdtemp's folder is private to its owner
     try:
         if format == "skSAE":
             _write_own(scratch, sae, saved, metadata)
@@ -240,11 +252,13 @@ def save(sae, path, format="skSAE", *, overwrite=False, **metadata):
 def _write_own(folder, sae, saved, metadata):
     from safetensors.numpy import save_file
 
-    params = sae.get_params(deep=False)
+    params = {name: _json_value(value) for name, value in sae.get_params(deep=False).items()}
     if params.get("prefix_sizes") is not None:
         params["prefix_sizes"] = [int(size) for size in params["prefix_sizes"]]
-    if params.get("random_state") is not None and not isinstance(params["random_state"], int):
+    if isinstance(params.get("random_state"), np.random.RandomState):
         params["random_state"] = None  # a RandomState instance has no JSON form
+    if params.get("checkpoint_path") is not None:
+        params["checkpoint_path"] = os.fspath(params["checkpoint_path"])
     arrays = {name: np.array(value, order="C") for name, value in saved["arrays"].items()}
     training = saved["training_state"]
     for name in ("random_keys", "rows_since_fired"):
@@ -272,7 +286,7 @@ def _write_own(folder, sae, saved, metadata):
         "metadata": metadata,
     }
     with open(folder / _CONFIG_FILE, "w", encoding="utf-8") as file:
-        json.dump(config, file, indent=2)
+        json.dump(config, file, indent=2, default=_json_value)
 
 
 def _load_own(folder):
@@ -296,6 +310,12 @@ def _load_own(folder):
     for name in ("params", "attributes", "fit_options", "metadata"):
         if not isinstance(config.get(name), dict):
             raise FormatError(f"{config_path}: field {name!r} must be an object.")
+    unknown_attributes = sorted(set(config["attributes"]) - set(_OWN_ATTRIBUTES))
+    if unknown_attributes:
+        raise FormatError(
+            f"{config_path}: field 'attributes' names {unknown_attributes}, which are not "
+            f"fitted attributes skSAE saves ({sorted(_OWN_ATTRIBUTES)})."
+        )
     known = SparseAutoencoder().get_params()
     params = {key: value for key, value in config["params"].items() if key in known}
     unknown = sorted(set(config["params"]) - set(known))
@@ -348,6 +368,15 @@ def _load_own(folder):
 
 
 # -------------------------------------------------------------------- helpers
+
+
+def _json_value(value):
+    """NumPy scalars (what a grid search passes) as the Python numbers JSON holds."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
 
 
 def _existing_folder(path):

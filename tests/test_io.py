@@ -7,6 +7,7 @@ times the decoder row norms, reconstructions equal the original's.
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -113,16 +114,19 @@ def test_own_format_round_trips_exactly(architecture, tmp_path):
 
 
 def test_own_format_continues_training_like_the_original(tmp_path):
-    sae, X = fitted("topk")
+    sae, X = fitted("relu")
     io.save(sae, tmp_path / "m")
     loaded = io.load(tmp_path / "m")
     # Both continue with a fresh Adam state (an unpickled model does too).
-    reference = clone(sae).set_params(warm_start=True)
+    reference = clone(sae)
     reference.__setstate__(sae.__getstate__())
     reference.partial_fit(X)
     loaded.partial_fit(X)
-    np.testing.assert_allclose(loaded.components_, reference.components_, rtol=1e-6, atol=1e-7)
-    assert loaded.n_steps_ == sae.n_steps_ + reference.n_steps_ - sae.n_steps_
+    for name in ("W_enc_", "b_enc_", "components_", "b_dec_", "threshold_", "_rows_since_fired"):
+        if hasattr(reference, name):
+            np.testing.assert_array_equal(getattr(loaded, name), getattr(reference, name), name)
+    assert loaded.n_steps_ == reference.n_steps_ > sae.n_steps_
+    assert loaded.sparsity_coefficient_ == reference.sparsity_coefficient_
 
 
 def test_own_format_keeps_feature_names(tmp_path):
@@ -171,6 +175,50 @@ def test_save_refuses_to_overwrite_and_replaces_only_when_asked(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="is a file"):
         io.save(sae, tmp_path / "file")
+    # overwrite=True never replaces a folder of other files.
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "thesis.tex").write_text("years of work")
+    with pytest.raises(FileExistsError, match="not an SAE"):
+        io.save(sae, tmp_path / "work", overwrite=True)
+    assert (tmp_path / "work" / "thesis.tex").read_text() == "years of work"
+
+
+def test_save_that_fails_midway_keeps_the_old_folder(tmp_path, monkeypatch):
+    sae, X = fitted("topk")
+    other, _ = fitted("relu")
+    io.save(sae, tmp_path / "m")
+    real_replace = os.replace
+    calls = []
+
+    def replace_then_fail(source, target):
+        calls.append((source, target))
+        if len(calls) == 2:  # the new folder onto the target, after the old moved aside
+            raise OSError("disk full")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        io.save(other, tmp_path / "m", overwrite=True)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(io.load(tmp_path / "m").transform(X), sae.transform(X))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_saved_folder_is_readable_by_others(tmp_path):
+    sae, _ = fitted("topk")
+    io.save(sae, tmp_path / "m")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_numpy_scalar_parameters_are_saved_as_numbers(tmp_path):
+    X = inputs().astype(np.float32)
+    sae = SparseAutoencoder(n_components=F, k=np.int64(K), max_iter=1, random_state=np.int64(3))
+    sae.fit(X)
+    io.save(sae, tmp_path / "m")
+    loaded = io.load(tmp_path / "m")
+    assert (loaded.k, loaded.random_state) == (K, 3)
 
 
 def test_save_rejects_unfitted_and_unknown_format(tmp_path):
@@ -217,6 +265,15 @@ def test_bad_files_get_clear_errors(tmp_path):
         io.load(folder)
     save_file({**arrays, "b_enc_": arrays["b_enc_"][:-1]}, folder / "model.safetensors")
     with pytest.raises(FormatError, match=r"b_enc_ must have shape \(40,\)"):
+        io.load(folder)
+    save_file({**arrays, "input_mean_": arrays["input_mean_"][:3]}, folder / "model.safetensors")
+    with pytest.raises(FormatError, match=r"input_mean_ must have shape \(12,\)"):
+        io.load(folder)
+    save_file(arrays, folder / "model.safetensors")
+    edited = json.loads(config)
+    edited["attributes"]["n_features_in_"] = 7
+    (folder / "config.json").write_text(json.dumps(edited))
+    with pytest.raises(FormatError, match=r"names \['n_features_in_'\]"):
         io.load(folder)
 
 
@@ -311,7 +368,7 @@ def test_saelens_unfoldable_files_are_refused(tmp_path):
     W_enc, b_enc, W_dec, b_dec = weights()
     tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
     folder = saelens_folder(tmp_path / "a", "topk", tensors, k=K)
-    with pytest.raises(FormatError, match="decoder rows are not unit-norm"):
+    with pytest.raises(FormatError, match="decoder rows differ in norm"):
         io.load(folder)
     folder = saelens_folder(tmp_path / "b", "standard", tensors, normalize_activations="layer_norm")
     with pytest.raises(FormatError, match="normalize_activations='layer_norm'"):
@@ -357,7 +414,7 @@ def test_saelens_pre_6_config_is_read_with_its_defaults(tmp_path):
             {
                 "d_in": D,
                 "d_sae": F,
-                "activation_fn": "topk",
+                "activation_fn_str": "topk",  # the spelling SAELens wrote before 6.0
                 "activation_fn_kwargs": {"k": K},
                 "hook_point": "blocks.4.hook_mlp_out",
                 "model_name": "gpt2",
@@ -445,6 +502,46 @@ def test_sparsify_files_load_with_their_codes(tmp_path):
     assert ActivationExtractor.from_metadata(sae, model="m").get_params()["hook"] == "resid_post"
 
 
+def test_sparsify_bfloat16_file_with_rows_normalised_before_rounding_loads(tmp_path):
+    from safetensors.torch import save_file as save_torch
+
+    rng = np.random.default_rng(3)
+    d, f = 768, 64
+    W_dec = rng.normal(size=(f, d))
+    W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
+    tensors = {
+        "encoder.weight": torch.tensor(W_dec, dtype=torch.bfloat16),
+        "encoder.bias": torch.zeros(f, dtype=torch.bfloat16),
+        "W_dec": torch.tensor(W_dec, dtype=torch.bfloat16),  # norms 1 +- ~4e-4 after rounding
+        "b_dec": torch.zeros(d, dtype=torch.bfloat16),
+    }
+    folder = tmp_path / "layers.2"
+    folder.mkdir()
+    save_torch(tensors, folder / "sae.safetensors")
+    config = {"activation": "topk", "num_latents": f, "k": K, "d_in": d, "normalize_decoder": True}
+    (folder / "cfg.json").write_text(json.dumps(config))
+    sae = io.load(folder)
+    t = {name: value.double().numpy() for name, value in tensors.items()}
+    X = np.random.default_rng(4).normal(size=(200, d))
+    codes = topk_rows(np.maximum(X @ t["encoder.weight"].T, 0), K)
+    np.testing.assert_allclose(sae.transform(X.astype(np.float32)), codes, rtol=1e-5, atol=1e-4)
+
+
+def test_topk_with_one_shared_decoder_norm_loads_exactly(tmp_path):
+    W_enc, b_enc, W_dec, b_dec = f64(*weights(unit=True))
+    folder = saelens_folder(
+        tmp_path / "s",
+        "topk",
+        {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec * 4, "b_dec": b_dec},
+        k=K,
+    )
+    sae = io.load(folder)
+    t = [w.astype(np.float32).astype(np.float64) for w in (W_enc, b_enc, W_dec * 4, b_dec)]
+    X = inputs()
+    codes = topk_rows((X - t[3]) @ t[0] + t[1], K)
+    check_equivalent(sae, X, codes, t[2], t[3])
+
+
 def test_sparsify_multi_hook_root_and_unsupported_files(tmp_path):
     W_enc, b_enc, W_dec, b_dec = weights(unit=True)
     tensors = {"encoder.weight": W_enc.T, "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec}
@@ -456,6 +553,9 @@ def test_sparsify_multi_hook_root_and_unsupported_files(tmp_path):
         io.load(folder)
     folder = sparsify_folder(tmp_path / "tc", tensors, transcode=True)
     with pytest.raises(FormatError, match="transcoder"):
+        io.load(folder)
+    folder = sparsify_folder(tmp_path / "signed", tensors, signed=True)
+    with pytest.raises(FormatError, match="signed=true"):
         io.load(folder)
     folder = sparsify_folder(tmp_path / "gm", tensors, activation="groupmax")
     with pytest.raises(FormatError, match="activation 'groupmax'"):
@@ -617,6 +717,18 @@ def test_dictionary_learning_unit_norm_batchtopk_and_matryoshka_keep_their_archi
     assert sae.architecture == "batchtopk" and float(sae.threshold_) == 0.0
 
 
+def test_dictionary_learning_k_from_the_config_when_the_state_has_none(tmp_path):
+    W_enc, b_enc, W_dec, b_dec = as32(*weights(unit=True))
+    state = {
+        "b_dec": b_dec,
+        "encoder.weight": W_enc.T.contiguous(),
+        "encoder.bias": b_enc,
+        "decoder.weight": W_dec.T.contiguous(),
+    }
+    sae = io.load(dl_folder(tmp_path / "t", "AutoEncoderTopK", state, k=3))
+    assert (sae.architecture, sae.k) == ("topk", 3)
+
+
 def test_dictionary_learning_bad_files(tmp_path):
     folder = dl_folder(tmp_path / "x", "AutoEncoderNew", {"bias": np.zeros(D, np.float32)})
     with pytest.raises(FormatError, match="dict_class 'AutoEncoderNew' is not one skSAE reads"):
@@ -653,6 +765,11 @@ def test_imported_model_fine_tunes_in_its_own_units(architecture, tmp_path):
     assert sae.metadata_["hook_name"] == "blocks.2.hook_resid_post"  # kept by the fine-tune
     refit = clone(sae).fit(X)  # same hyperparameters, a fresh model
     assert refit.components_.shape == sae.components_.shape
+    # A plain fit of the loaded estimator trains a new model too, with its parameters.
+    imported = io.load(tmp_path / "s").set_params(n_components=24, learning_rate=1e-3)
+    imported.fit(X)
+    assert imported.components_.shape == (24, D)
+    assert imported.input_scale_ == pytest.approx(1 / 50, rel=0.1)
 
 
 @pytest.mark.parametrize(
