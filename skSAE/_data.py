@@ -10,6 +10,7 @@ Shape suffixes: N rows of X, B minibatch rows, H rows of a chunk, D n_features.
 """
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -150,11 +151,10 @@ class StreamedData:
         leftover_BD = None
         n_blocks = -(-self.n_rows // self.chunk_rows)
         produced = 0
+        order = torch.randperm(n_blocks, generator=generator).tolist()
         if skip == 0 and after_skip is not None:
             after_skip()  # the block order is drawn; resume before the first shuffle
-        for block in torch.randperm(n_blocks, generator=generator).tolist():
-            start = block * self.chunk_rows
-            x_HD = self._checked(start, np.asarray(self.X[start : start + self.chunk_rows]))
+        for x_HD in _read_ahead(self._read_block, order):
             x_HD = x_HD[torch.randperm(x_HD.shape[0], generator=generator)]
             if leftover_BD is not None:
                 x_HD = torch.cat([leftover_BD, x_HD])
@@ -176,10 +176,34 @@ class StreamedData:
             self.n_rows, self.n_features, lambda rows: torch.from_numpy(np.asarray(self.X[rows]))
         )
 
+    def _read_block(self, block):
+        """Chunk number ``block``, read and validated (in the read-ahead thread)."""
+        start = block * self.chunk_rows
+        return self._checked(start, np.asarray(self.X[start : start + self.chunk_rows]))
+
     def blocks(self, block_rows, device):
         """The rows in order, in blocks of at most ``block_rows``."""
         for start, block in iter_chunks(self.X, min(block_rows, self.chunk_rows)):
             yield self._checked(start, block).to(device)
+
+
+def _read_ahead(read, keys):
+    """``read(key)`` for each key in turn, the next one read in a thread meanwhile.
+
+    Training on one chunk (torch releases the GIL) overlaps the read of the next, so a
+    pass over a store runs near the speed of training from memory. At most two chunks
+    are held: the one being trained on and the one being read.
+    """
+    keys = list(keys)
+    if not keys:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="skSAE-read-ahead") as pool:
+        pending = pool.submit(read, keys[0])
+        for key in keys[1:]:
+            ready = pending.result()
+            pending = pool.submit(read, key)
+            yield ready
+        yield pending.result()
 
 
 def _fingerprint(n_rows, n_features, read_rows):

@@ -112,3 +112,15 @@ def test_bench_peers_quick_runs_without_the_peers():
     assert rows.count(["plain", "batch"]) + rows.count(["plain", "*"]) == 2
     if not all(importlib.util.find_spec(name) for name in ("sae_lens", "dictionary_learning")):
         assert "peers not found" in result.stdout
+
+
+def test_bench_streaming_quick_prints_the_ratio():
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_streaming.py"), "--quick"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout
+    assert "store / memory tokens/s:" in out
+    assert out.count("peak RSS") == 1 and "store " in out and "memory " in out

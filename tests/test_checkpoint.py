@@ -183,3 +183,29 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(tmp_path)
         reference = SparseAutoencoder(**COMMON, k=4, target_l0=4).fit(data())
     result = np.load(tmp_path / "run.ckpt.result.npz")
     np.testing.assert_array_equal(result["components"], reference.components_)
+
+
+@pytest.mark.parametrize("crash_step", [40, 47, 50])  # inside, at the end of, after a pass
+def test_resumed_fit_on_a_memmap_equals_an_uninterrupted_one(crash_step, tmp_path, monkeypatch):
+    import skSAE._data
+
+    monkeypatch.setattr(skSAE._data, "CHUNK_BYTES", 4 * 16 * 100)  # 100-row chunks
+    X = np.lib.format.open_memmap(tmp_path / "X.npy", mode="w+", dtype=np.float32, shape=(1500, 16))
+    X[:] = data()
+    X.flush()
+    params = {**COMMON, "k": 4}
+    reference = SparseAutoencoder(**params).fit(X)
+    path = tmp_path / "run.ckpt"
+    original = SparseAutoencoder._minibatch_step
+
+    def step_or_crash(self, run, stats, x_BD):
+        if self.n_steps_ == crash_step + 32:
+            raise SimulatedCrashError
+        return original(self, run, stats, x_BD)
+
+    monkeypatch.setattr(SparseAutoencoder, "_minibatch_step", step_or_crash)
+    with pytest.raises(SimulatedCrashError):
+        SparseAutoencoder(**params, checkpoint_path=path, checkpoint_every=crash_step).fit(X)
+    monkeypatch.setattr(SparseAutoencoder, "_minibatch_step", original)
+    resumed = SparseAutoencoder(**params, checkpoint_path=path, checkpoint_every=crash_step).fit(X)
+    assert_same_model(resumed, reference)
