@@ -9,6 +9,8 @@ explained, dead latents and loss recovered on held-out texts. Every step is offl
 import argparse
 import time
 
+import torch.distributed as dist
+
 from . import ActivationExtractor, SparseAutoencoder, corpora, io
 from ._architectures import ARCHITECTURES
 from .metrics import loss_recovered_details, mean_l0
@@ -122,6 +124,8 @@ def main(argv=None):
         f"{sae.batch_size_} rows, learning rate {sae.learning_rate_:.3g})"
     )
 
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return  # under torchrun every rank trained the same model: rank 0 reports it
     X_test = extractor.transform(test_texts)
     codes = sae.transform(X_test)
     details = loss_recovered_details(sae, extractor, test_texts)

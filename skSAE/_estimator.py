@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ._architectures import (
     ARCHITECTURES,
+    LossTerms,
     build_module,
     l0_sample_rows,
     to_training_units,
@@ -37,6 +38,7 @@ from ._architectures import (
 from ._array_metrics import ExplainedVarianceAccumulator
 from ._checkpoint import CHECKPOINT_FORMAT, fingerprint_params, read_checkpoint, write_checkpoint
 from ._data import CHUNK_BYTES, validated_data
+from ._distributed import DataParallel, data_parallel
 from ._recipe import (
     MIN_CONVERGED_STEPS,
     STREAM_TOKENS,
@@ -494,7 +496,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         """
         continuing = self.warm_start and self._is_fitted()
         with self._restore_state_on_error():
-            device = resolve_device(self.device)
+            device = _training_device(self.device)
             data = validated_data(self, X, reset=not continuing, device=device)
             if not continuing or self._fit_architecture != self.architecture:
                 self._initialize(data, device)
@@ -537,7 +539,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             # parameters changed since (k, architecture, ...): check them too.
             self._validate_params()
         with self._restore_state_on_error():
-            device = resolve_device(self.device)
+            device = _training_device(self.device)
             data = validated_data(self, X, reset=first_call, device=device)
             if first_call:
                 self._initialize(data, device)
@@ -566,7 +568,12 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         """Fresh random state, input normalisation, module and counters."""
         n_components = self._n_components(self.n_features_in_)
         options = self._resolve_options(self.architecture, n_components)
-        self._random_state = check_random_state(self.random_state)
+        random_state = self.random_state
+        parallel = data_parallel()
+        if parallel is not None and random_state is None:
+            # Every rank must start from the same model and draw the same batches.
+            random_state = parallel.shared_seed(int(np.random.randint(2**31 - 1)))
+        self._random_state = check_random_state(random_state)
         self._generator = torch_generator(self._random_state)
         sample_BD = data.sample(_INIT_SAMPLE_ROWS, self._random_state).to(device)
         # One float64 copy of the sample, centred and scaled in place.
@@ -774,6 +781,12 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         )
         use_aux = module.supports_aux_loss and self.aux_coefficient > 0
         resample = self.resample_dead and module.supports_resampling
+        parallel = data_parallel()
+        if parallel is not None and resample:
+            raise ValueError(
+                "resample_dead=True is not supported in a data-parallel fit (it resamples "
+                "from one rank's batch); set resample_dead=False."
+            )
         run = _TrainingRun(
             data=data,
             module=module,
@@ -797,6 +810,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             if self.input_mean_.any()
             else None,
             scale=self.input_scale_,
+            parallel=parallel,
         )
         # Indices of the dead latents as of the last check (a host sync, every 32 steps).
         run.dead_latents = _dead_latents(tracker) if (use_aux or resample) else None
@@ -843,23 +857,38 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         return batch_size, learning_rate, total_steps
 
     def _minibatch_step(self, run, stats, x_BD):
-        """One optimisation step on a batch in the user's units."""
+        """One optimisation step on a batch in the user's units.
+
+        In a data-parallel fit ``x_BD`` is the global batch: this rank trains on its
+        share, and the gradients and firing counts are summed over the ranks.
+        """
         module, optimizer = run.module, run.optimizer
+        global_rows = x_BD.shape[0]
+        if run.parallel is not None:
+            x_BD = run.parallel.share(x_BD)
         x_BD = _training_units(run, x_BD)
         run.schedule.apply(optimizer, self.n_steps_ - run.steps_before)
-        with run.autocast:
-            terms = run.loss_function(x_BD, run.dead_latents if run.use_aux else None)
         optimizer.zero_grad(set_to_none=True)
-        terms.loss.backward()
+        if x_BD.shape[0]:
+            with run.autocast:
+                terms = run.loss_function(x_BD, run.dead_latents if run.use_aux else None)
+            terms.loss.backward()
+        else:  # a global batch smaller than the ranks: this rank's share is empty
+            zero = torch.zeros((), device=x_BD.device)
+            terms = LossTerms(zero, zero, torch.zeros(run.n_components, device=x_BD.device))
+        fires_F = terms.fires_F
+        if run.parallel is not None:
+            run.parallel.average_gradients(module.parameters(), x_BD.shape[0], global_rows)
+            fires_F = run.parallel.all_reduce(fires_F.clone())
         module.constrain_gradients()
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(module.parameters(), self.max_grad_norm)
         optimizer.step()
         module.constrain_weights()
         self.n_steps_ += 1
-        stats.update(x_BD, terms)
-        run.tracker.update(terms.fires_F, x_BD.shape[0])
-        run.schedule.observe(terms.fires_F, x_BD.shape[0])
+        stats.update(x_BD, terms)  # this rank's rows; summed over the ranks at the check
+        run.tracker.update(fires_F, global_rows)
+        run.schedule.observe(fires_F, global_rows)
         run.last_batch_BD = x_BD
 
     def _check(self, run, window):
@@ -870,6 +899,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         summary : dict
             `TrainingStatistics.summary` of the steps since the last check.
         """
+        if run.parallel is not None:
+            window.reduce(run.parallel.all_reduce)
         summary = window.summary(run.module)
         if run.first_explained_variance is None:
             run.first_explained_variance = summary["explained_variance"]
@@ -1185,6 +1216,8 @@ class _TrainingRun:
     resample: bool
     mean_D: torch.Tensor | None
     scale: float
+    # This rank's place in a data-parallel fit (`_distributed`), None in one process.
+    parallel: DataParallel | None = None
     # Dead latents as of the last check, and the last batch (for resampling).
     dead_latents: torch.Tensor | None = None
     last_batch_BD: torch.Tensor | None = None
@@ -1287,7 +1320,8 @@ class _Checkpoints:
                 }
             ),
         }
-        write_checkpoint(self.path, state)
+        if run.parallel is None or run.parallel.rank == 0:  # the ranks' states are equal
+            write_checkpoint(self.path, state)
         self.last_written = sae.n_steps_
 
     def restore(self):
@@ -1341,7 +1375,8 @@ class _Checkpoints:
 
     def remove(self):
         """The fit is complete: its checkpoint has done its work."""
-        if os.path.exists(self.path):
+        parallel = self.run.parallel
+        if (parallel is None or parallel.rank == 0) and os.path.exists(self.path):
             os.remove(self.path)
 
 
@@ -1387,6 +1422,15 @@ def _random_state_from_tensors(saved):
         )
     )
     return random_state
+
+
+def _training_device(device):
+    """`resolve_device` for training; in a data-parallel fit on CUDA, this rank's GPU."""
+    resolved = resolve_device(device)
+    parallel = data_parallel()
+    if parallel is not None and resolved.type == "cuda" and resolved.index is None:
+        return torch.device("cuda", parallel.local_rank)
+    return resolved
 
 
 def _input_scale(centred_BD):

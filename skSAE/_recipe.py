@@ -390,6 +390,16 @@ class TrainingStatistics:
         self.n_rows += other.n_rows
         self.n_steps += other.n_steps
 
+    def reduce(self, all_reduce):
+        """Sum the statistics over the ranks of a data-parallel fit (``all_reduce`` in place)."""
+        counts = torch.tensor([self.n_rows], dtype=torch.float64, device=self.loss_sum.device)
+        for tensor in (self.fires_F, self.loss_sum, self.squared_error, self.x_squares, counts):
+            all_reduce(tensor)
+        if self.x_sum_D is None:
+            raise ValueError("reduce needs at least one batch on every rank")
+        all_reduce(self.x_sum_D)
+        self.n_rows = int(counts.item())
+
     def summary(self, module):
         """Python floats of the batches so far (one sync; at least one batch).
 

@@ -1,0 +1,112 @@
+"""Data-parallel training under `torch.distributed` (``torchrun``): shares and all-reduces.
+
+When a process group is running (started by the user, or by `data_parallel` from the
+environment ``torchrun`` sets), every rank calls ``fit(X)`` with the same ``X``, draws
+the same batches from the same seeded generator, and trains on its share of each
+global batch. Gradients are weighted by the share's rows and summed across ranks, so
+every rank takes the step a single process takes on the whole batch; firing counts and
+the running statistics are summed too, so dead latents, the ``target_l0`` calibration
+and the divergence checks see the global batch. A collective that fails (a rank died,
+or the group timed out) stops every rank with an error that says so. A leaf: torch
+only.
+"""
+
+import atexit
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+# Seconds a collective waits for the other ranks before the group gives up.
+TIMEOUT_SECONDS = float(os.environ.get("SKSAE_DISTRIBUTED_TIMEOUT", "600"))
+
+
+class RankFailedError(RuntimeError):
+    """Another rank of a data-parallel fit stopped (died, or timed out)."""
+
+
+def data_parallel():
+    """The data-parallel context of this process, or None when it trains alone.
+
+    Uses the default process group when one is initialised; otherwise starts one from
+    ``torchrun``'s environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+    ``MASTER_PORT``) with the ``nccl`` backend on CUDA and ``gloo`` on CPUs.
+    """
+    if not dist.is_available():
+        return None
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "MASTER_ADDR" not in os.environ:
+            return None
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_SECONDS))
+        # The group skSAE started is skSAE's to close: left open, gloo's threads abort
+        # the interpreter at exit.
+        atexit.register(_close_group)
+    if dist.get_world_size() == 1:
+        return None
+    return DataParallel(dist.get_rank(), dist.get_world_size())
+
+
+def _close_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class DataParallel:
+    """This rank's place in a data-parallel fit.
+
+    Parameters
+    ----------
+    rank, world_size : int
+    """
+
+    def __init__(self, rank, world_size):
+        self.rank = rank
+        self.world_size = world_size
+        self.local_rank = int(os.environ.get("LOCAL_RANK", rank))
+
+    def share(self, x_BD):
+        """This rank's contiguous part of a global batch (sizes differ by at most one)."""
+        n_rows = x_BD.shape[0]
+        start = n_rows * self.rank // self.world_size
+        stop = n_rows * (self.rank + 1) // self.world_size
+        return x_BD[start:stop]
+
+    def all_reduce(self, tensor):
+        """Sum ``tensor`` over the ranks, in place; `RankFailedError` when a rank is gone."""
+        try:
+            dist.all_reduce(tensor)
+        except (RuntimeError, dist.DistBackendError) as exc:
+            raise RankFailedError(
+                f"rank {self.rank} of {self.world_size}: another rank of this data-parallel "
+                f"fit stopped or timed out ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); this rank stops too."
+            ) from exc
+        return tensor
+
+    def average_gradients(self, parameters, rows, global_rows):
+        """Make every rank's gradients those of the mean loss over the global batch.
+
+        Each rank's gradient is of the mean over its ``rows``; weighted by
+        ``rows / global_rows`` and summed, they are the gradient of the global mean.
+        One all-reduce over the flattened gradients.
+        """
+        parameters = [p for p in parameters if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        flat = torch.cat([g.reshape(-1) for g in grads]).mul_(rows / global_rows)
+        self.all_reduce(flat)
+        offset = 0
+        for parameter, grad in zip(parameters, grads, strict=True):
+            size = grad.numel()
+            parameter.grad = flat[offset : offset + size].view_as(grad)
+            offset += size
+
+    def shared_seed(self, seed):
+        """Rank 0's ``seed``, on every rank."""
+        value = torch.tensor([seed], dtype=torch.int64)
+        try:
+            dist.broadcast(value, src=0)
+        except (RuntimeError, dist.DistBackendError) as exc:
+            raise RankFailedError(f"rank {self.rank}: the seed broadcast failed ({exc}).") from exc
+        return int(value)
