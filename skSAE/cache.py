@@ -127,6 +127,16 @@ class ActivationCache:
         with self.open() as file:
             return int(file["activations"].shape[0]) if "activations" in file else 0
 
+    def rows(self):
+        """The activations as a `StoredRows`: an array-like that reads rows on demand.
+
+        Pass it where scikit-learn wants ``X`` (``GridSearchCV.fit``,
+        ``cross_validate``): each fold reads its rows from the file, and it pickles as
+        the path, so parallel workers (joblib, Dask) open the file themselves instead
+        of receiving a copy of the data.
+        """
+        return StoredRows(self.path)
+
     def read(self, start=0, stop=None):
         """Rows ``start:stop`` as an `Extraction` of NumPy arrays."""
         with self.open() as file:
@@ -196,6 +206,69 @@ class ActivationCache:
             with h5py.File(cache.path, "a") as file:
                 _append_batches(file, batches, first.activations.shape[0], len(texts))
         return cache
+
+
+class StoredRows:
+    """A 2-D dataset of an HDF5 file as a read-on-demand array-like (float32 rows).
+
+    It holds the path and the dataset's name only: indexing opens the file and reads
+    the rows asked for (any order, repeats allowed), and a pickle is a few hundred
+    bytes, so the data stays where it is when the object goes to other processes.
+    ``np.asarray`` reads it whole; `SparseAutoencoder` streams it instead (as an
+    `h5py.Dataset`).
+
+    Parameters
+    ----------
+    path : str or path
+    dataset : str, default="activations"
+
+    Examples
+    --------
+    >>> import numpy as np, h5py, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "a.h5")
+    >>> with h5py.File(path, "w") as file:
+    ...     _ = file.create_dataset("activations", data=np.arange(12.0).reshape(6, 2))
+    >>> rows = StoredRows(path)
+    >>> rows.shape, rows[[4, 1]].tolist()
+    ((6, 2), [[8.0, 9.0], [2.0, 3.0]])
+    """
+
+    ndim = 2
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, path, dataset="activations"):
+        self.path = Path(path)
+        self.dataset = dataset
+        with h5py.File(self.path, "r") as file:
+            if dataset not in file or file[dataset].ndim != 2:
+                raise ValueError(f"{self.path} has no 2-D dataset {dataset!r}.")
+            self.shape = tuple(file[dataset].shape)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple) and len(key) == 2 and key[1] is Ellipsis:
+            key = key[0]  # scikit-learn's _safe_indexing asks for X[indices, ...]
+        with h5py.File(self.path, "r") as file:
+            data = file[self.dataset]
+            if isinstance(key, (slice, int, np.integer)):
+                return np.asarray(data[key], dtype=np.float32)
+            index = np.asarray(key)
+            if index.dtype == bool:
+                index = np.flatnonzero(index)
+            # h5py reads increasing, distinct indices only.
+            unique, inverse = np.unique(index, return_inverse=True)
+            return np.asarray(data[unique], dtype=np.float32)[inverse.reshape(index.shape)]
+
+    def __array__(self, dtype=None, copy=None):
+        rows = self[:]
+        return rows if dtype is None else rows.astype(dtype)
+
+    def open_dataset(self):
+        """The open file and its `h5py.Dataset` (for streaming); close the file after."""
+        file = h5py.File(self.path, "r")
+        return file, file[self.dataset]
 
 
 def _texts_attrs(texts):
