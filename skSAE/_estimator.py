@@ -50,7 +50,7 @@ from ._recipe import (
     geometric_median,
     resample_dead_latents,
 )
-from ._sklearn_compat import Interval, StrOptions, _fit_context
+from ._sklearn_compat import HasMethods, Interval, StrOptions, _fit_context
 from ._utils import resolve_device, to_numpy, torch_generator
 from ._version import __version__, pop_saved_version
 
@@ -244,6 +244,11 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         Steps between checkpoints (written at the first progress check, every 32 steps
         and at the end of each pass, on or after each multiple). Only used with
         `checkpoint_path`.
+    logger : object with ``log(metrics, step)``, default=None
+        Receives the training metrics at every progress check (loss, L0, explained
+        variance, dead fraction, learning rate, sparsity coefficient), where the loop
+        already reads them: `skSAE.logging.TensorBoardLogger`,
+        `skSAE.logging.WandbLogger`, or your own.
 
     Attributes
     ----------
@@ -391,6 +396,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         "sparse_output": ["boolean"],
         "checkpoint_path": [str, os.PathLike, None],
         "checkpoint_every": [Interval(Integral, 1, None, closed="left")],
+        "logger": [None, HasMethods(["log"])],
     }
 
     def __init__(
@@ -427,6 +433,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         sparse_output=False,
         checkpoint_path=None,
         checkpoint_every=1000,
+        logger=None,
     ):
         self.n_components = n_components
         self.expansion_factor = expansion_factor
@@ -459,6 +466,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.sparse_output = sparse_output
         self.checkpoint_path = checkpoint_path
         self.checkpoint_every = checkpoint_every
+        self.logger = logger
 
     # ------------------------------------------------------------------ fitting
 
@@ -733,6 +741,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             self._keep_interrupted(run)
         finally:
             progress.close()
+            if hasattr(self.logger, "close"):
+                self.logger.close()
         self._finish(run)
         if checkpoints is not None:
             checkpoints.remove()
@@ -924,7 +934,23 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                 run.tracker.rows_since_fired_F[dead_F] = 0
                 run.dead_latents = None
         run.last_good, run.candidate = run.candidate, self._good_state(run)
+        if self.logger is not None:
+            self.logger.log(self._logged_metrics(run, summary), self.n_steps_)
         return summary
+
+    def _logged_metrics(self, run, summary):
+        """What `logger` receives at a check (Python floats)."""
+        metrics = {
+            "loss": summary["loss"],
+            "l0": summary["l0"],
+            "explained_variance": summary["explained_variance"],
+            "dead_fraction": float(run.tracker.dead_F().float().mean()),
+            "learning_rate": run.schedule.lr,
+        }
+        coefficient = run.schedule.coefficient()
+        if coefficient is not None:
+            metrics["sparsity_coefficient"] = coefficient
+        return metrics
 
     def _good_state(self, run):
         """A copy of what a diverged run falls back to: weights, counters, dead counts."""
@@ -1255,7 +1281,14 @@ class _Checkpoints:
         self.run = run
         self.path = sae.checkpoint_path
         self.every = sae.checkpoint_every
-        ignore = {"verbose", "checkpoint_path", "checkpoint_every", "device", "warm_start"}
+        ignore = {
+            "verbose",
+            "checkpoint_path",
+            "checkpoint_every",
+            "device",
+            "warm_start",
+            "logger",
+        }
         self.fingerprint = {
             **data.fingerprint(),
             **fingerprint_params(sae.get_params(), ignore),

@@ -257,6 +257,7 @@ def _write_own(folder, sae, saved, metadata):
         params["prefix_sizes"] = [int(size) for size in params["prefix_sizes"]]
     if isinstance(params.get("random_state"), np.random.RandomState):
         params["random_state"] = None  # a RandomState instance has no JSON form
+    params["logger"] = None  # a live object, not part of the model
     if params.get("checkpoint_path") is not None:
         params["checkpoint_path"] = os.fspath(params["checkpoint_path"])
     arrays = {name: np.array(value, order="C") for name, value in saved["arrays"].items()}
