@@ -15,6 +15,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import make_char_tokenizer, make_tiny_model
 
 from skSAE import SparseAutoencoder
 
@@ -124,3 +125,48 @@ def test_a_rank_that_dies_stops_the_other_with_a_clear_error(tmp_path):
     assert codes[0] != 0, outputs[0]
     assert "RankFailedError" in outputs[0][1] and "another rank" in outputs[0][1]
     assert seconds < 120  # not a hang
+
+
+def test_main_job_runs_under_torchrun(tmp_path):
+    # Llama: the main job's 128-token contexts fit its rotary positions.
+    tiny_model_dir = tmp_path / "llama"
+    make_tiny_model("llama").save_pretrained(tiny_model_dir)
+    make_char_tokenizer().save_pretrained(tiny_model_dir)
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        "-m",
+        "skSAE",
+        "--model",
+        str(tiny_model_dir),
+        "--layer",
+        "1",
+        "--tokens",
+        "3000",
+        "--held-out-tokens",
+        "400",
+        "--k",
+        "4",
+        "--max-iter",
+        "2",
+        "--device",
+        "cpu",
+        "--output",
+        str(tmp_path / "sae"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SKSAE_DISTRIBUTED_TIMEOUT": "120"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("loss recovered") == 1  # rank 0 reports, once
+    from skSAE import io
+
+    sae = io.load(tmp_path / "sae")
+    assert sae.metadata_["hook_name"] == "blocks.1.hook_resid_post"
