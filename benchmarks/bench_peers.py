@@ -12,8 +12,10 @@ on the same rows for the same number of tokens:
 - ``sae-lens``: SAELens' ``TopKTrainingSAE`` trained by its own ``SAETrainer`` from
   an in-memory iterator of batches (the trainer takes any iterator of tensors),
   with its recommended input normalisation (``expected_average_only_in``) and
-  the runner's default schedule: constant, a linear decay over the last fifth
-  (``lr_end = lr / 10``, the runner's default), AuxK and its other defaults.
+  the runner's default schedule: constant, then a linear decay to zero over the
+  last fifth (``lr_end = lr / 10``, the runner's default, is passed, but its
+  ``get_lr_scheduler`` replaces it by ``lr`` for the constant schedule, so the decay
+  runs from ``lr`` to 0, as skSAE's does), AuxK and its other defaults.
 - ``dictionary_learning``: ``AutoEncoderTopK`` trained by ``TopKTrainer`` through
   ``trainSAE`` (``normalize_activations=True``), warm-up over the first 5% of
   steps (its default of 1000 steps is longer than these runs) and linear decay
