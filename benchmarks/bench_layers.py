@@ -2,19 +2,20 @@
 
 For each block of SmolLM2-135M-Instruct (`skSAE.corpora.smollm2_path`), extracts the
 main job's training and held-out texts once (``python -m skSAE``'s split of the
-pydoc texts: about 40k training tokens, 4k held out, whole texts; the extractor's
-defaults, so the first position of each context and the outlier-norm tokens are
-dropped), then fits every architecture as the main job does (``max_iter=5``,
-``expansion_factor=8``, ``k=32`` or ``target_l0=32``, everything else the library's
-defaults, ``random_state=0``) and prints, per fit: the training explained variance
-(``score`` on the training rows), the held-out one, their gap, the held-out L0,
-the dead fraction and the fit time. A large gap means the model does not generalise
+pydoc texts at its defaults: about 100k training tokens, 4k held out, whole texts; the
+extractor's defaults, so the first position of each context and the outlier-norm
+tokens are dropped), then fits every architecture as the main job does (its
+``max_iter``, ``expansion_factor=8``, ``k=32`` or ``target_l0=32``, everything else
+the library's defaults, ``random_state=0``) and prints, per fit: the training
+explained variance (``score`` on the training rows), the held-out one, their gap, the
+held-out L0, the dead fraction and the fit time. A large gap means the model does not generalise
 from the training rows to new text.
 
 Run from the repository root::
 
     python benchmarks/bench_layers.py                       # blocks 6, 12 and 20
     python benchmarks/bench_layers.py --layers 12 --architectures topk batchtopk
+    python benchmarks/bench_layers.py --tokens 40000 --max-iter 5   # the old main job
     python benchmarks/bench_layers.py --quick               # tiny random model, seconds
 """
 
@@ -31,13 +32,12 @@ from _shared import save_character_llama
 
 import skSAE
 from skSAE import ActivationExtractor, SparseAutoencoder, corpora
-from skSAE.__main__ import split_texts
+from skSAE.__main__ import parse_args, split_texts
 from skSAE._architectures import ARCHITECTURES
 from skSAE.metrics import mean_l0
 
 SEED = 0
 ORDER = ("topk", "batchtopk", "matryoshka", "jumprelu", "gated", "relu")
-TOKENS, HELD_OUT_TOKENS = 40_000, 4_000
 QUICK_TOKENS, QUICK_HELD_OUT_TOKENS = 600, 300
 
 
@@ -71,6 +71,13 @@ def main(argv=None):
     parser.add_argument(
         "--architectures", nargs="+", default=list(ORDER), choices=sorted(ARCHITECTURES)
     )
+    main_job = parse_args([])
+    parser.add_argument(
+        "--tokens", type=int, default=main_job.tokens, help="training tokens (the main job's)"
+    )
+    parser.add_argument(
+        "--max-iter", type=int, default=main_job.max_iter, help="passes (the main job's)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny random model, for a smoke test")
     args = parser.parse_args(argv)
     print(
@@ -85,8 +92,8 @@ def main(argv=None):
             model, layers, k, max_iter = scratch, [1], 4, 1
             tokens, held_out = QUICK_TOKENS, QUICK_HELD_OUT_TOKENS
         else:
-            model, layers, k, max_iter = corpora.smollm2_path(), args.layers, 32, 5
-            tokens, held_out = TOKENS, HELD_OUT_TOKENS
+            model, layers, k, max_iter = corpora.smollm2_path(), args.layers, 32, args.max_iter
+            tokens, held_out = args.tokens, main_job.held_out_tokens
         # Characters: about 4 per token of English (the main job's rule); the
         # character model of the smoke test has one token per character.
         per_token = 1 if args.quick else 4

@@ -144,9 +144,9 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
         3 at block 15 (53x to 145x; one kept row at 14.5x) and 3 at block 20 (39x to
         106x; the kept rows stay under 10.5x). The 2-3 training rows dropped held 45%,
         35% and 23% of the squared norm at blocks 12, 15 and 20, and with them the
-        held-out variance explained of a TopK SAE (``python -m skSAE --layer 12``, on
-        the kept rows) rises from 0.39 to 0.78 at block 12 and from 0.43 to 0.73 at
-        block 20.
+        held-out variance explained of a TopK SAE (``python -m skSAE --layer 12`` as it
+        was then, 40k training tokens; on the kept rows) rises from 0.39 to 0.78 at
+        block 12 and from 0.43 to 0.73 at block 20.
     cache_dir : str, default=None
         Where converted ``.gguf`` models are kept; defaults to ``$SKSAE_CACHE`` or
         ``~/.cache/skSAE``.
