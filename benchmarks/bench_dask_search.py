@@ -3,7 +3,8 @@
 The activations stay in an HDF5 store (`skSAE.ActivationCache.rows()`): each task
 receives the path, not the rows, and reads its fold from the file. The same search
 also runs with joblib's default backend (``n_jobs=2``) as a reference. Prints the wall
-time of each, the speed-up of 2 workers over 1, whether the three give the same
+time of each (each Dask worker's torch gets ``cpu_count // workers`` threads), the
+speed-up of 2 workers over 1, whether the three give the same
 ``cv_results_``, and the bytes of ``X`` in each task's pickle next to the bytes of
 the array it stands for.
 
@@ -70,9 +71,16 @@ def main(argv=None):
             time.perf_counter() - started,
         )
         for workers in (1, 2):
+            # torch in each worker uses every core by default; share them out, as on a
+            # cluster each worker has cores (or a GPU) of its own.
+            threads = str(max(1, (os.cpu_count() or 1) // workers))
             with (
                 distributed.LocalCluster(
-                    n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+                    n_workers=workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                    env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
                 ) as cluster,
                 distributed.Client(cluster),
                 parallel_backend("dask"),

@@ -257,9 +257,17 @@ class StoredRows:
             index = np.asarray(key)
             if index.dtype == bool:
                 index = np.flatnonzero(index)
-            # h5py reads increasing, distinct indices only.
+            # h5py reads increasing, distinct indices only, and slowly one by one: a
+            # dense selection (a cross-validation fold) reads its span as one slice.
             unique, inverse = np.unique(index, return_inverse=True)
-            return np.asarray(data[unique], dtype=np.float32)[inverse.reshape(index.shape)]
+            if unique.size == 0:
+                return np.empty((0, self.shape[1]), dtype=np.float32)
+            low, high = int(unique[0]), int(unique[-1]) + 1
+            if unique.size * 4 >= high - low:
+                rows = np.asarray(data[low:high], dtype=np.float32)[unique - low]
+            else:
+                rows = np.asarray(data[unique], dtype=np.float32)
+            return rows[inverse.reshape(index.shape)]
 
     def __array__(self, dtype=None, copy=None):
         rows = self[:]
