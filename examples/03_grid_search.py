@@ -80,8 +80,6 @@ def main(argv=None):
                 SparseAutoencoder(
                     expansion_factor=4,
                     max_iter=10,
-                    batch_size=1024,
-                    learning_rate=2e-3,
                     random_state=0,
                 ),
             ),
