@@ -92,8 +92,6 @@ def main(argv=None):
         k=32,
         expansion_factor=4,
         max_iter=8,
-        batch_size=2048,
-        learning_rate=2e-3,
         random_state=0,
         verbose=1,
     ).fit(X)
