@@ -549,6 +549,9 @@ class BatchTopKModule(TopKModule):
         # A loaded threshold is settled: continue with the moving average.
         self.n_threshold_updates.fill_(1 / self.threshold_momentum)
 
+    batch_cut = None
+    """In a data-parallel fit, ``batch_cut(flat_N, k)`` gives the global batch's cut."""
+
     def select_flat(self, pre_BF):
         """The batch's ``k * B`` largest codes: values and flat indices ``row * F + latent``.
 
@@ -556,10 +559,16 @@ class BatchTopKModule(TopKModule):
         is updated from the smallest value kept.
         """
         flat_N = torch.relu(pre_BF).flatten()
-        n_kept = min(self.k * pre_BF.shape[0], flat_N.numel())
-        values_K, index_K = flat_N.topk(n_kept, sorted=False)
-        index_K, order_K = index_K.sort()
-        values_K = values_K[order_K]
+        if self.batch_cut is not None:
+            # A data-parallel fit: keep what clears the cut of the *global* batch, so
+            # the ranks together keep the global batch's k * B largest codes.
+            index_K = (flat_N >= self.batch_cut(flat_N, self.k)).nonzero().flatten()
+            values_K = flat_N[index_K]
+        else:
+            n_kept = min(self.k * pre_BF.shape[0], flat_N.numel())
+            values_K, index_K = flat_N.topk(n_kept, sorted=False)
+            index_K, order_K = index_K.sort()
+            values_K = values_K[order_K]
         self._update_threshold(values_K)
         return values_K, index_K
 

@@ -48,9 +48,23 @@ def data_parallel():
     return DataParallel(dist.get_rank(), dist.get_world_size())
 
 
+# Set when a collective failed: the other ranks are gone, so the exit waits for none.
+_FAILED = []
+
+
 def _close_group():
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """At exit: wait for the other ranks, then close (a rank closing alone aborts gloo)."""
+    if not dist.is_initialized():
+        return
+    if not _FAILED:
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                dist.barrier()
+        except Exception:  # a rank that left early: close anyway
+            _FAILED.append(True)
+    dist.destroy_process_group()
 
 
 class DataParallel:
@@ -73,11 +87,12 @@ class DataParallel:
         stop = n_rows * (self.rank + 1) // self.world_size
         return x_BD[start:stop]
 
-    def all_reduce(self, tensor):
-        """Sum ``tensor`` over the ranks, in place; `RankFailedError` when a rank is gone."""
+    def all_reduce(self, tensor, op=dist.ReduceOp.SUM):
+        """Sum (or ``op``) ``tensor`` over the ranks in place; `RankFailedError` if one is gone."""
         try:
-            dist.all_reduce(tensor)
+            dist.all_reduce(tensor, op=op)
         except (RuntimeError, dist.DistBackendError) as exc:
+            _FAILED.append(True)
             raise RankFailedError(
                 f"rank {self.rank} of {self.world_size}: another rank of this data-parallel "
                 f"fit stopped or timed out ({type(exc).__name__}: "
@@ -102,11 +117,36 @@ class DataParallel:
             parameter.grad = flat[offset : offset + size].view_as(grad)
             offset += size
 
+    def global_top_cut(self, values_N, n_kept):
+        """The ``n_kept``-th largest of ``values_N`` over all ranks' (BatchTopK's cut).
+
+        Each rank contributes its own ``n_kept`` largest (no more can be among the
+        global ones), padded to the longest with -1 below every ReLU code.
+        """
+        local = values_N.topk(min(n_kept, values_N.numel()), sorted=False).values
+        sizes = torch.tensor([local.numel(), values_N.numel()], device=values_N.device)
+        longest = self.all_reduce(sizes[:1].clone(), op=dist.ReduceOp.MAX)
+        total = self.all_reduce(sizes[1:].clone())
+        if n_kept >= int(total):
+            return values_N.new_tensor(-1.0)  # keep every code
+        padded = values_N.new_full((int(longest),), -1.0)
+        padded[: local.numel()] = local
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        try:
+            dist.all_gather(gathered, padded)
+        except (RuntimeError, dist.DistBackendError) as exc:
+            _FAILED.append(True)
+            raise RankFailedError(
+                f"rank {self.rank}: the all-gather of the batch's top codes failed ({exc})."
+            ) from exc
+        return torch.cat(gathered).topk(n_kept, sorted=True).values[-1]
+
     def shared_seed(self, seed):
         """Rank 0's ``seed``, on every rank."""
         value = torch.tensor([seed], dtype=torch.int64)
         try:
             dist.broadcast(value, src=0)
         except (RuntimeError, dist.DistBackendError) as exc:
+            _FAILED.append(True)
             raise RankFailedError(f"rank {self.rank}: the seed broadcast failed ({exc}).") from exc
         return int(value)

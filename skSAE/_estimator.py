@@ -822,6 +822,11 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             scale=self.input_scale_,
             parallel=parallel,
         )
+        if parallel is not None and hasattr(module, "select_flat"):
+            # BatchTopK and Matryoshka: the cut of the global batch, over the ranks.
+            module.batch_cut = lambda values_N, k: parallel.global_top_cut(
+                values_N, k * run.global_rows
+            )
         # Indices of the dead latents as of the last check (a host sync, every 32 steps).
         run.dead_latents = _dead_latents(tracker) if (use_aux or resample) else None
         # Weights are good once a window of steps from them passed a check.
@@ -873,7 +878,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         share, and the gradients and firing counts are summed over the ranks.
         """
         module, optimizer = run.module, run.optimizer
-        global_rows = x_BD.shape[0]
+        global_rows = run.global_rows = x_BD.shape[0]
         if run.parallel is not None:
             x_BD = run.parallel.share(x_BD)
         x_BD = _training_units(run, x_BD)
@@ -1242,8 +1247,10 @@ class _TrainingRun:
     resample: bool
     mean_D: torch.Tensor | None
     scale: float
-    # This rank's place in a data-parallel fit (`_distributed`), None in one process.
+    # This rank's place in a data-parallel fit (`_distributed`), None in one process,
+    # and the rows of the current global batch.
     parallel: DataParallel | None = None
+    global_rows: int = 0
     # Dead latents as of the last check, and the last batch (for resampling).
     dead_latents: torch.Tensor | None = None
     last_batch_BD: torch.Tensor | None = None

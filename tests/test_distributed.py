@@ -87,6 +87,7 @@ def run_ranks(tmp_path, params, die_at=-1, timeout=300):
 CASES = {
     "topk": {"architecture": "topk", "k": 4},
     "relu-target_l0": {"architecture": "relu", "target_l0": 4},
+    "batchtopk": {"architecture": "batchtopk", "k": 4},  # the global batch's top k * B
 }
 
 
