@@ -47,7 +47,7 @@ def stand_in(folder, model, n_chars):
     """Train a TopK SAE on pydoc topics and write it in SAELens's layout."""
     extractor = ActivationExtractor(model, layer=6, verbose=1)
     X = extractor.transform(pieces(corpora.pydoc_texts(), 4000, n_chars))
-    sae = SparseAutoencoder(k=32, max_iter=5, random_state=0).fit(X)
+    sae = SparseAutoencoder(k=32, max_iter=5, random_state=0, verbose=1).fit(X)
     io.save(sae, folder, format="saelens", overwrite=True, **extractor.hook_metadata())
     print(f"wrote a stand-in SAELens SAE to {folder} ({X.shape[0]} pydoc tokens)")
 

@@ -752,10 +752,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         if getattr(self, "_scale_from_data", False):
             # An imported model (`skSAE.io`) trains in units measured on the first data
             # it is trained on; its weights are rebuilt in them, with a fresh Adam state.
-            sample_BD = data.sample(_INIT_SAMPLE_ROWS, self._random_state)
+            sample_BD = data.sample(_INIT_SAMPLE_ROWS, self._random_state).to(torch.float64)
             self.input_scale_ = _input_scale(
-                sample_BD.to(torch.float64)
-                - torch.from_numpy(self.input_mean_).to(sample_BD.device, torch.float64)
+                sample_BD.sub_(torch.from_numpy(self.input_mean_).to(sample_BD))
             )
             self._scale_from_data = False
             self._module = None
@@ -1312,6 +1311,9 @@ class _Checkpoints:
     def write(self, epoch, step, epoch_generator_state):
         sae, run = self.sae, self.run
         calibrator = run.schedule.calibrator
+        random_state = _random_state_values(sae._random_state)
+        # A checkpoint holds tensors: the uint32 keys as int64.
+        random_state["random_keys"] = torch.from_numpy(random_state["random_keys"].astype(np.int64))
         state = {
             "format": CHECKPOINT_FORMAT,
             "fingerprint": self.fingerprint,
@@ -1319,7 +1321,7 @@ class _Checkpoints:
             "step": step,
             "generator_epoch": epoch_generator_state,
             "generator_now": sae._generator.get_state(),
-            "random_state": _random_state_tensors(sae._random_state),
+            "random_state": random_state,
             "estimator": {
                 "n_steps_": sae.n_steps_,
                 "n_iter_": sae.n_iter_,
@@ -1400,7 +1402,7 @@ class _Checkpoints:
         run.candidate = _on_device(saved_run["candidate"], device)
         run.last_good = _on_device(saved_run["last_good"], device)
         run.pass_summary = saved_run["pass_summary"]
-        sae._random_state = _random_state_from_tensors(state["random_state"])
+        sae._random_state = _random_state_from_values(state["random_state"])
         sae._generator.set_state(state["generator_epoch"])
         self.last_written = sae.n_steps_
         generator_now = state["generator_now"]
@@ -1439,26 +1441,27 @@ def _on_device(value, device):
     return value
 
 
-def _random_state_tensors(random_state):
-    """A NumPy RandomState's state as plain values (a checkpoint holds no pickled object)."""
+def _random_state_values(random_state):
+    """A NumPy RandomState's state as plain values (no pickled object): checkpoints, io."""
     _, keys, position, has_gauss, cached_gaussian = random_state.get_state()
     return {
-        "keys": torch.from_numpy(keys.astype(np.int64)),
-        "position": int(position),
-        "has_gauss": int(has_gauss),
-        "cached_gaussian": float(cached_gaussian),
+        "random_keys": keys,
+        "random_position": int(position),
+        "random_has_gauss": int(has_gauss),
+        "random_cached_gaussian": float(cached_gaussian),
     }
 
 
-def _random_state_from_tensors(saved):
+def _random_state_from_values(values):
+    """The RandomState `_random_state_values` describes (keys as an array or a tensor)."""
     random_state = np.random.RandomState()
     random_state.set_state(
         (
             "MT19937",
-            saved["keys"].numpy().astype(np.uint32),
-            saved["position"],
-            saved["has_gauss"],
-            saved["cached_gaussian"],
+            np.asarray(values["random_keys"]).astype(np.uint32),
+            int(values["random_position"]),
+            int(values["random_has_gauss"]),
+            float(values["random_cached_gaussian"]),
         )
     )
     return random_state
@@ -1619,16 +1622,7 @@ def fitted_estimator(
     sae._random_state = check_random_state(sae.random_state)
     if training_state is not None:
         # The state a pickle keeps, so that training continues exactly as it would.
-        sae._random_state = np.random.RandomState()
-        sae._random_state.set_state(
-            (
-                "MT19937",
-                np.asarray(training_state["random_keys"], dtype=np.uint32),
-                int(training_state["random_position"]),
-                int(training_state["random_has_gauss"]),
-                float(training_state["random_cached_gaussian"]),
-            )
-        )
+        sae._random_state = _random_state_from_values(training_state)
     sae._generator = None
     sae._module = None
     sae._optimizer = None
@@ -1677,13 +1671,7 @@ def exported_state(sae):
     if hasattr(sae, "feature_names_in_"):
         attributes["feature_names_in_"] = [str(name) for name in sae.feature_names_in_]
     options = dict(sae._fit_options)
-    _, keys, position, has_gauss, cached_gaussian = sae._random_state.get_state()
-    training_state = {
-        "random_keys": keys,
-        "random_position": int(position),
-        "random_has_gauss": int(has_gauss),
-        "random_cached_gaussian": float(cached_gaussian),
-    }
+    training_state = _random_state_values(sae._random_state)
     if sae._rows_since_fired is not None:
         training_state["rows_since_fired"] = np.asarray(sae._rows_since_fired, np.float64)
         training_state["rows_seen"] = int(sae._rows_seen)

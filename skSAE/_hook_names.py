@@ -13,20 +13,19 @@ _TRANSFORMER_LENS = re.compile(r"^blocks\.(\d+)\.hook_([a-z_]+)$")
 _DICTIONARY_LEARNING = re.compile(r"^(resid_post|mlp_out|attn_out)_layer_(\d+)$")
 # A block's path ends in one of these list names and its index; its children are
 # the MLP and attention modules of `extraction` (GPT-2 ``h``, Llama ``layers``, ...).
+# The names a block's attention and MLP children have across model families; the
+# extractor's ``attn_out`` and ``mlp_out`` hooks look them up too.
+ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+MLP_NAMES = ("mlp", "feed_forward", "ffn")
 _MODULE_PATH = re.compile(
     r"^(?:.*\.)?(?:layers|h|layer|blocks)\.(\d+)"
-    r"(?:\.(mlp|feed_forward|ffn|self_attn|self_attention|attn|attention))?$"
+    rf"(?:\.({'|'.join(ATTENTION_NAMES + MLP_NAMES)}))?$"
 )
 _HOOKS = {"resid_post": "resid_post", "mlp_out": "mlp_out", "attn_out": "attn_out"}
 _CHILD_HOOKS = {
     None: "resid_post",
-    "mlp": "mlp_out",
-    "feed_forward": "mlp_out",
-    "ffn": "mlp_out",
-    "self_attn": "attn_out",
-    "attn": "attn_out",
-    "attention": "attn_out",
-    "self_attention": "attn_out",
+    **{name: "mlp_out" for name in MLP_NAMES},
+    **{name: "attn_out" for name in ATTENTION_NAMES},
 }
 
 

@@ -27,15 +27,13 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_memory
 from tqdm.auto import tqdm
 
-from ._hook_names import extractor_hook, transformer_lens_name
+from ._hook_names import ATTENTION_NAMES, MLP_NAMES, extractor_hook, transformer_lens_name
 from ._sklearn_compat import HasMethods, Interval, StrOptions, _fit_context, validate_params
 from ._utils import resolve_device
 from ._version import __version__, pop_saved_version
 from .cache import ActivationCache, Extraction
 
 HOOKS = ("resid_post", "attn_out", "mlp_out")
-_ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
-_MLP_NAMES = ("mlp", "feed_forward", "ffn")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Documents tokenised per call to the tokenizer (bounds memory for any corpus size).
 _DOCUMENTS_PER_GROUP = 256
@@ -928,7 +926,7 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
         block = blocks[self.layer]
         if self.hook == "resid_post":
             return block
-        names = _ATTENTION_NAMES if self.hook == "attn_out" else _MLP_NAMES
+        names = ATTENTION_NAMES if self.hook == "attn_out" else MLP_NAMES
         children = dict(block.named_children())
         for name in names:
             if name in children:
@@ -975,7 +973,7 @@ class _MeanReplacement:
 
 
 def _has_child(block, hook):
-    names = _ATTENTION_NAMES if hook == "attn_out" else _MLP_NAMES
+    names = ATTENTION_NAMES if hook == "attn_out" else MLP_NAMES
     return any(name in dict(block.named_children()) for name in names)
 
 

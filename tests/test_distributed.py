@@ -114,7 +114,9 @@ def test_two_rank_fit_equals_one_process_fit(name, tmp_path):
         np.testing.assert_allclose(
             rank0[key], getattr(alone, attribute), rtol=1e-4, atol=1e-5, err_msg=key
         )
-    np.testing.assert_array_equal(rank0["frequency"], alone.latent_frequency_)
+    # Firing counts of the last pass: a code within float rounding of the cut may land
+    # on either side when the sums run in another order (another BLAS, another split).
+    np.testing.assert_allclose(rank0["frequency"], alone.latent_frequency_, atol=3 / 1000)
     if "target_l0" in params:
         assert float(rank0["coefficient"]) == pytest.approx(alone.sparsity_coefficient_, rel=1e-4)
 

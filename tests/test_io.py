@@ -757,7 +757,7 @@ def test_imported_model_fine_tunes_in_its_own_units(architecture, tmp_path):
     sae = io.load(saelens_folder(tmp_path / "s", architecture, tensors, False, **fields))
     X = (inputs(n=2000) * 50).astype(np.float32)  # activations far from unit scale
     before = sae.score(X)
-    sae.set_params(learning_rate=1e-3, target_l0=K if architecture == "jumprelu" else None)
+    sae.set_params(target_l0=K if architecture == "jumprelu" else None)
     sae.partial_fit(X)
     assert sae.input_scale_ == pytest.approx(1 / 50, rel=0.1)  # measured on X
     assert sae.n_steps_ > 0 and np.isfinite(sae.components_).all()
@@ -766,7 +766,7 @@ def test_imported_model_fine_tunes_in_its_own_units(architecture, tmp_path):
     refit = clone(sae).fit(X)  # same hyperparameters, a fresh model
     assert refit.components_.shape == sae.components_.shape
     # A plain fit of the loaded estimator trains a new model too, with its parameters.
-    imported = io.load(tmp_path / "s").set_params(n_components=24, learning_rate=1e-3)
+    imported = io.load(tmp_path / "s").set_params(n_components=24)
     imported.fit(X)
     assert imported.components_.shape == (24, D)
     assert imported.input_scale_ == pytest.approx(1 / 50, rel=0.1)
