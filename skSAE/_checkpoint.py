@@ -6,7 +6,7 @@ temporary file in the same folder and renamed over the previous one, so a crash 
 kill during the write leaves the previous checkpoint whole. Its *fingerprint* (the
 data's shape and a hash of sampled rows, the parameters, the call) must match the run
 that reads it: a checkpoint from other data or other parameters is refused. A leaf:
-torch and the standard library only.
+torch, NumPy and the standard library only.
 """
 
 import hashlib
@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 CHECKPOINT_FORMAT = 1
@@ -75,17 +76,52 @@ def read_checkpoint(path, fingerprint):
             f"checkpoint_path={os.fspath(path)!r} is not an skSAE checkpoint of format "
             f"{CHECKPOINT_FORMAT}; delete it to train from the start."
         )
-    saved = state.get("fingerprint", {})
+    check_fingerprint(state.get("fingerprint", {}), fingerprint, path)
+    return state
+
+
+def check_fingerprint(saved, expected, path, what="checkpoint_path"):
+    """Raise `CheckpointMismatchError` naming the fields where ``saved`` differs."""
     differ = sorted(
         key
-        for key in set(saved) | set(fingerprint)
-        if key != "params" and saved.get(key) != fingerprint.get(key)
+        for key in set(saved) | set(expected)
+        if key != "params" and saved.get(key) != expected.get(key)
     )
     if differ:
         raise CheckpointMismatchError(
-            f"checkpoint_path={os.fspath(path)!r} was written by another run: its "
+            f"{what}={os.fspath(path)!r} was written by another run: its "
             f"{', '.join(differ)} differ from this call's. Delete the file or pass another "
             "checkpoint_path to train from the start; it is never used for other data or "
             "parameters."
         )
-    return state
+
+
+def to_plain(value):
+    """``value`` with NumPy arrays and scalars as tensors and lists: what
+    ``torch.load(weights_only=True)`` reads back. Nested dicts, lists and tuples."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "biuf":
+            return {"__array__": torch.from_numpy(np.array(value, order="C"))}
+        return {"__strings__": [str(item) for item in value.ravel()]}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {key: to_plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_plain(item) for item in value)
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    raise TypeError(f"cannot checkpoint a value of type {type(value).__name__}")
+
+
+def from_plain(value):
+    """The inverse of `to_plain` (string arrays come back as object arrays)."""
+    if isinstance(value, dict):
+        if set(value) == {"__array__"}:
+            return value["__array__"].numpy()
+        if set(value) == {"__strings__"}:
+            return np.asarray(value["__strings__"], dtype=object)
+        return {key: from_plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(from_plain(item) for item in value)
+    return value

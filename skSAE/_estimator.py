@@ -36,7 +36,16 @@ from ._architectures import (
     to_user_units,
 )
 from ._array_metrics import ExplainedVarianceAccumulator
-from ._checkpoint import CHECKPOINT_FORMAT, fingerprint_params, read_checkpoint, write_checkpoint
+from ._checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointMismatchError,
+    check_fingerprint,
+    fingerprint_params,
+    from_plain,
+    read_checkpoint,
+    to_plain,
+    write_checkpoint,
+)
 from ._data import CHUNK_BYTES, validated_data
 from ._distributed import DataParallel, data_parallel
 from ._recipe import (
@@ -74,7 +83,7 @@ _PUBLIC_NAMES = {
     "threshold": "threshold_",
 }
 # Private torch objects: rebuilt from the NumPy state, never pickled or restored.
-_RUNTIME_STATE = ("_module", "_optimizer", "_generator", "_compiled_loss")
+_RUNTIME_STATE = ("_module", "_optimizer", "_generator", "_compiled_loss", "_checkpoint_replay")
 
 
 def inference_module(sae, device):
@@ -233,17 +242,21 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     sparse_output : bool, default=False
         When true, `transform` returns a `scipy.sparse.csr_matrix`.
     checkpoint_path : str or path-like, default=None
-        A file where `fit` keeps its full training state (weights, Adam moments,
-        schedule and calibration, dead-latent counters, random states, position in
-        the pass), written atomically every `checkpoint_every` steps. Running the same
-        `fit` again after a crash continues from it, and ends with the model an
+        A file where training keeps its full state (weights, Adam moments, schedule
+        and calibration, dead-latent counters, random states, position in the pass),
+        written atomically every `checkpoint_every` steps. Running the same `fit` again
+        after a crash (or a Ctrl-C) continues from it, and ends with the model an
         uninterrupted run makes; a checkpoint of other data or other parameters is
-        refused. The file is removed when the fit completes. Not used by `partial_fit`
-        (save between calls with `skSAE.io.save`).
+        refused. `fit` removes the file when it completes. A loop of `partial_fit`
+        calls shares one file: rerun on a new estimator with the same blocks in the
+        same order, the calls the file holds return at once (each block checked
+        against the one it recorded), the call it stopped in continues where it
+        left off, and the rest train. The file stays after the last call; delete it
+        to train again from the start.
     checkpoint_every : int, default=1000
         Steps between checkpoints (written at the first progress check, every 32 steps
-        and at the end of each pass, on or after each multiple). Only used with
-        `checkpoint_path`.
+        and at the end of each pass or `partial_fit` call, on or after each multiple).
+        Only used with `checkpoint_path`.
     logger : object with ``log(metrics, step)``, default=None
         Receives the training metrics at every progress check (loss, L0, explained
         variance, dead fraction, learning rate, sparsity coefficient), where the loop
@@ -549,10 +562,94 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         with self._restore_state_on_error():
             device = _training_device(self.device)
             data = validated_data(self, X, reset=first_call, device=device)
-            if first_call:
+            in_progress = None
+            if self.checkpoint_path is not None:
+                done, in_progress = self._replay_checkpoint(data, first_call, device)
+                if done:
+                    return self  # this call's steps are in the checkpoint already
+            if not self._is_fitted():
                 self._initialize(data, device)
-            self._train(data, n_epochs=1, device=device)
+            self._train(data, n_epochs=1, device=device, in_progress=in_progress)
         return self
+
+    def _replay_checkpoint(self, data, first_call, device):
+        """Where a `partial_fit` call stands in the run of its ``checkpoint_path``.
+
+        The first call of a new estimator reads the file: its state (as of the calls
+        it holds) is loaded, and the calls it holds are replayed: each must bring the
+        same data as before (checked by fingerprint) and returns at once; the call the
+        run stopped in continues where its last checkpoint left it.
+
+        Returns
+        -------
+        done : bool
+            The checkpoint holds this call's steps: nothing to train.
+        in_progress : dict or None
+            The checkpoint of this call when the run stopped inside it.
+        """
+        if first_call:
+            file = read_checkpoint(self.checkpoint_path, _checkpoint_params(self))
+            if file is None:
+                return False, None
+            if file["calls"]:
+                self._load_checkpointed_state(file, device)
+            self._checkpoint_replay = _Replay(list(file["calls"]), file["in_progress"])
+        replay = getattr(self, "_checkpoint_replay", None)
+        if replay is None:
+            return False, None
+        call = replay.next_call
+        replay.next_call += 1
+        if call < len(replay.calls):
+            if replay.calls[call] != data.fingerprint():
+                raise CheckpointMismatchError(
+                    f"checkpoint_path={os.fspath(self.checkpoint_path)!r} holds a run whose "
+                    f"partial_fit call {call + 1} had other data (another shape or other "
+                    "rows). Call partial_fit with the blocks of that run, in the same "
+                    "order, or delete the file (or pass another checkpoint_path) to train "
+                    "from the start."
+                )
+            if call + 1 == len(replay.calls) and replay.in_progress is None:
+                del self._checkpoint_replay
+            return True, None
+        del self._checkpoint_replay
+        return False, replay.in_progress
+
+    def _checkpointed_state(self):
+        """The estimator's own state between calls (not the torch objects), to save.
+
+        Arrays are shared, not copied: training replaces them, never mutates them.
+        """
+        params = self.get_params(deep=False)
+        state = {
+            key: value
+            for key, value in self.__dict__.items()
+            if key not in _RUNTIME_STATE and key not in params
+        }
+        state["loss_curve_"] = list(self.loss_curve_)
+        random_state = _random_state_values(self._random_state)
+        random_state["random_keys"] = torch.from_numpy(random_state["random_keys"].astype(np.int64))
+        state["_random_state"] = random_state
+        return state
+
+    def _load_checkpointed_state(self, file, device):
+        """Load a `partial_fit` checkpoint's state between calls into the estimator."""
+        state = from_plain(file["estimator"])
+        state["_random_state"] = _random_state_from_values(state["_random_state"])
+        self.__dict__.update(state)
+        self._module = self._optimizer = self._compiled_loss = self._generator = None
+        if file["module"] is None:
+            return  # written inside a call: the call's own checkpoint has the weights
+        n_components = file["module"]["W_dec_FD"].shape[0]
+        module = build_module(
+            self._fit_architecture, self.n_features_in_, n_components, self._fit_options
+        )
+        module.load_state_dict(file["module"])
+        module.to(device)
+        self._module = module
+        self._optimizer = torch.optim.Adam(module.parameters())
+        self._optimizer.load_state_dict(file["optimizer"])
+        self._generator = torch.Generator("cpu")
+        self._generator.set_state(file["generator"])
 
     def _is_fitted(self):
         return hasattr(self, "components_")
@@ -613,6 +710,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self._fit_architecture = self.architecture
         self._fit_options = options
         self._scale_from_data = False  # an imported model's weights are gone
+        self._checkpoint_calls = []  # the data fingerprints of checkpointed partial_fits
         if hasattr(self, "latent_frequency_"):  # the previous model's
             del self.latent_frequency_
         self._optimizer = None
@@ -680,18 +778,23 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             self._compiled_loss = compiled
         return compiled[1]
 
-    def _train(self, data, n_epochs, device, whole_fit=False):
+    def _train(self, data, n_epochs, device, whole_fit=False, in_progress=None):
         """Train for ``n_epochs`` passes over ``data``: `_minibatch_step` per batch, with
         a `_check` every `_CHECK_EVERY` steps and at the end of each pass.
 
         ``whole_fit`` (from `fit`): ``data`` is all the training data, so the learning
         rate decays at the end and a latent silent for a whole pass counts as dead.
+        ``in_progress``: the checkpoint of a `partial_fit` call that stopped midway.
         """
+        start = None
+        if self.checkpoint_path is not None and not whole_fit:
+            start = self._checkpointed_state()  # where a partial_fit call starts from
         run = self._start_run(data, n_epochs, device, whole_fit)
         checkpoints = None
-        if self.checkpoint_path is not None and whole_fit:
-            checkpoints = _Checkpoints(self, run, data, n_epochs)
+        if self.checkpoint_path is not None:
+            checkpoints = _Checkpoints(self, run, data, n_epochs, start, in_progress)
         resume = None if checkpoints is None else checkpoints.restore()
+        completed = True
         progress = tqdm(
             total=run.total_steps,
             initial=self.n_steps_ - run.steps_before,
@@ -739,13 +842,14 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             if self.n_steps_ == run.steps_before:
                 raise
             self._keep_interrupted(run)
+            completed = False  # its checkpoint stays, to continue from
         finally:
             progress.close()
             if hasattr(self.logger, "close"):
                 self.logger.close()
         self._finish(run)
-        if checkpoints is not None:
-            checkpoints.remove()
+        if checkpoints is not None and completed:
+            checkpoints.completed()
 
     def _start_run(self, data, n_epochs, device, whole_fit):
         """The torch state of one training call."""
@@ -1272,41 +1376,102 @@ class _Resume(NamedTuple):
     continue_random_stream: object
 
 
+@dataclass
+class _Replay:
+    """The `partial_fit` calls a checkpoint holds, replayed by a new estimator."""
+
+    calls: list
+    in_progress: dict | None
+    next_call: int = 0
+
+
+# Parameters that do not change the trained model, left out of checkpoint fingerprints.
+_NOT_FINGERPRINTED = {
+    "verbose",
+    "checkpoint_path",
+    "checkpoint_every",
+    "device",
+    "warm_start",
+    "logger",
+}
+
+
+def _checkpoint_params(sae):
+    """The fingerprint of a `partial_fit` checkpoint file: the parameters."""
+    return {**fingerprint_params(sae.get_params(), _NOT_FINGERPRINTED), "call": "partial_fit"}
+
+
 class _Checkpoints:
-    """The checkpoint file of one `fit` (``checkpoint_path``): write, restore, remove.
+    """The checkpoints of one training call (``checkpoint_path``): write, restore, end.
 
     A checkpoint is taken right after a progress check, when the check window is
     empty, so the state is the run's whole state: weights, Adam, the calibration, the
     dead-latent counters, the pass totals, the snapshots a divergence falls back to,
     the NumPy random state, and the torch generator both at the start of the pass
     (to redraw its order) and now (to continue after the batches already done).
+
+    `fit` owns its file, and removes it when it completes. A run of `partial_fit`
+    calls shares one file: the estimator's state between calls (``start``, as the
+    current call found it) and the data fingerprints of the calls that state holds,
+    with the current call's checkpoint when it is written midway (``in_progress``,
+    what a new estimator continues from), or the state after the call when written
+    at its end. The file stays after the last call: a rerun replays it.
     """
 
-    def __init__(self, sae, run, data, n_epochs):
+    def __init__(self, sae, run, data, n_epochs, start=None, in_progress=None):
         self.sae = sae
         self.run = run
         self.path = sae.checkpoint_path
         self.every = sae.checkpoint_every
-        ignore = {
-            "verbose",
-            "checkpoint_path",
-            "checkpoint_every",
-            "device",
-            "warm_start",
-            "logger",
-        }
+        self.start = start
+        self.in_progress = in_progress
+        self.data_fingerprint = data.fingerprint()
         self.fingerprint = {
-            **data.fingerprint(),
-            **fingerprint_params(sae.get_params(), ignore),
+            **self.data_fingerprint,
+            **fingerprint_params(sae.get_params(), _NOT_FINGERPRINTED),
+            "call": "fit" if start is None else "partial_fit",
             "n_epochs": n_epochs,
             "steps_before": run.steps_before,
             "batch_size": run.batch_size,
             "learning_rate": run.learning_rate,
         }
-        self.last_written = sae.n_steps_
+        if start is None or not hasattr(sae, "_checkpoint_written_at"):
+            sae._checkpoint_written_at = sae.n_steps_
 
     def due(self):
-        return self.sae.n_steps_ - self.last_written >= self.every
+        return self.sae.n_steps_ - self.sae._checkpoint_written_at >= self.every
+
+    def _write(self, state):
+        if self.run.parallel is None or self.run.parallel.rank == 0:  # the ranks' are equal
+            write_checkpoint(self.path, state)
+        self.sae._checkpoint_written_at = self.sae.n_steps_
+
+    def _partial_fit_file(self, estimator, in_progress=None, module=None):
+        """The file of a run of `partial_fit` calls (see the class docstring)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": _checkpoint_params(self.sae),
+            "calls": estimator["_checkpoint_calls"],
+            "estimator": to_plain(estimator),
+            "module": None if module is None else _on_cpu(module.state_dict()),
+            "optimizer": None if module is None else _on_cpu(self.run.optimizer.state_dict()),
+            "generator": None if module is None else self.sae._generator.get_state(),
+            "in_progress": in_progress,
+        }
+
+    def completed(self):
+        """The call completed: `fit` removes its file; `partial_fit` records the call."""
+        sae = self.sae
+        if self.start is None:
+            parallel = self.run.parallel
+            if (parallel is None or parallel.rank == 0) and os.path.exists(self.path):
+                os.remove(self.path)
+            return
+        sae._checkpoint_calls = [*sae._checkpoint_calls, self.data_fingerprint]
+        # Due, or this call wrote midway: the file then says the call is done.
+        if self.due() or sae._checkpoint_written_at > self.run.steps_before:
+            sae._checkpoint_written_at = sae.n_steps_  # before the state that holds it
+            self._write(self._partial_fit_file(sae._checkpointed_state(), module=self.run.module))
 
     def write(self, epoch, step, epoch_generator_state):
         sae, run = self.sae, self.run
@@ -1362,13 +1527,18 @@ class _Checkpoints:
                 }
             ),
         }
-        if run.parallel is None or run.parallel.rank == 0:  # the ranks' states are equal
-            write_checkpoint(self.path, state)
-        self.last_written = sae.n_steps_
+        if self.start is not None:
+            state = self._partial_fit_file(self.start, in_progress=state)
+        self._write(state)
 
     def restore(self):
         """Load the checkpoint into the run, or return None when there is none."""
-        state = read_checkpoint(self.path, self.fingerprint)
+        if self.start is None:
+            state = read_checkpoint(self.path, self.fingerprint)
+        else:
+            state = self.in_progress
+            if state is not None:
+                check_fingerprint(state["fingerprint"], self.fingerprint, self.path)
         if state is None:
             return None
         sae, run = self.sae, self.run
@@ -1404,7 +1574,7 @@ class _Checkpoints:
         run.pass_summary = saved_run["pass_summary"]
         sae._random_state = _random_state_from_values(state["random_state"])
         sae._generator.set_state(state["generator_epoch"])
-        self.last_written = sae.n_steps_
+        sae._checkpoint_written_at = sae.n_steps_
         generator_now = state["generator_now"]
         continued = []
 
@@ -1414,12 +1584,6 @@ class _Checkpoints:
                 continued.append(True)
 
         return _Resume(state["epoch"], state["step"], continue_random_stream)
-
-    def remove(self):
-        """The fit is complete: its checkpoint has done its work."""
-        parallel = self.run.parallel
-        if (parallel is None or parallel.rank == 0) and os.path.exists(self.path):
-            os.remove(self.path)
 
 
 def _on_cpu(value):

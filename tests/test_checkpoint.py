@@ -54,6 +54,19 @@ def crash_at(monkeypatch, step):
     monkeypatch.setattr(SparseAutoencoder, "_minibatch_step", step_or_crash)
 
 
+def count_steps(monkeypatch):
+    """A list that grows by one at each training step from now on."""
+    steps = []
+    original = SparseAutoencoder._minibatch_step
+
+    def counted(self, run, stats, x_BD):
+        steps.append(self.n_steps_)
+        return original(self, run, stats, x_BD)
+
+    monkeypatch.setattr(SparseAutoencoder, "_minibatch_step", counted)
+    return steps
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_resumed_fit_equals_an_uninterrupted_one(name, tmp_path, monkeypatch):
     X = data()
@@ -67,7 +80,9 @@ def test_resumed_fit_equals_an_uninterrupted_one(name, tmp_path, monkeypatch):
             SparseAutoencoder(**params, checkpoint_path=path, checkpoint_every=50).fit(X)
         assert path.exists()
         monkeypatch.undo()
+        steps = count_steps(monkeypatch)
         resumed = SparseAutoencoder(**params, checkpoint_path=path, checkpoint_every=50).fit(X)
+    assert steps[0] == 64 and len(steps) == 141 - 64  # from the checkpoint at step 64
     assert_same_model(resumed, reference)
     assert not path.exists()  # a completed fit removes its checkpoint
 
@@ -107,7 +122,10 @@ CHILD = textwrap.dedent(
     original_step = SparseAutoencoder._minibatch_step
     original_replace = os.replace
 
+    trained = []
+
     def step(self, run, stats, x_BD):
+        trained.append(self.n_steps_)
         if mode == "step" and self.n_steps_ == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         return original_step(self, run, stats, x_BD)
@@ -126,19 +144,24 @@ CHILD = textwrap.dedent(
     warnings.simplefilter("ignore")
     SAE = SparseAutoencoder(n_components=64, k=4, max_iter=3, batch_size=32, random_state=0,
                             target_l0=4, architecture=sys.argv[4], checkpoint_path=path,
-                            checkpoint_every=40)
-    SAE.fit(X)
+                            checkpoint_every=40 if sys.argv[5] == "fit" else 10)
+    if sys.argv[5] == "fit":
+        SAE.fit(X)
+    else:  # a loop of partial_fit calls over three blocks of X
+        for block in np.array_split(X, 3):
+            SAE.partial_fit(block)
     np.savez(path + ".result.npz", W_enc=SAE.W_enc_, components=SAE.components_,
-             b_enc=SAE.b_enc_, b_dec=SAE.b_dec_, steps=SAE.n_steps_)
+             b_enc=SAE.b_enc_, b_dec=SAE.b_dec_, steps=SAE.n_steps_, first_step=trained[0])
     """
 )
 
 
-def run_child(tmp_path, kill_at, mode, architecture):
+def run_child(tmp_path, kill_at, mode, architecture, call="fit"):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
+    path = str(tmp_path / "run.ckpt")
     return subprocess.run(
-        [sys.executable, str(script), str(kill_at), mode, str(tmp_path / "run.ckpt"), architecture],
+        [sys.executable, str(script), str(kill_at), mode, path, architecture, call],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
@@ -209,3 +232,137 @@ def test_resumed_fit_on_a_memmap_equals_an_uninterrupted_one(crash_step, tmp_pat
     monkeypatch.setattr(SparseAutoencoder, "_minibatch_step", original)
     resumed = SparseAutoencoder(**params, checkpoint_path=path, checkpoint_every=crash_step).fit(X)
     assert_same_model(resumed, reference)
+
+
+# ---------------------------------------------------------------- partial_fit
+
+BLOCKS = [data(n=600, seed=seed) for seed in range(3)]  # 19 steps of 32 rows each
+PARTIAL = dict(n_components=64, batch_size=32, random_state=0)
+
+
+def partial_fits(params, blocks, **checkpointing):
+    sae = SparseAutoencoder(**params, **checkpointing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for block in blocks:
+            sae.partial_fit(block)
+    return sae
+
+
+# With checkpoint_every=10, checkpoints are written at step 19 (the end of the first
+# call), 32 (inside the second) and 38 (its end); none inside the third (steps 39-57).
+@pytest.mark.parametrize(
+    "name, crash_step",
+    [
+        ("topk", 10),  # inside the first call, before any checkpoint
+        ("topk", 35),  # inside the second call, after a checkpoint inside it
+        ("topk", 47),  # inside the third call, after the second call's end
+        ("relu-target", 35),
+        ("batchtopk", 47),
+        ("jumprelu-target", 35),
+    ],
+)
+def test_resumed_partial_fits_equal_an_uninterrupted_run(name, crash_step, tmp_path, monkeypatch):
+    params = {**PARTIAL, **CONFIGS[name]}
+    reference = partial_fits(params, BLOCKS)
+    path = tmp_path / "run.ckpt"
+    crash_at(monkeypatch, crash_step)
+    with pytest.raises(SimulatedCrashError):
+        partial_fits(params, BLOCKS, checkpoint_path=path, checkpoint_every=10)
+    monkeypatch.undo()
+    steps = count_steps(monkeypatch)
+    resumed = partial_fits(params, BLOCKS, checkpoint_path=path, checkpoint_every=10)
+    checkpointed = {10: 0, 35: 32, 47: 38}[crash_step]
+    assert steps[0] == checkpointed and len(steps) == 57 - checkpointed
+    assert_same_model(resumed, reference)
+    assert path.exists()  # the file of a partial_fit run stays: a rerun replays it
+
+
+def test_a_rerun_of_a_finished_partial_fit_loop_replays_it_without_training(tmp_path):
+    path = tmp_path / "run.ckpt"
+    params = {**PARTIAL, "k": 4}
+    finished = partial_fits(params, BLOCKS, checkpoint_path=path, checkpoint_every=1)
+    replayed = SparseAutoencoder(**params, checkpoint_path=path, checkpoint_every=1)
+    steps = []
+    for block in BLOCKS:
+        replayed.partial_fit(block)
+        steps.append(replayed.n_steps_)
+    assert steps == [57, 57, 57]  # the state after the last call, from the first call on
+    assert_same_model(replayed, finished)
+    more = data(n=320, seed=9)
+    assert replayed.partial_fit(more).n_steps_ == 67  # past the file's calls it trains
+    finished.partial_fit(more)
+    np.testing.assert_array_equal(replayed.components_, finished.components_)
+
+
+def crashed_partial_fits(params, path, monkeypatch, crash_step):
+    crash_at(monkeypatch, crash_step)
+    with pytest.raises(SimulatedCrashError):
+        partial_fits(params, BLOCKS, checkpoint_path=path, checkpoint_every=10)
+    monkeypatch.undo()
+
+
+def test_partial_fit_checkpoint_refuses_other_blocks_and_other_calls(tmp_path, monkeypatch):
+    params = {**PARTIAL, "k": 4}
+    path = tmp_path / "two-calls.ckpt"
+    crashed_partial_fits(params, path, monkeypatch, 47)  # holds calls 1 and 2
+    sae = SparseAutoencoder(**params, checkpoint_path=path)
+    sae.partial_fit(BLOCKS[0])
+    with pytest.raises(CheckpointMismatchError, match="partial_fit call 2 had other data"):
+        sae.partial_fit(BLOCKS[2])
+    with pytest.raises(CheckpointMismatchError, match="params_sha256"):
+        SparseAutoencoder(**{**params, "k": 8}, checkpoint_path=path).partial_fit(BLOCKS[0])
+    with pytest.raises(CheckpointMismatchError, match="call"):
+        SparseAutoencoder(**params, checkpoint_path=path).fit(BLOCKS[0])
+    # The call in progress is checked too.
+    path = tmp_path / "in-progress.ckpt"
+    crashed_partial_fits(params, path, monkeypatch, 35)  # holds call 1, call 2 midway
+    sae = SparseAutoencoder(**params, checkpoint_path=path)
+    sae.partial_fit(BLOCKS[0])
+    with pytest.raises(CheckpointMismatchError, match="rows_sha256"):
+        sae.partial_fit(BLOCKS[2])
+    assert path.exists()  # refused, never overwritten
+
+
+def test_interrupted_fit_keeps_its_checkpoint_and_a_rerun_continues(tmp_path, monkeypatch):
+    X = data()
+    params = {**COMMON, "k": 4}
+    reference = SparseAutoencoder(**params).fit(X)
+    path = tmp_path / "run.ckpt"
+    original = SparseAutoencoder._minibatch_step
+
+    def step_or_interrupt(self, run, stats, x_BD):
+        if self.n_steps_ == 70:
+            raise KeyboardInterrupt
+        return original(self, run, stats, x_BD)
+
+    monkeypatch.setattr(SparseAutoencoder, "_minibatch_step", step_or_interrupt)
+    with pytest.warns(UserWarning, match="interrupted after 70 steps"):
+        interrupted = SparseAutoencoder(**params, checkpoint_path=path, checkpoint_every=32)
+        interrupted.fit(X)
+    assert interrupted.n_steps_ == 70 and path.exists()
+    monkeypatch.undo()
+    steps = count_steps(monkeypatch)
+    resumed = SparseAutoencoder(**params, checkpoint_path=path, checkpoint_every=32).fit(X)
+    assert steps[0] == 64  # the last checkpoint before the interrupt
+    assert_same_model(resumed, reference)
+    assert not path.exists()
+
+
+def test_sigkill_inside_a_partial_fit_loop_then_rerun_equals_an_uninterrupted_loop(tmp_path):
+    kill_at = int(np.random.default_rng().integers(20, 48))  # 16 steps a call, 48 in all
+    killed = run_child(tmp_path, kill_at, "step", "topk", call="partial_fit")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    rerun = run_child(tmp_path, -1, "none", "topk", call="partial_fit")
+    assert rerun.returncode == 0, rerun.stderr
+    params = {**COMMON, "k": 4, "target_l0": 4}
+    del params["max_iter"]
+    reference = partial_fits(params, np.array_split(data(), 3))
+    result = np.load(tmp_path / "run.ckpt.result.npz")
+    for name, attribute in (("W_enc", "W_enc_"), ("components", "components_")):
+        np.testing.assert_array_equal(
+            result[name], getattr(reference, attribute), err_msg=f"killed at step {kill_at}: {name}"
+        )
+    assert int(result["steps"]) == reference.n_steps_ == 48
+    # Checkpoints at the ends of the calls (steps 16 and 32): the rerun starts there.
+    assert int(result["first_step"]) == (16 if kill_at < 32 else 32)
