@@ -12,8 +12,9 @@ from numbers import Real
 import numpy as np
 from sklearn.pipeline import Pipeline
 
-from ._array_metrics import mean_l0
+from ._array_metrics import cosine_similarity, dead_fraction, mean_l0
 from ._loss_recovered import loss_recovered
+from ._probing import pooled_activations, pooled_probe_scores
 from ._sklearn_compat import Interval, StrOptions, validate_params
 from .extraction import ActivationExtractor
 
@@ -45,6 +46,18 @@ def explained_variance_scorer(estimator, X, y=None):
 def neg_fvu_scorer(estimator, X, y=None):
     """Minus the fraction of variance unexplained (``explained_variance - 1``)."""
     return explained_variance_scorer(estimator, X) - 1.0
+
+
+def cosine_similarity_scorer(estimator, X, y=None):
+    """Mean cosine similarity of each input row and its reconstruction."""
+    sae, inputs = _sae_inputs(estimator, X)
+    return cosine_similarity(inputs, sae.inverse_transform(sae.transform(inputs)))
+
+
+def neg_dead_fraction_scorer(estimator, X, y=None):
+    """Minus the fraction of latents never active on the scored rows."""
+    sae, inputs = _sae_inputs(estimator, X)
+    return -dead_fraction(sae.transform(inputs))
 
 
 def loss_recovered_scorer(estimator, X, y=None):
@@ -100,10 +113,52 @@ class LossRecoveredScorer:
         return loss_recovered(sae, self.extractor, self.texts, ablation=self.ablation)
 
 
+class SparseProbingScorer:
+    """Sparse-probing accuracy of an SAE on fixed labelled texts (`skSAE.evaluation`).
+
+    The ``X`` of each call is ignored: the texts are encoded through ``extractor``,
+    mean-pooled, split, and probed with the ``k`` latents that best separate each
+    class (`skSAE.evaluation.sparse_probing`); the score is the balanced test
+    accuracy. It costs a forward pass over the texts per candidate and fold.
+
+    Parameters
+    ----------
+    extractor : ActivationExtractor
+        The model and hook the SAE was trained on.
+    texts : list of str
+        Labelled texts (e.g. `skSAE.corpora.labelled_texts`).
+    labels : array-like of shape (n_texts,)
+        One label per text.
+    k : int, default=1
+        Latents per probe.
+
+    Examples
+    --------
+    >>> from skSAE import ActivationExtractor
+    >>> scorer = SparseProbingScorer(ActivationExtractor("path/to/model"), ["a", "b"], [0, 1])
+    >>> scorer.k
+    1
+    """
+
+    def __init__(self, extractor, texts, labels, k=1):
+        self.extractor = extractor
+        self.texts = list(texts)
+        self.labels = np.asarray(labels)
+        self.k = k
+
+    def __call__(self, estimator, X=None, y=None):
+        _, sae = _split(estimator)
+        pooled = pooled_activations(sae, self.extractor, self.texts)
+        scores = pooled_probe_scores(*pooled, self.labels, k_values=(self.k,))
+        return scores[f"probe_accuracy_top_{self.k}"]
+
+
 _SCORERS = {
     "neg_l0": neg_l0_scorer,
     "explained_variance": explained_variance_scorer,
     "neg_fvu": neg_fvu_scorer,
+    "cosine_similarity": cosine_similarity_scorer,
+    "neg_dead_fraction": neg_dead_fraction_scorer,
     "loss_recovered": loss_recovered_scorer,
 }
 
@@ -114,7 +169,8 @@ def get_scorer_names():
     Examples
     --------
     >>> get_scorer_names()
-    ['explained_variance', 'loss_recovered', 'neg_fvu', 'neg_l0']
+    ['cosine_similarity', 'explained_variance', 'loss_recovered', 'neg_dead_fraction',
+     'neg_fvu', 'neg_l0']
     """
     return sorted(_SCORERS)
 
@@ -126,7 +182,8 @@ def get_scorer(name):
     Parameters
     ----------
     name : str
-        ``"neg_l0"``, ``"explained_variance"``, ``"neg_fvu"`` or ``"loss_recovered"``.
+        ``"neg_l0"``, ``"explained_variance"``, ``"neg_fvu"``, ``"cosine_similarity"``,
+        ``"neg_dead_fraction"`` or ``"loss_recovered"``.
 
     Returns
     -------
@@ -141,8 +198,15 @@ def get_scorer(name):
     return _SCORERS[name]
 
 
-@validate_params({"loss_recovered": ["boolean", callable]}, prefer_skip_nested_validation=True)
-def sae_scoring(loss_recovered=False):
+@validate_params(
+    {
+        "loss_recovered": ["boolean", callable],
+        "sparse_probing": [callable, None],
+        "diagnostics": ["boolean"],
+    },
+    prefer_skip_nested_validation=True,
+)
+def sae_scoring(loss_recovered=False, sparse_probing=None, diagnostics=False):
     """The multi-metric ``scoring`` dict for `GridSearchCV` and `cross_validate`.
 
     Parameters
@@ -151,11 +215,15 @@ def sae_scoring(loss_recovered=False):
         Add ``"loss_recovered"``: ``True`` for a text pipeline (see
         `loss_recovered_scorer`), or a `LossRecoveredScorer` for an SAE on activations.
         It costs a forward pass of the model per candidate and fold.
+    sparse_probing : SparseProbingScorer, default=None
+        Add ``"sparse_probing"``, the balanced accuracy of its k-sparse probes.
+    diagnostics : bool, default=False
+        Add ``"cosine_similarity"`` and ``"neg_dead_fraction"`` (on the scored rows).
 
     Returns
     -------
     scoring : dict of str to callable
-        ``"neg_l0"``, ``"explained_variance"``, ``"neg_fvu"`` and maybe ``"loss_recovered"``.
+        ``"neg_l0"``, ``"explained_variance"``, ``"neg_fvu"`` and those asked for.
 
     Raises
     ------
@@ -172,6 +240,11 @@ def sae_scoring(loss_recovered=False):
         scoring["loss_recovered"] = loss_recovered_scorer
     elif loss_recovered is not False:
         scoring["loss_recovered"] = loss_recovered
+    if sparse_probing is not None:
+        scoring["sparse_probing"] = sparse_probing
+    if diagnostics:
+        scoring["cosine_similarity"] = cosine_similarity_scorer
+        scoring["neg_dead_fraction"] = neg_dead_fraction_scorer
     return scoring
 
 

@@ -238,3 +238,35 @@ def test_plot_evaluation_draws_one_panel_per_kind_of_score(tmp_path):
     assert len(figure.axes) == 3
     assert (tmp_path / "eval.png").stat().st_size > 0
     assert figure.axes[1].get_title().startswith("sparse probing")
+
+
+def test_new_scorers_in_a_grid_search(tiny_extractor_and_sae):
+    from sklearn.model_selection import GridSearchCV
+
+    from skSAE import metrics as M  # noqa: N812 - as test_scoring names it
+
+    extractor, sae = tiny_extractor_and_sae
+    texts, labels = zip(*LABELLED, strict=True)
+    X = extractor.transform(list(texts))
+    probing = M.SparseProbingScorer(extractor, texts, labels, k=1)
+    scoring = M.sae_scoring(sparse_probing=probing, diagnostics=True)
+    assert set(scoring) == {
+        "neg_l0", "explained_variance", "neg_fvu", "sparse_probing", "cosine_similarity",
+        "neg_dead_fraction",
+    }  # fmt: skip
+    search = GridSearchCV(
+        SparseAutoencoder(n_components=32, max_iter=5, random_state=0),
+        {"k": [2, 8]},
+        scoring=scoring,
+        refit=M.pareto_refit(max_l0=10, metric="sparse_probing"),
+        cv=2,
+    ).fit(X)
+    for name in ("sparse_probing", "cosine_similarity", "neg_dead_fraction"):
+        assert np.isfinite(search.cv_results_[f"mean_test_{name}"]).all(), name
+    fitted = search.best_estimator_
+    expected = E.sparse_probing(fitted, extractor, list(texts), labels, k_values=(1,))
+    assert probing(fitted) == expected["probe_accuracy_top_1"]
+    cosine = M.get_scorer("cosine_similarity")(fitted, X)
+    assert cosine == pytest.approx(
+        M.cosine_similarity(X, fitted.inverse_transform(fitted.transform(X)))
+    )
