@@ -21,6 +21,7 @@ Run from the repository root::
 
     python benchmarks/bench_streaming.py                   # 4M rows x 576 (4.6 GB)
     python benchmarks/bench_streaming.py --rows 10000000   # 11.5 GB
+    python benchmarks/bench_streaming.py --rows 20000000 --seconds 300  # 23 GB > RAM
     python benchmarks/bench_streaming.py --quick           # seconds
 """
 
@@ -42,24 +43,35 @@ CACHED = HERE / "output" / "activations_SmolLM2_layer6_ctx128_ratio15.0.npz"
 WIDTH = 576
 
 CHILD = """
-import json, resource, sys, time, warnings
+import json, resource, signal, sys, time, warnings
 import h5py, numpy as np
 from skSAE import SparseAutoencoder
 path, mode = sys.argv[1], sys.argv[2]
 memory_rows, batch, lr = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+limit = int(sys.argv[6])
 warnings.simplefilter("ignore")
+
+def stop(signum, frame):
+    raise KeyboardInterrupt  # the fit keeps its steps (TrainingInterruptedWarning)
+
 with h5py.File(path, "r") as file:
     data = file["activations"]
     X = data if mode == "store" else np.asarray(data[:memory_rows], dtype=np.float32)
     sae = SparseAutoencoder(k=32, max_iter=1, batch_size=batch, learning_rate=lr,
                             device="cpu", random_state=0)
+    signal.signal(signal.SIGALRM, stop)
+    signal.alarm(limit)  # 0: no limit
     started = time.perf_counter()
-    sae.fit(X)
+    try:
+        sae.fit(X)
+    except KeyboardInterrupt:  # stopped before its first step: nothing kept
+        pass
     seconds = time.perf_counter() - started
-    rows = X.shape[0]
+    signal.alarm(0)
+    rows = min(X.shape[0], getattr(sae, "n_steps_", 0) * batch)
 print(json.dumps({"rows": rows, "seconds": seconds, "tok_s": rows / seconds,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "steps": sae.n_steps_}))
+                  "steps": getattr(sae, "n_steps_", 0)}))
 """
 
 
@@ -94,7 +106,7 @@ def build_store(path, n_rows, chunk_rows=16_384):
     return what
 
 
-def run(path, mode, memory_rows, batch, learning_rate):
+def run(path, mode, memory_rows, batch, learning_rate, limit=0):
     script = Path(tempfile.mkdtemp()) / "child.py"
     script.write_text(CHILD)
     out = subprocess.run(
@@ -106,6 +118,7 @@ def run(path, mode, memory_rows, batch, learning_rate):
             str(memory_rows),
             str(batch),
             str(learning_rate),
+            str(limit),
         ],
         check=True,
         capture_output=True,
@@ -121,6 +134,12 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--store", default=None, help="where to build the store (a .h5 path)")
+    parser.add_argument(
+        "--seconds",
+        type=int,
+        default=0,
+        help="stop the store's pass after this long (Ctrl-C keeps the steps; 0: the whole pass)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny store, for a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
@@ -143,7 +162,9 @@ def main(argv=None):
     )
     results = {
         "memory": run(path, "memory", args.memory_rows, args.batch_size, args.learning_rate),
-        "store": run(path, "store", args.memory_rows, args.batch_size, args.learning_rate),
+        "store": run(
+            path, "store", args.memory_rows, args.batch_size, args.learning_rate, args.seconds
+        ),
     }
     print(
         f"\n{'source':<8} {'rows':>10} {'steps':>6} {'seconds':>8} {'tok/s':>8} {'peak RSS MB':>12}"
