@@ -260,6 +260,8 @@ def partial_fits(params, blocks, **checkpointing):
         ("relu-target", 35),
         ("batchtopk", 47),
         ("jumprelu-target", 35),
+        ("matryoshka", 35),
+        ("gated-target", 47),
     ],
 )
 def test_resumed_partial_fits_equal_an_uninterrupted_run(name, crash_step, tmp_path, monkeypatch):
