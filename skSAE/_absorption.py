@@ -140,10 +140,11 @@ def first_letter_absorption(
         (`context_size`; about 90 tokens for SmolLM2 with 10 examples).
     words : list of str, default=None
         Candidate words. None takes the tokenizer's vocabulary: every token that decodes
-        to a space and ASCII letters and that the tokenizer encodes back, space
-        included, to that one token. Given words are stripped and kept under the same
-        rule (a word that is not one token after a space is left out). Words with fewer
-        than `min_length` letters are left out either way.
+        to ASCII letters (with a leading space, for SmolLM2's and GPT-2's byte-level
+        BPE) that a space followed by those letters encodes to. Given words are
+        stripped and kept under the same rule (a word that is not one token after a
+        space is left out). Words with fewer than `min_length` letters are left out
+        either way.
     max_words : int, default=3000
         At most this many words (a random sample); bounds the time (one prompt of
         about 90 tokens per word) and memory (one activation per word).
@@ -314,15 +315,17 @@ def _say(verbose, started, message):
 def single_token_words(tokenizer, words, min_length):
     """(``" " + word``, token id) for the words that are one token after a space.
 
-    ``words=None`` scans the vocabulary for tokens that decode to a space and ASCII
-    letters. SAEBench's ``vocab.py`` (``get_alpha_tokens``) keeps alphabetic tokens
-    with or without the space; the space is required here so the word stays one token
-    after the prompt's newline.
+    ``words=None`` scans the vocabulary for tokens that decode to ASCII letters (around
+    whitespace) and that a space and those letters encode back to. SAEBench's
+    ``vocab.py`` (``get_alpha_tokens``) keeps alphabetic tokens with or without the
+    space; the space is required here so the word stays one token after the prompt's
+    newline.
     """
     if words is None:
         ids = sorted(set(tokenizer.get_vocab().values()))
         decoded = tokenizer.batch_decode([[i] for i in ids])
-        pairs = [(text, i) for text, i in zip(decoded, ids, strict=True) if text.startswith(" ")]
+        # The stripped text must encode back to this token after a space (below).
+        pairs = [(" " + text.strip(), i) for text, i in zip(decoded, ids, strict=True)]
     else:
         pairs = [(" " + str(word).strip(), None) for word in words]
     pairs = [
