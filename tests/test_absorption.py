@@ -1,6 +1,7 @@
 """Tests for skSAE._absorption (first-letter feature absorption, SAEBench's definitions)."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -410,3 +411,28 @@ def test_unfitted_sae_raises(word_model_dir):
     extractor = ActivationExtractor(word_model_dir, layer=1, device="cpu")
     with pytest.raises(NotFittedError):
         first_letter_absorption(SparseAutoencoder(), extractor, words=WORDS)
+
+
+@pytest.mark.slow
+def test_smollm2_knows_first_letters():
+    pytest.importorskip("gguf", reason="loading GGUF needs the gguf package")
+    pytest.importorskip("accelerate", reason="loading GGUF needs the accelerate package")
+    from skSAE import corpora
+
+    try:
+        path = corpora.smollm2_path()
+        texts = ["\n".join(corpora.pydoc_texts())[:40_000]]  # about 9k tokens
+    except (ImportError, FileNotFoundError) as exc:
+        pytest.skip(str(exc))
+    extractor = ActivationExtractor(path, layer=6, device="cpu")
+    X = extractor.extract(texts).activations
+    sae = SparseAutoencoder(n_components=1152, k=32, max_iter=2, random_state=0).fit(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FewLettersWarning)
+        scores, letters = first_letter_absorption(sae, extractor, max_words=400, random_state=0)
+    assert scores["n_words"] >= 390
+    # a linear probe reads the first letter from block 6 (0.80 on 3000 words)
+    assert scores["mean_probe_f1"] > 0.4
+    assert 0.0 <= scores["mean_absorption_fraction_score"] <= 1.0
+    assert 0.0 <= scores["mean_full_absorption_score"] <= 1.0
+    assert scores["mean_num_split_features"] >= 1.0
