@@ -205,16 +205,30 @@ def first_letter_absorption(
       the word must carry the leading space (so it stays one token inside the prompt),
       have `min_length` letters, and at most `max_words` are sampled.
     - Probes (``probing.py``, ``k_sparse_probing.py``): SAEBench trains them with Adam
-      for 50 epochs; here scikit-learn finds the minimiser of the same objective (BCE
-      with ``pos_weight``; L2 of 1e-4 for the letter probe, L1 of 0.01 per sample for
-      the ranking probe, which is exactly sparse, so latents with a zero weight are
-      ranked by the difference of their mean code on the letter's words and the rest).
+      for 50 epochs of batches of 4096 words; here scikit-learn finds the minimiser of
+      the same objective (mean BCE with ``pos_weight`` over samples and the 26 probes;
+      Adam's weight decay 1e-4 for the letter probes, an L1 penalty of 0.01 for the
+      ranking probe). With a few thousand words those 50 epochs are 50 steps, too few:
+      replayed on SmolLM2 (2,400 train words), the Adam ranking probe's top latent gave
+      a 1-sparse probe a test F1 of at most 0.15 for every letter, while the optimum's
+      top latent is, for 15 of 23 letters, the one whose firing best matches the
+      letter's train words (F1). The optimum is exactly sparse; latents with a zero
+      weight (past the 13 to 86 non-zero ones per letter there) are ranked by their
+      mean code on the letter's words minus on the others.
     - Absorption (``feature_absorption_calculator.py``): SAEBench prompts the test words
       again with new examples from the whole vocabulary; here the test prompt's
       activation is reused. The word's position is found by tokenising the prompt
       (SAEBench's fixed index -6 for the same template).
     - SAEBench's guard (at least 20 letters with probe F1 > 0.6) warns instead of
       returning nothing.
+
+    On SmolLM2-135M-Instruct at block 6 (`skSAE.corpora.smollm2_path`), with a TopK SAE
+    (``k=32``, 4608 latents, ``max_iter=2`` on 112,104 tokens) and the defaults: 3000
+    words (2400 train, 600 test), 23 letters scored, mean probe F1 0.80 (22 letters
+    above 0.6), mean absorption fraction 0.65, mean full absorption 0.23 and 1.35 main
+    latents per letter, in 148 s of CPU time on one thread (model load included; 452 s
+    of wall time on a shared 2-core machine), nearly all of it the forward pass over
+    the 3000 prompts (about 87 tokens each); peak memory 1.0 GB.
 
     References
     ----------
