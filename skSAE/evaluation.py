@@ -2,14 +2,16 @@
 
 The public face of the evaluation modules: reconstruction diagnostics in one
 streaming pass (`skSAE._diagnostics`), sparse probing, ablation effects and TPP on
-labelled texts (`skSAE._probing`), and `evaluate`, which runs every metric its inputs
-allow and returns one flat dict (a row of a table: ``pandas.DataFrame(reports)``).
+labelled texts (`skSAE._probing`), feature absorption on the first-letter task
+(`skSAE._absorption`), and `evaluate`, which runs every metric its inputs allow and
+returns one flat dict (a row of a table: ``pandas.DataFrame(reports)``).
 """
 
 import time
 
 import numpy as np
 
+from ._absorption import FewLettersWarning, FirstLetterAbsorption, first_letter_absorption
 from ._diagnostics import (
     DiagnosticsAccumulator,
     encoder_decoder_cosine,
@@ -31,9 +33,12 @@ from .plotting import plot_evaluation
 
 __all__ = [
     "DiagnosticsAccumulator",
+    "FewLettersWarning",
+    "FirstLetterAbsorption",
     "ablation_effect",
     "encoder_decoder_cosine",
     "evaluate",
+    "first_letter_absorption",
     "max_decoder_cosine",
     "plot_evaluation",
     "pooled_activations",
@@ -45,8 +50,8 @@ __all__ = [
 ]
 
 
-def evaluate(sae, extractor, texts, labelled=None, *, ablation="zero", k_values=DEFAULT_K,
-             random_state=0):  # fmt: skip
+def evaluate(sae, extractor, texts, labelled=None, *, absorption=False, ablation="zero",
+             k_values=DEFAULT_K, random_state=0):  # fmt: skip
     """Every evaluation the inputs allow, as one flat dict of numbers.
 
     - On ``texts`` (held-out), one streaming pass for `reconstruction_diagnostics`
@@ -54,6 +59,8 @@ def evaluate(sae, extractor, texts, labelled=None, *, ablation="zero", k_values=
       recovered with its cross-entropies and KL divergence.
     - With ``labelled = (texts, labels)``, one more pass pools their codes and
       activations, for `sparse_probing` and `targeted_probe_perturbation`.
+    - With ``absorption=True``, `first_letter_absorption` on the words of the
+      extractor's vocabulary (a few minutes on a CPU for a 135M model).
 
     Parameters
     ----------
@@ -65,6 +72,9 @@ def evaluate(sae, extractor, texts, labelled=None, *, ablation="zero", k_values=
         Held-out texts.
     labelled : tuple of (list of str, array-like), default=None
         Texts and one label per text (e.g. `skSAE.corpora.labelled_texts`).
+    absorption : bool, default=False
+        Add the first-letter absorption scores (``mean_absorption_fraction_score``,
+        ``mean_full_absorption_score``, ``mean_num_split_features``, ...).
     ablation : {"zero", "mean"}, default="zero"
         The baseline of loss recovered.
     k_values : sequence of int, default=(1, 2, 5, 10, 20)
@@ -79,7 +89,8 @@ def evaluate(sae, extractor, texts, labelled=None, *, ablation="zero", k_values=
         ``kl_divergence`` (mean KL(clean || spliced) per token), ``ce_clean``,
         ``ce_sae``, ``ce_ablated``; with labels, the ``probe_accuracy_*`` of
         `probe_scores`, ``probe_texts`` and ``tpp``, ``tpp_own_drop``,
-        ``tpp_other_drop``; and ``seconds``, the wall time.
+        ``tpp_other_drop``; with absorption, the scalars of `first_letter_absorption`;
+        and ``seconds``, the wall time.
     """
     started = time.perf_counter()
     diagnostics = DiagnosticsAccumulator(sae)
@@ -113,5 +124,8 @@ def evaluate(sae, extractor, texts, labelled=None, *, ablation="zero", k_values=
                 sae, activations_TD[kept], codes_TF[kept], labels[kept], random_state=random_state
             )
         )
+    if absorption:
+        scores, _ = first_letter_absorption(sae, extractor, random_state=random_state)
+        report.update(scores)
     report["seconds"] = time.perf_counter() - started
     return report

@@ -436,3 +436,17 @@ def test_smollm2_knows_first_letters():
     assert 0.0 <= scores["mean_absorption_fraction_score"] <= 1.0
     assert 0.0 <= scores["mean_full_absorption_score"] <= 1.0
     assert scores["mean_num_split_features"] >= 1.0
+
+
+def test_evaluate_adds_the_absorption_scores(word_model_dir, word_sae):
+    from skSAE.evaluation import evaluate
+
+    extractor = ActivationExtractor(word_model_dir, layer=1, device="cpu")
+    held_out = [f" {w} has the first letter: {w[0].upper()}" for w in WORDS[:20]]
+    with pytest.warns(FewLettersWarning):
+        report = evaluate(word_sae, extractor, held_out, absorption=True)
+    with pytest.warns(FewLettersWarning):
+        scores, _ = first_letter_absorption(word_sae, extractor, random_state=0)
+    for name, value in scores.items():
+        assert report[name] == value, name
+    assert np.isfinite(report["loss_recovered"]) and report["n_tokens"] > 0
