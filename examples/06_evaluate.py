@@ -5,7 +5,8 @@
    three sit at a similar L0, at the library's defaults otherwise.
 3. Evaluates each with `skSAE.evaluation.evaluate` on held-out documentation (the
    reconstruction diagnostics, loss recovered and KL) and on labelled Shakespeare
-   passages (which play a passage comes from: sparse probing and TPP).
+   passages (which play a passage comes from: sparse probing and TPP), and on the
+   first-letter task (feature absorption, 3000 single-token words).
 4. Prints the table and saves the figure (`plot_evaluation`).
 
 Run from the repository root (offline; several minutes on 2 CPU cores)::
@@ -15,6 +16,7 @@ Run from the repository root (offline; several minutes on 2 CPU cores)::
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +38,9 @@ COLUMNS = [
     ("probe_accuracy_all_latents", "probe all", ".3f"),
     ("probe_accuracy_model", "probe model", ".3f"),
     ("tpp", "TPP", ".3f"),
+    ("mean_absorption_fraction_score", "absorb", ".3f"),
+    ("mean_full_absorption_score", "full abs", ".3f"),
+    ("mean_num_split_features", "splits", ".2f"),
     ("seconds", "eval s", ".0f"),
 ]
 
@@ -61,7 +66,9 @@ def main(argv=None):
     docs = pieces(corpora.pydoc_texts(), 2000)
     n_train = args.train_chars // 2000
     train, held_out = docs[:n_train], docs[-(args.held_out_chars // 2000) :]
-    extractor = ActivationExtractor(model, layer=6, verbose=1)
+    # memory: the prompts of the absorption task and the labelled passages are read
+    # once for the three SAEs (the model's activations do not depend on the SAE).
+    extractor = ActivationExtractor(model, layer=6, verbose=1, memory=tempfile.mkdtemp())
     X = extractor.transform(train)
     seconds = time.perf_counter() - started
     print(f"{X.shape[0]} training tokens of {len(train)} pieces ({seconds:.0f} s)")
@@ -76,7 +83,7 @@ def main(argv=None):
         fit_started = time.perf_counter()
         sae = SparseAutoencoder(**params, max_iter=3, random_state=0, verbose=1).fit(X)
         fit_seconds = time.perf_counter() - fit_started
-        report = evaluate(sae, extractor, held_out, labelled=labelled)
+        report = evaluate(sae, extractor, held_out, labelled=labelled, absorption=True)
         reports.append({"name": name, "fit_seconds": fit_seconds, **report})
         print(f"{name}: fitted in {fit_seconds:.0f} s, evaluated in {report['seconds']:.0f} s")
 

@@ -405,6 +405,9 @@ def _check_context(extractor, tokenizer, texts):
 def word_activations(sae, extractor, texts, positions):
     """The activation at ``positions[i]`` of ``texts[i]``, for each text the extractor keeps.
 
+    `ActivationExtractor.activations_at`, cached when the extractor has a ``memory``
+    (the prompts are the same for every SAE of one model and hook).
+
     Returns
     -------
     X_ND : ndarray of shape (n_found, n_features), float32
@@ -412,18 +415,11 @@ def word_activations(sae, extractor, texts, positions):
     found_N : ndarray of shape (n_texts,), bool
         Whether the text's word token has a row (the extractor may drop it).
     """
-    rows = {}
-    for batch in extractor.iter_batches(texts):
-        if batch.activations.shape[0]:
-            check_input_width(sae, batch.activations)
-        hit = batch.position == positions[batch.doc_index]
-        for doc, row in zip(batch.doc_index[hit], batch.activations[hit], strict=True):
-            rows[int(doc)] = row
-    found_N = np.zeros(len(texts), dtype=bool)
-    found_N[list(rows)] = True
-    if not rows:
+    X_ND, found_N = extractor.activations_at(texts, positions)
+    if not found_N.any():
         return np.zeros((0, sae.n_features_in_), dtype=np.float32), found_N
-    return np.stack([rows[doc] for doc in sorted(rows)]).astype(np.float32), found_N
+    check_input_width(sae, X_ND)
+    return X_ND, found_N
 
 
 # ------------------------------------------------------------------ probes and scores

@@ -335,6 +335,43 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
             )
         return _extract_in_memory(self, None, texts)
 
+    def activations_at(self, texts, positions):
+        """The activation at one token position of each text, in bounded memory.
+
+        For probes that read one token per prompt (the word of a first-letter prompt,
+        the last token of a question): one streaming pass keeps one row per text. With
+        `memory` set, the rows are cached on disk like `extract`'s.
+
+        Parameters
+        ----------
+        texts : list of str
+            Texts.
+        positions : array-like of int of shape (n_texts,)
+            For each text, the index of the token to read within its tokens (as
+            `extract`'s ``position``).
+
+        Returns
+        -------
+        activations : ndarray of shape (n_found, d_model)
+            Float32 rows, in text order, of the texts whose token was kept.
+        found : ndarray of bool of shape (n_texts,)
+            Whether each text's token was kept (`extract` drops special tokens, the
+            first position of each context and outlier norms).
+        """
+        texts = _check_texts(texts)
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.shape != (len(texts),):
+            raise ValueError(
+                f"positions must hold one index per text ({len(texts)}), got shape "
+                f"{positions.shape}."
+            )
+        memory = self._memory()
+        if memory is not None:
+            return memory.cache(_activations_at, ignore=["extractor"])(
+                self, self.extraction_key(), texts, positions
+            )
+        return _activations_at(self, None, texts, positions)
+
     def _memory(self):
         """The joblib Memory, or None; rejects a model object (it has no stable key)."""
         if self.memory is None:
@@ -953,6 +990,20 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
 def _extract_in_memory(extractor, key, texts):
     """Module-level so that joblib can cache it; ``key`` only feeds the cache's hash."""
     return extractor._extract_now(texts)
+
+
+def _activations_at(extractor, key, texts, positions):
+    """Module-level so that joblib can cache it; ``key`` only feeds the cache's hash."""
+    rows = {}
+    for batch in extractor.iter_batches(texts):
+        hit = batch.position == positions[batch.doc_index]
+        for doc, row in zip(batch.doc_index[hit], batch.activations[hit], strict=True):
+            rows[int(doc)] = row
+    found = np.zeros(len(texts), dtype=bool)
+    found[list(rows)] = True
+    if not rows:
+        return np.zeros((0, 0), dtype=np.float32), found
+    return np.stack([rows[doc] for doc in sorted(rows)]).astype(np.float32), found
 
 
 def _baseline_cross_entropies(extractor, key, texts, ablation):

@@ -690,3 +690,25 @@ def test_max_norm_ratio_is_in_the_extraction_key(tiny_model_dir):
         "max_norm_ratio"
     ] == float("inf")
     assert extractor_for(tiny_model_dir, max_norm_ratio=1.2).extraction_key() != key
+
+
+def test_activations_at_reads_one_position_per_text(tiny_model_dir, tmp_path, monkeypatch):
+    texts = ["the quick brown fox.", "to be, or not to be.", "ab"]
+    extractor = ActivationExtractor(str(tiny_model_dir), layer=1, device="cpu", memory=tmp_path)
+    extraction = extractor.extract(texts)
+    positions = [3, 7, 0]  # position 0 is never kept (the first of its context)
+    rows, found = extractor.activations_at(texts, positions)
+    np.testing.assert_array_equal(found, [True, True, False])
+    for row, (doc, position) in zip(rows, [(0, 3), (1, 7)], strict=True):
+        match = (extraction.doc_index == doc) & (extraction.position == position)
+        np.testing.assert_array_equal(row, extraction.activations[match][0])
+    calls = []
+    original = ActivationExtractor.iter_batches
+    monkeypatch.setattr(
+        ActivationExtractor, "iter_batches", lambda self, *a: calls.append(1) or original(self, *a)
+    )
+    again, _ = extractor.activations_at(texts, positions)  # from the memory: no forward
+    np.testing.assert_array_equal(again, rows)
+    assert calls == []
+    with pytest.raises(ValueError, match="one index per text"):
+        extractor.activations_at(texts, [1, 2])
