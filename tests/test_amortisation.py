@@ -12,6 +12,8 @@ from sklearn.base import clone
 from sklearn.linear_model import Lasso
 
 from skSAE import ActivationExtractor, SparseAutoencoder
+from skSAE import _amortisation as amortisation_module
+from skSAE._amortisation import amortisation_gap
 from skSAE.metrics import explained_variance, loss_recovered, loss_recovered_details, mean_l0
 
 FAST = dict(n_components=32, k=3, max_iter=3, batch_size=64, random_state=0)
@@ -238,6 +240,85 @@ def test_bad_transform_settings_after_fit_are_clear_errors(fitted, X, settings, 
 def test_bad_transform_algorithm_fails_fit(X):
     with pytest.raises(ValueError, match="'transform_algorithm' parameter"):
         SparseAutoencoder(transform_algorithm="lars", **FAST).fit(X)
+
+
+# ---------------------------------------------------------------- amortisation_gap
+
+
+def test_amortisation_gap_rows_match_each_algorithm_transform(fitted, X):
+    results = amortisation_gap(fitted, X)
+    assert [row["algorithm"] for row in results] == ALL
+    for row in results:
+        settings = {
+            "transform_n_nonzero_coefs": row["n_nonzero_coefs"],
+            "transform_alpha": row["alpha"],
+        }
+        sae = solver(fitted, row["algorithm"], **settings)
+        codes = sae.transform(X)
+        assert row["mean_l0"] == pytest.approx(mean_l0(codes), rel=1e-12)
+        assert row["explained_variance"] == pytest.approx(sae.score(X), abs=1e-6)
+        assert isinstance(row["cosine_similarity"], float)
+    encoder_l0 = results[0]["mean_l0"]
+    assert results[1]["n_nonzero_coefs"] == round(encoder_l0)
+    for row in results[2:]:
+        assert row["mean_l0"] == pytest.approx(encoder_l0, abs=0.5)
+
+
+def test_amortisation_gap_leaves_the_sae_untouched(fitted, X):
+    params, codes = fitted.get_params(), fitted.transform(X)
+    amortisation_gap(fitted, X, algorithms=["omp", "threshold"], alpha=0.5)
+    assert fitted.get_params() == params
+    np.testing.assert_array_equal(fitted.transform(X), codes)
+
+
+def test_amortisation_gap_in_chunks_equals_one_pass(monkeypatch, tmp_path, fitted, X):
+    whole = amortisation_gap(fitted, X, n_nonzero_coefs=2, alpha=0.6)
+    path = tmp_path / "acts.h5"
+    with h5py.File(path, "w") as file:
+        file.create_dataset("activations", data=X)
+    monkeypatch.setattr(amortisation_module, "CHUNK_BYTES", 4 * 8 * 32 * 40)  # 40-row chunks
+    with h5py.File(path, "r") as file:
+        chunked = amortisation_gap(fitted, file["activations"], n_nonzero_coefs=2, alpha=0.6)
+    for one, other in zip(whole, chunked, strict=True):
+        assert one["mean_l0"] == other["mean_l0"]
+        assert one["explained_variance"] == pytest.approx(other["explained_variance"], abs=1e-6)
+        assert one["cosine_similarity"] == pytest.approx(other["cosine_similarity"], abs=1e-6)
+
+
+def test_amortisation_gap_omp_beats_the_encoder_on_exact_combinations():
+    sae = SparseAutoencoder(n_components=48, k=3, max_iter=3, batch_size=64, random_state=0)
+    sae.fit(np.random.default_rng(0).normal(size=(512, 32)))
+    rng = np.random.default_rng(2)
+    codes = np.zeros((100, 48))
+    for row in codes:
+        row[rng.choice(48, size=3, replace=False)] = rng.uniform(1.0, 2.0, size=3)
+    exact = codes @ sae.components_ + sae.b_dec_
+    encoder, omp = amortisation_gap(sae, exact, algorithms=["encoder", "omp"])
+    assert omp["explained_variance"] > 1 - 1e-8 > encoder["explained_variance"]
+    assert omp["cosine_similarity"] == pytest.approx(1.0, abs=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"algorithms": "omp"}, r"'algorithms' parameter of amortisation_gap must be"),
+        ({"algorithms": []}, r"must be a non-empty sequence of names .* Got \[\]"),
+        ({"algorithms": ["omp", "lars"]}, r"Got 'lars' in \['omp', 'lars'\] instead"),
+        ({"n_nonzero_coefs": 33}, r"\[1, 32\] \(n_components of the SAE\) or None\. Got 33"),
+        ({"n_nonzero_coefs": 0}, "'n_nonzero_coefs' parameter of amortisation_gap"),
+        ({"alpha": -0.1}, "'alpha' parameter of amortisation_gap"),
+    ],
+)
+def test_amortisation_gap_bad_arguments_are_clear_errors(fitted, X, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        amortisation_gap(fitted, X, **arguments)
+
+
+def test_amortisation_gap_needs_a_fitted_sae(X):
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        amortisation_gap(SparseAutoencoder(), X)
 
 
 # ------------------------------------------------------------------- loss recovered
