@@ -97,15 +97,19 @@ def amortisation_gap(
 
     Notes
     -----
-    The solvers are far slower than the encoder (on 2 CPU cores with 1024 latents of
-    128 features: OMP at 32 atoms about 4 ms a row, lasso_lars about 10 ms, against
-    microseconds), so measure them on a held-out sample of thousands of rows, not on
-    a whole training store. The codes of the solvers are unconstrained in sign, as
-    scikit-learn's are by default, while the encoder's are non-negative: the solvers
-    may use a dictionary row in both directions. ``"threshold"`` soft-thresholds the
-    correlations without solving anything, so on an overcomplete dictionary it
-    usually reconstructs worse than the encoder; it is the encoder's untrained
-    counterpart, not a stronger solver.
+    The solvers are far slower than the encoder (`benchmarks/bench_amortisation.py`,
+    one CPU thread, 1024 latents of 128 features: OMP at 32 atoms about 2 ms a row,
+    lasso_lars about 3.5 ms, the encoder 10 microseconds), so measure them on a
+    held-out sample of thousands of rows, not on a whole training store. Calibrating
+    a None `alpha` for lasso_lars adds 10 solves of the 256 sample rows. The codes of
+    the solvers are unconstrained in sign, as scikit-learn's are by default, while
+    the encoder's are non-negative: the solvers may use a dictionary row in both
+    directions (40% of OMP's non-zero codes were negative in that benchmark), so part
+    of their advantage is not the encoder's amortisation. ``"lasso_lars"`` shrinks
+    the codes it selects (the L1 penalty), so at a matched L0 it may reconstruct
+    worse than the encoder. ``"threshold"`` soft-thresholds the correlations without
+    solving anything: it is the encoder's untrained counterpart, not a stronger
+    solver, and usually reconstructs worse than the encoder.
 
     Examples
     --------

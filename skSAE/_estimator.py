@@ -86,8 +86,8 @@ _CHECK_EVERY = 32
 _DIVERGED_ERROR_RATIO = 10.0
 # Rows used to estimate the input scale and mean at initialisation.
 _INIT_SAMPLE_ROWS = 65_536
-# Rows of X on which `transform_alpha=None` is calibrated (a bisection of lasso_lars
-# solves on them, about 16 ms a row each at F=1024, D=128).
+# Rows of X on which `transform_alpha=None` is calibrated (lasso_lars solves them 10
+# times in its bisection).
 _CALIBRATION_ROWS = 128
 
 # Module state names and the fitted attributes that hold them (in the user's units).
@@ -296,10 +296,10 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         ``"threshold"`` (ignored otherwise), in the units of ``X`` (of a correlation
         with a unit decoder row). ``None`` means the value at which the algorithm
         gives the model's own L0 (as for `transform_n_nonzero_coefs`) on average over
-        up to 128 rows of ``X`` (drawn with a fixed seed): the quantile of the
-        correlations for ``"threshold"``, a 10-step bisection for ``"lasso_lars"``.
-        Again a row's code then depends on ``X``: pass a number to code
-        rows independently.
+        up to 128 rows of ``X`` (drawn with a fixed seed; a contiguous block of an
+        `h5py.Dataset` or `numpy.memmap`): the quantile of the correlations for
+        ``"threshold"``, a 10-step bisection for ``"lasso_lars"``. Again a row's code
+        then depends on ``X``: pass a number to code rows independently.
     checkpoint_path : str or path-like, default=None
         A file where training keeps its full state (weights, Adam moments, schedule
         and calibration, dead-latent counters, random states, position in the pass),
@@ -394,8 +394,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     ``sae.set_params(transform_algorithm="omp")`` changes the codes of the fitted
     model, without refitting. With ``None`` for the number of atoms or ``alpha``, the
     value is resolved at each call from the ``X`` it gets (see the parameters), so two
-    calls on different data may use different values: `amortisation_gap` resolves them
-    once for all its chunks.
+    calls on different data may use different values:
+    `skSAE.evaluation.amortisation_gap` resolves them once for all its chunks.
 
     Interrupting training (Ctrl-C, `KeyboardInterrupt`) keeps the weights trained so
     far: the call stops, warns with `TrainingInterruptedWarning` and returns the
