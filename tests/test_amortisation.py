@@ -10,11 +10,19 @@ import torch
 from conftest import TEXTS
 from sklearn.base import clone
 from sklearn.linear_model import Lasso
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer
 
 from skSAE import ActivationExtractor, SparseAutoencoder
 from skSAE import _amortisation as amortisation_module
 from skSAE._amortisation import amortisation_gap
-from skSAE.metrics import explained_variance, loss_recovered, loss_recovered_details, mean_l0
+from skSAE.metrics import (
+    explained_variance,
+    get_scorer,
+    loss_recovered,
+    loss_recovered_details,
+    mean_l0,
+)
 
 FAST = dict(n_components=32, k=3, max_iter=3, batch_size=64, random_state=0)
 SOLVERS = ["omp", "lasso_lars", "threshold"]
@@ -135,6 +143,15 @@ def test_sparse_output_equals_dense_for_every_algorithm(fitted, X, algorithm):
     sparse = solver(fitted, algorithm, sparse_output=True).transform(X)
     assert sp.issparse(sparse) and sparse.dtype == np.float32
     np.testing.assert_array_equal(sparse.toarray(), dense)
+
+
+@pytest.mark.parametrize("algorithm", ALL)
+def test_scorers_follow_the_transform_algorithm(fitted, X, algorithm):
+    sae = solver(fitted, algorithm)
+    pipeline = Pipeline([("scale", FunctionTransformer()), ("sae", sae)])
+    assert get_scorer("neg_l0")(pipeline, X) == -mean_l0(sae.transform(X))
+    assert get_scorer("explained_variance")(pipeline, X) == sae.score(X)
+    assert get_scorer("neg_fvu")(sae, X) == pytest.approx(sae.score(X) - 1.0, abs=1e-12)
 
 
 def test_set_params_on_a_fitted_model_changes_its_codes_and_back(fitted, X):
