@@ -59,8 +59,21 @@ from ._recipe import (
     geometric_median,
     resample_dead_latents,
 )
-from ._sklearn_compat import HasMethods, Interval, StrOptions, _fit_context
+from ._sklearn_compat import (
+    HasMethods,
+    Interval,
+    StrOptions,
+    _fit_context,
+    validate_parameter_constraints,
+)
+from ._sparse_coding import (
+    DICTIONARY_ALGORITHMS,
+    calibrate_alpha,
+    encode_block,
+    prepare_dictionary,
+)
 from ._utils import resolve_device, to_numpy, torch_generator
+from ._validation import invalid_parameter
 from ._version import __version__, pop_saved_version
 
 # Steps between the loop's only host/device synchronisations: a check of the loss and
@@ -73,6 +86,9 @@ _CHECK_EVERY = 32
 _DIVERGED_ERROR_RATIO = 10.0
 # Rows used to estimate the input scale and mean at initialisation.
 _INIT_SAMPLE_ROWS = 65_536
+# Rows of X on which `transform_alpha=None` is calibrated (lasso_lars solves them 10
+# times in its bisection).
+_CALIBRATION_ROWS = 128
 
 # Module state names and the fitted attributes that hold them (in the user's units).
 _PUBLIC_NAMES = {
@@ -81,6 +97,13 @@ _PUBLIC_NAMES = {
     "W_dec_FD": "components_",
     "b_dec_D": "b_dec_",
     "threshold": "threshold_",
+}
+# The inference options, read at each transform; a model pickled before they existed
+# loads with these.
+_INFERENCE_DEFAULTS = {
+    "transform_algorithm": "encoder",
+    "transform_n_nonzero_coefs": None,
+    "transform_alpha": None,
 }
 # Private torch objects: rebuilt from the NumPy state, never pickled or restored.
 _RUNTIME_STATE = ("_module", "_optimizer", "_generator", "_compiled_loss", "_checkpoint_replay")
@@ -91,7 +114,9 @@ def inference_module(sae, device):
 
     For package code that runs the SAE inside a model's forward pass (splices,
     steering, top activations): ``module.encode(x_ND)`` and ``module.decode(codes_NF)``
-    equal `SparseAutoencoder.transform` and `SparseAutoencoder.inverse_transform`.
+    equal `SparseAutoencoder.transform` and `SparseAutoencoder.inverse_transform` with
+    ``transform_algorithm="encoder"``. The module is always the encoder: a caller that
+    must follow another `transform_algorithm` (loss recovered) calls `transform`.
     """
     return sae._inference_module(device)
 
@@ -241,6 +266,40 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         of starting again.
     sparse_output : bool, default=False
         When true, `transform` returns a `scipy.sparse.csr_matrix`.
+    transform_algorithm : {"encoder", "omp", "lasso_lars", "threshold"}, \
+            default="encoder"
+        How `transform` (and so `score`) codes ``X``. ``"encoder"`` is the SAE's own
+        encoder, ``act(X @ W_enc_ + b_enc_)``. The others, as in
+        `sklearn.decomposition.SparseCoder`, solve ``X - b_dec_ ~= codes @
+        components_`` for each row with `sklearn.decomposition.sparse_encode` on the
+        learned dictionary (its rows scaled to unit norm for the solver, the codes
+        scaled back, so that `inverse_transform` reconstructs): ``"omp"``, orthogonal
+        matching pursuit with `transform_n_nonzero_coefs` atoms a row; ``"lasso_lars"``,
+        the Lasso solution ``argmin 0.5 * ||x - b_dec_ - codes @ components_||^2 +
+        transform_alpha * ||codes||_1``; ``"threshold"``, the correlations with the
+        unit rows soft-thresholded at `transform_alpha`. Their codes may be negative
+        (the solvers are unconstrained, as scikit-learn's default), they run on the CPU
+        in float64 whatever `device`, and they are much slower than the encoder. Set it
+        on a fitted model to compare its encoder with a proper sparse solver on the same
+        dictionary (the amortisation gap, `skSAE.evaluation.amortisation_gap`). `fit`
+        and `partial_fit` ignore it: training always uses the encoder.
+    transform_n_nonzero_coefs : int, default=None
+        Non-zero codes a row for ``transform_algorithm="omp"`` (ignored otherwise).
+        ``None`` means the model's own L0: ``k`` as fitted for ``"topk"``,
+        ``"batchtopk"`` and ``"matryoshka"``, otherwise the encoder's mean L0 on the
+        ``X`` being transformed (rounded, at least 1), computed in a first pass over it;
+        at most ``n_features_in_`` either way, since OMP's residual is zero by then.
+        With that second rule a row's code depends on the other rows of ``X``: pass
+        a number to code rows independently.
+    transform_alpha : float, default=None
+        The L1 penalty of ``transform_algorithm="lasso_lars"`` or the threshold of
+        ``"threshold"`` (ignored otherwise), in the units of ``X`` (of a correlation
+        with a unit decoder row). ``None`` means the value at which the algorithm
+        gives the model's own L0 (as for `transform_n_nonzero_coefs`) on average over
+        up to 128 rows of ``X`` (drawn with a fixed seed; a contiguous block of an
+        `h5py.Dataset` or `numpy.memmap`): the quantile of the correlations for
+        ``"threshold"``, a 10-step bisection for ``"lasso_lars"``. Again a row's code
+        then depends on ``X``: pass a number to code rows independently.
     checkpoint_path : str or path-like, default=None
         A file where training keeps its full state (weights, Adam moments, schedule
         and calibration, dead-latent counters, random states, position in the pass),
@@ -328,6 +387,16 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     starts a new model when it changed. `device` and `sparse_output` are read at
     every call.
 
+    `transform_algorithm`, `transform_n_nonzero_coefs` and `transform_alpha` are the
+    exception to the rule that fitted behaviour is frozen at fit: like the
+    ``transform_*`` parameters of `sklearn.decomposition.MiniBatchDictionaryLearning`
+    they are inference options read at every `transform` and `score`, so
+    ``sae.set_params(transform_algorithm="omp")`` changes the codes of the fitted
+    model, without refitting. With ``None`` for the number of atoms or ``alpha``, the
+    value is resolved at each call from the ``X`` it gets (see the parameters), so two
+    calls on different data may use different values:
+    `skSAE.evaluation.amortisation_gap` resolves them once for all its chunks.
+
     Interrupting training (Ctrl-C, `KeyboardInterrupt`) keeps the weights trained so
     far: the call stops, warns with `TrainingInterruptedWarning` and returns the
     fitted estimator, as `MLPClassifier` does. An interrupt before the call's first
@@ -407,6 +476,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         "verbose": ["verbose"],
         "warm_start": ["boolean"],
         "sparse_output": ["boolean"],
+        "transform_algorithm": [StrOptions({"encoder", *DICTIONARY_ALGORITHMS})],
+        "transform_n_nonzero_coefs": [Interval(Integral, 1, None, closed="left"), None],
+        "transform_alpha": [Interval(Real, 0, None, closed="left"), None],
         "checkpoint_path": [str, os.PathLike, None],
         "checkpoint_every": [Interval(Integral, 1, None, closed="left")],
         "logger": [None, HasMethods(["log"])],
@@ -444,6 +516,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         verbose=0,
         warm_start=False,
         sparse_output=False,
+        transform_algorithm="encoder",
+        transform_n_nonzero_coefs=None,
+        transform_alpha=None,
         checkpoint_path=None,
         checkpoint_every=1000,
         logger=None,
@@ -477,6 +552,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.verbose = verbose
         self.warm_start = warm_start
         self.sparse_output = sparse_output
+        self.transform_algorithm = transform_algorithm
+        self.transform_n_nonzero_coefs = transform_n_nonzero_coefs
+        self.transform_alpha = transform_alpha
         self.checkpoint_path = checkpoint_path
         self.checkpoint_every = checkpoint_every
         self.logger = logger
@@ -1225,6 +1303,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     def transform(self, X):
         """Latent codes of ``X``: ``act(X @ W_enc_ + b_enc_)``, row by row.
 
+        With another `transform_algorithm`, the codes of that solver on the dictionary
+        `components_` instead.
+
         Parameters
         ----------
         X : array-like, torch.Tensor, h5py.Dataset or numpy.memmap of shape (n_samples, n_features)
@@ -1236,18 +1317,96 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             Float32 codes; sparse when ``sparse_output=True``.
         """
         check_is_fitted(self)
-        device = resolve_device(self.device)
-        data = validated_data(self, X, reset=False, device=device)
-        module = self._inference_module(device)
-        n_components = self.components_.shape[0]
+        self._check_transform_params()
         blocks = []
-        with torch.inference_mode():
-            for x_HD in data.blocks(max(1, CHUNK_BYTES // (4 * n_components)), device):
-                codes_HF = module.encode(x_HD)
-                blocks.append(_to_csr(codes_HF) if self.sparse_output else to_numpy(codes_HF))
+        for _, codes_HF in self._code_blocks(X):
+            blocks.append(_to_csr(codes_HF) if self.sparse_output else to_numpy(codes_HF))
         if self.sparse_output:
             return sp.vstack(blocks, format="csr", dtype=np.float32)
         return np.concatenate(blocks, axis=0)
+
+    def _check_transform_params(self):
+        """Validate the inference options, which `set_params` after fit may have changed."""
+        names = ("transform_algorithm", "transform_n_nonzero_coefs", "transform_alpha")
+        validate_parameter_constraints(
+            {name: self._parameter_constraints[name] for name in names},
+            {name: getattr(self, name) for name in names},
+            caller_name=type(self).__name__,
+        )
+        n_components = self.components_.shape[0]
+        if self.transform_algorithm == "omp" and (
+            self.transform_n_nonzero_coefs is not None
+            and self.transform_n_nonzero_coefs > n_components
+        ):
+            raise invalid_parameter(
+                "transform_n_nonzero_coefs",
+                type(self).__name__,
+                f"an int in [1, {n_components}] (n_components) or None",
+                repr(self.transform_n_nonzero_coefs),
+            )
+
+    def _code_blocks(self, X):
+        """``(x_HD, codes_HF)`` for consecutive blocks of ``X``, by `transform_algorithm`.
+
+        Tensors on the SAE's device for the encoder; for the dictionary solvers, CPU
+        tensors whose codes were computed in float64 and rounded to float32.
+        """
+        if self.transform_algorithm == "encoder":
+            device = resolve_device(self.device)
+            data = validated_data(self, X, reset=False, device=device)
+            yield from self._encoder_blocks(data, device)
+            return
+        device = torch.device("cpu")
+        data = validated_data(self, X, reset=False, device=device)
+        algorithm = self.transform_algorithm
+        dictionary = prepare_dictionary(self.components_)
+        n_nonzero_coefs, alpha = self._dictionary_settings(data, dictionary)
+        b_dec_D = self.b_dec_.astype(np.float64)
+        # float64 codes and the solvers' (F, H) correlations: a quarter of the bytes.
+        block_rows = max(1, CHUNK_BYTES // (4 * 8 * self.components_.shape[0]))
+        for x_HD in data.blocks(block_rows, device):
+            codes_HF = encode_block(
+                x_HD.numpy().astype(np.float64) - b_dec_D,
+                dictionary,
+                algorithm,
+                n_nonzero_coefs=n_nonzero_coefs,
+                alpha=alpha,
+            )
+            yield x_HD, torch.from_numpy(codes_HF.astype(np.float32))
+
+    def _encoder_blocks(self, data, device, module=None):
+        """``(x_HD, codes_HF)`` of the encoder, for consecutive blocks of ``data``."""
+        module = self._inference_module(device) if module is None else module
+        n_components = self.components_.shape[0]
+        with torch.inference_mode():
+            for x_HD in data.blocks(max(1, CHUNK_BYTES // (4 * n_components)), device):
+                yield x_HD, module.encode(x_HD)
+
+    def _dictionary_settings(self, data, dictionary):
+        """``(n_nonzero_coefs, alpha)`` of the dictionary solver on ``data``, resolved."""
+        algorithm = self.transform_algorithm
+        if algorithm == "omp":
+            n_nonzero_coefs = self.transform_n_nonzero_coefs
+            if n_nonzero_coefs is None:
+                n_nonzero_coefs = round(self._model_l0(data))
+                n_nonzero_coefs = max(1, min(n_nonzero_coefs, self.n_features_in_))
+            return n_nonzero_coefs, None
+        if self.transform_alpha is not None:
+            return None, float(self.transform_alpha)
+        sample_SD = data.sample(_CALIBRATION_ROWS, np.random.RandomState(0))
+        sample_SD = sample_SD.cpu().numpy().astype(np.float64) - self.b_dec_
+        return None, calibrate_alpha(sample_SD, dictionary, algorithm, self._model_l0(data))
+
+    def _model_l0(self, data):
+        """``k`` as fitted where the architecture has one, else the encoder's mean L0."""
+        if "k" in self._fit_options:
+            return float(min(self._fit_options["k"], self.components_.shape[0]))
+        device = resolve_device(self.device)
+        nonzero, n_rows = 0, 0
+        for x_HD, codes_HF in self._encoder_blocks(data, device):
+            nonzero += int(torch.count_nonzero(codes_HF))
+            n_rows += x_HD.shape[0]
+        return nonzero / max(n_rows, 1)
 
     def inverse_transform(self, X):
         """Reconstruct inputs from codes: ``X @ components_ + b_dec_``.
@@ -1291,14 +1450,19 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             1.0 is a perfect reconstruction, 0.0 no better than the mean of ``X``.
         """
         check_is_fitted(self)
+        self._check_transform_params()
+        accumulator = ExplainedVarianceAccumulator(shift=self.b_dec_)
+        if self.transform_algorithm != "encoder":
+            for x_HD, codes_HF in self._code_blocks(X):
+                x_hat_HD = codes_HF.numpy() @ self.components_ + self.b_dec_
+                accumulator.update(x_HD.numpy(), x_hat_HD)
+            return accumulator.result()
         device = resolve_device(self.device)
         data = validated_data(self, X, reset=False, device=device)
         module = self._inference_module(device)
-        accumulator = ExplainedVarianceAccumulator(shift=self.b_dec_)
-        n_components = self.components_.shape[0]
         with torch.inference_mode():
-            for x_HD in data.blocks(max(1, CHUNK_BYTES // (4 * n_components)), device):
-                x_hat_HD = module.decode(module.encode(x_HD))
+            for x_HD, codes_HF in self._encoder_blocks(data, device, module):
+                x_hat_HD = module.decode(codes_HF)
                 accumulator.update(to_numpy(x_HD), to_numpy(x_hat_HD))
         return accumulator.result()
 
@@ -1320,6 +1484,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
 
     def __setstate__(self, state):
         pop_saved_version(state, "SparseAutoencoder")
+        # Pickled before the inference options existed: the encoder, as then.
+        for name, default in _INFERENCE_DEFAULTS.items():
+            state.setdefault(name, default)
         self.__dict__.update(state)
         if "_architecture_fitted" in state and "_fit_options" not in state:
             # Saved before the fitted options existed: they were the parameters then.
@@ -1393,6 +1560,7 @@ _NOT_FINGERPRINTED = {
     "device",
     "warm_start",
     "logger",
+    *_INFERENCE_DEFAULTS,
 }
 
 

@@ -7,6 +7,7 @@ Shape suffixes: B contexts, S sequence positions, D d_model, N tokens (flattened
 
 from typing import NamedTuple
 
+import torch
 from sklearn.utils.validation import check_is_fitted
 
 from ._estimator import SparseAutoencoder, check_input_width, inference_module
@@ -64,6 +65,13 @@ def loss_recovered(sae, extractor, texts, ablation="zero"):
     Returns
     -------
     score : float
+
+    Notes
+    -----
+    The splice is ``sae.inverse_transform(sae.transform(activations))``, so it follows
+    the SAE's `transform_algorithm`: with ``"omp"`` (or another dictionary solver) it
+    measures the solver's codes on the learned dictionary, computed on the CPU one
+    batch of contexts at a time, not the encoder's.
     """
     reconstruct = _reconstruction(sae, extractor)
     baselines = extractor.baseline_cross_entropies(texts, ablation)
@@ -72,9 +80,25 @@ def loss_recovered(sae, extractor, texts, ablation="zero"):
 
 
 def _reconstruction(sae, extractor):
-    """A function mapping hooked activations to the SAE's reconstruction of them."""
+    """A function mapping hooked activations to the SAE's reconstruction of them.
+
+    The reconstruction is ``sae.inverse_transform(sae.transform(x))``: with the default
+    ``transform_algorithm="encoder"`` computed by the SAE's torch module on the model's
+    device; with a dictionary solver (``"omp"``, ...) by `transform` itself, on the
+    CPU, one call per batch of contexts (so a ``None`` `transform_n_nonzero_coefs` or
+    `transform_alpha` is resolved on each batch's activations).
+    """
     check_is_fitted(sae)
     model, _ = extractor.load()
+    if sae.transform_algorithm != "encoder":
+
+        def reconstruct_with_solver(hidden_BSD):
+            check_input_width(sae, hidden_BSD)
+            x_ND = hidden_BSD.reshape(-1, hidden_BSD.shape[-1]).detach().float().cpu().numpy()
+            x_hat_ND = torch.from_numpy(sae.inverse_transform(sae.transform(x_ND)))
+            return x_hat_ND.to(hidden_BSD.device).reshape(hidden_BSD.shape)
+
+        return reconstruct_with_solver
     module = inference_module(sae, next(model.parameters()).device)
 
     def reconstruct(hidden_BSD):

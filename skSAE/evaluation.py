@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from ._absorption import FewLettersWarning, FirstLetterAbsorption, first_letter_absorption
+from ._amortisation import amortisation_gap
 from ._diagnostics import (
     DiagnosticsAccumulator,
     encoder_decoder_cosine,
@@ -36,6 +37,7 @@ __all__ = [
     "FewLettersWarning",
     "FirstLetterAbsorption",
     "ablation_effect",
+    "amortisation_gap",
     "encoder_decoder_cosine",
     "evaluate",
     "first_letter_absorption",
@@ -50,8 +52,12 @@ __all__ = [
 ]
 
 
-def evaluate(sae, extractor, texts, labelled=None, *, absorption=False, ablation="zero",
-             k_values=DEFAULT_K, random_state=0):  # fmt: skip
+AMORTISATION_ROWS = 2048
+"""Held-out rows `evaluate` codes with OMP for the amortisation gap (the first ones)."""
+
+
+def evaluate(sae, extractor, texts, labelled=None, *, absorption=False, amortisation=False,
+             ablation="zero", k_values=DEFAULT_K, random_state=0):  # fmt: skip
     """Every evaluation the inputs allow, as one flat dict of numbers.
 
     - On ``texts`` (held-out), one streaming pass for `reconstruction_diagnostics`
@@ -61,6 +67,8 @@ def evaluate(sae, extractor, texts, labelled=None, *, absorption=False, ablation
       activations, for `sparse_probing` and `targeted_probe_perturbation`.
     - With ``absorption=True``, `first_letter_absorption` on the words of the
       extractor's vocabulary (a few minutes on a CPU for a 135M model).
+    - With ``amortisation=True``, `amortisation_gap` (the encoder against OMP on the
+      SAE's dictionary at the encoder's L0) on the first 2048 held-out rows.
 
     Parameters
     ----------
@@ -75,6 +83,9 @@ def evaluate(sae, extractor, texts, labelled=None, *, absorption=False, ablation
     absorption : bool, default=False
         Add the first-letter absorption scores (``mean_absorption_fraction_score``,
         ``mean_full_absorption_score``, ``mean_num_split_features``, ...).
+    amortisation : bool, default=False
+        Add ``omp_explained_variance``, ``omp_mean_l0`` and ``amortisation_gap`` (OMP's
+        explained variance minus the encoder's, on the same rows).
     ablation : {"zero", "mean"}, default="zero"
         The baseline of loss recovered.
     k_values : sequence of int, default=(1, 2, 5, 10, 20)
@@ -94,8 +105,12 @@ def evaluate(sae, extractor, texts, labelled=None, *, absorption=False, ablation
     """
     started = time.perf_counter()
     diagnostics = DiagnosticsAccumulator(sae)
+    kept_rows, n_kept = [], 0
     for batch in extractor.iter_batches(texts):
         diagnostics.update(batch.activations)
+        if amortisation and n_kept < AMORTISATION_ROWS:
+            kept_rows.append(batch.activations[: AMORTISATION_ROWS - n_kept])
+            n_kept += kept_rows[-1].shape[0]
     report = {key: value for key, value in diagnostics.result().items() if np.isscalar(value)}
     details = loss_recovered_details(sae, extractor, texts, ablation)
     report.update(
@@ -127,5 +142,12 @@ def evaluate(sae, extractor, texts, labelled=None, *, absorption=False, ablation
     if absorption:
         scores, _ = first_letter_absorption(sae, extractor, random_state=random_state)
         report.update(scores)
+    if amortisation:
+        encoder, omp = amortisation_gap(sae, np.concatenate(kept_rows), ("encoder", "omp"))
+        report.update(
+            omp_explained_variance=omp["explained_variance"],
+            omp_mean_l0=omp["mean_l0"],
+            amortisation_gap=omp["explained_variance"] - encoder["explained_variance"],
+        )
     report["seconds"] = time.perf_counter() - started
     return report

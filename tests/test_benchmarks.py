@@ -138,3 +138,17 @@ def test_bench_dask_search_quick_prints_the_speed_up():
     out = quick_output("bench_dask_search.py")
     assert "2 workers / 1 worker speed-up:" in out
     assert out.count("True") == 3  # the three backends give the same cv_results_
+
+
+def test_bench_amortisation_quick_prints_every_algorithm():
+    out = quick_output("bench_amortisation.py")
+    rows = {
+        line.split()[0]: line.split()[-5:]
+        for line in out.splitlines()
+        if line.split() and line.split()[0] in {"encoder", "omp", "lasso_lars", "threshold"}
+    }
+    assert list(rows) == ["encoder", "omp", "lasso_lars", "threshold"]
+    for l0, fve, cosine, negative, seconds in rows.values():
+        assert float(l0) > 0 and float(fve) <= 1.0 and -1.0 <= float(cosine) <= 1.0
+        assert 0 <= float(negative.rstrip("%")) <= 100 and float(seconds) >= 0.0
+    assert "gap: " in out

@@ -270,3 +270,16 @@ def test_new_scorers_in_a_grid_search(tiny_extractor_and_sae):
     assert cosine == pytest.approx(
         M.cosine_similarity(X, fitted.inverse_transform(fitted.transform(X)))
     )
+
+
+def test_evaluate_adds_the_amortisation_gap(tiny_extractor_and_sae):
+    extractor, sae = tiny_extractor_and_sae
+    held_out = ["sparse autoencoders find directions.", "a lazy dog, or not a dog."]
+    report = E.evaluate(sae, extractor, held_out, amortisation=True)
+    X = extractor.transform(held_out)
+    encoder, omp = E.amortisation_gap(sae, X[: E.AMORTISATION_ROWS], ("encoder", "omp"))
+    assert report["omp_explained_variance"] == omp["explained_variance"]
+    assert report["omp_mean_l0"] == omp["mean_l0"] == 4.0
+    assert report["amortisation_gap"] == pytest.approx(
+        omp["explained_variance"] - encoder["explained_variance"]
+    )
