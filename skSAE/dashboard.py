@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-from ._array_metrics import dead_fraction, latent_density, mean_l0
 from ._sklearn_compat import HasMethods, Interval, validate_params
 from ._top_activations import collect_reports
 from ._validation import check_latents, invalid_parameter
@@ -120,13 +119,16 @@ def write_dashboard(
 
     Notes
     -----
-    The model reads the texts once: ``extractor.extract(texts)`` gives the activations
-    of the overview metrics, and the top-activating examples and their windows are
-    found in the same extraction (as `skSAE.interpret.top_activating_examples` would
-    find them, up to float rounding and the bin edges of the activation histograms).
-    With ``memory=`` set on the extractor, that extraction comes from the cache when the
-    same texts were extracted before, so the model does not run at all. The extraction
-    is held in memory meanwhile, like the codes of the overview.
+    The model reads the texts once, in one streaming pass that measures the overview
+    and follows every latent (its top ``k`` activations with the values around them, a
+    random sample and a histogram), so memory grows with ``n_components``, not with the
+    corpus: neither the activations nor the codes of the whole corpus are held. The
+    latents are picked once the pass is over, and their reports are those of
+    `skSAE.interpret.top_activating_examples` (up to float rounding and the bin edges
+    of the activation histograms). With ``memory=`` set on the extractor, the rows come
+    from its cached extraction instead (computed and cached first when missing), so
+    the model does not run at all when the same texts were extracted before; that
+    extraction is then held in memory.
 
     Examples
     --------
@@ -136,37 +138,35 @@ def write_dashboard(
     """
     check_is_fitted(sae)
     texts = list(texts)
-    extraction = extractor.extract(texts)
-    activations = extraction.activations
-    codes = sae.transform(activations)
-    density = np.asarray(latent_density(codes), dtype=np.float64)
-    n_components = density.shape[0]
+    n_components = sae.components_.shape[0]
+    if latents is None:
+
+        def choose(density):
+            return _pick_latents(density, n_latents)
+
+    else:
+        chosen = check_latents(
+            latents, n_components, "latents", "write_dashboard", allow_empty=True
+        )
+
+        def choose(density):
+            return chosen
+
+    # With memory= the extraction is the cached one (or is cached for the next call);
+    # otherwise the texts stream through the model once, batch by batch.
+    extraction = extractor.extract(texts) if getattr(extractor, "memory", None) else None
+    reports, stats = collect_reports(
+        sae, extractor, texts, choose, k=k, verbose=verbose, extraction=extraction
+    )
+    del extraction
     overview = {
-        "n_tokens": int(codes.shape[0]),
-        "l0": mean_l0(codes),
-        "explained_variance": float(sae.score(activations)),
+        **stats,
         "loss_recovered": None if loss_recovered is None else float(loss_recovered),
-        "dead_fraction": dead_fraction(codes),
-        "density": density,
         "model": _model_name(extractor),
         "hook": getattr(extractor, "hook", None),
         "layer": getattr(extractor, "layer", None),
         "n_components": n_components,
     }
-    del activations, codes
-
-    if latents is None:
-        latents = _pick_latents(density, n_latents)
-    else:
-        latents = check_latents(
-            latents, n_components, "latents", "write_dashboard", allow_empty=True
-        )
-    reports = {}
-    if latents:
-        reports = collect_reports(
-            sae, extractor, texts, latents, k=k, verbose=verbose, extraction=extraction
-        )
-    del extraction
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

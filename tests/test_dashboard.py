@@ -274,6 +274,90 @@ def test_write_dashboard_shows_the_reports_of_top_activating_examples(
         assert got.promoted == report.promoted and got.suppressed == report.suppressed
 
 
+def count_forwards(monkeypatch, extractor):
+    """[calls, contexts] of the model's forward (a wrapper on the loaded model)."""
+    model, _ = extractor.load()
+    counts = [0, 0]
+    forward = model.forward
+
+    def counting(*args, **kwargs):
+        counts[0] += 1
+        counts[1] += len(kwargs["input_ids"])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting)
+    return counts
+
+
+def test_write_dashboard_runs_each_forward_batch_once(fitted_tiny, tmp_path, monkeypatch):
+    sae, extractor, texts = fitted_tiny
+    counts = count_forwards(monkeypatch, extractor)
+    extractor.extract(texts)
+    one_pass = list(counts)
+    counts[:] = [0, 0]
+    write_dashboard(sae, extractor, texts, tmp_path / "d.html", n_latents=5, k=3)
+    assert counts == one_pass  # every context of every text, once
+
+
+def test_write_dashboard_overview_equals_the_metrics_of_the_whole_extraction(
+    fitted_tiny, tmp_path, monkeypatch
+):
+    from skSAE import dashboard
+    from skSAE.metrics import dead_fraction, latent_density, mean_l0
+
+    sae, extractor, texts = fitted_tiny
+    shown = {}
+    render = dashboard.render_dashboard
+
+    def capture(reports, overview, title):
+        shown.update(overview)
+        return render(reports, overview, title)
+
+    monkeypatch.setattr(dashboard, "render_dashboard", capture)
+    write_dashboard(sae, extractor, texts, tmp_path / "d.html", n_latents=5, k=3)
+    # What write_dashboard computed before, from the whole extraction and its codes.
+    activations = extractor.extract(texts).activations
+    codes = sae.transform(activations)
+    assert shown["n_tokens"] == len(codes)
+    assert shown["l0"] == pytest.approx(mean_l0(codes), rel=1e-12)
+    assert shown["dead_fraction"] == dead_fraction(codes)
+    np.testing.assert_array_equal(shown["density"], latent_density(codes))
+    assert shown["explained_variance"] == pytest.approx(sae.score(activations), rel=1e-6)
+    assert shown["n_components"] == 32
+
+
+def test_write_dashboard_never_holds_the_codes_of_the_corpus(fitted_tiny, tmp_path, monkeypatch):
+    sae, extractor, texts = fitted_tiny
+    encoded = []
+    make_module = sae._inference_module
+
+    def recording(device):
+        module = make_module(device)
+        encode = module.encode
+
+        def encode_recorded(x_ND):
+            encoded.append(len(x_ND))
+            return encode(x_ND)
+
+        module.encode = encode_recorded
+        return module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the codes of the whole corpus were computed")
+
+    monkeypatch.setattr(sae, "_inference_module", recording)
+    monkeypatch.setattr(sae, "transform", refuse)
+    monkeypatch.setattr(sae, "score", refuse)
+    largest = {}
+    for copies in (1, 4):
+        encoded.clear()
+        write_dashboard(sae, extractor, texts * copies, tmp_path / "d.html", n_latents=5, k=3)
+        largest[copies] = max(encoded)
+        assert sum(encoded) == copies * len(extractor.extract(texts).activations)
+    # The codes are made one forward batch at a time, however long the corpus.
+    assert largest[4] == largest[1] <= extractor.context_size * extractor.batch_size
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
