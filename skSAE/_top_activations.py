@@ -4,7 +4,7 @@
 requested latent, the tokens it fires most on (with their context, recorded during the
 pass), samples from lower activation quantiles, its firing density and activation
 histogram, and the tokens its decoder direction promotes and suppresses through the
-model's unembedding. Public through `skSAE.interpret`;
+model's final norm and unembedding. Public through `skSAE.interpret`;
 `skSAE.dashboard` builds on `collect_reports`, which can also follow every latent and
 measure the overview statistics in the same pass, or read an extraction already in
 memory instead of the extractor.
@@ -41,6 +41,8 @@ __all__ = [
     "CorpusReports",
     "LatentReport",
     "collect_reports",
+    "logit_lens_directions",
+    "token_texts",
     "top_activating_examples",
 ]
 
@@ -55,6 +57,8 @@ _QUANTILE_EDGES = (1.0, 0.75, 0.5, 0.25, 0.0)
 _CHUNK_ROWS = 1024
 # Token keys are text * _KEY_SPAN + position (positions stay far below 2**32).
 _KEY_SPAN = 2**32
+# Names of the final norm on the base model (Llama/Mistral/Qwen, GPT-2, OPT, Falcon, ...).
+_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
 
 
 class ActivatingExample(NamedTuple):
@@ -67,7 +71,8 @@ class ActivatingExample(NamedTuple):
     position: int
     """Index of the token within its text's tokens (as `Extraction.position`)."""
     tokens: list
-    """Decoded tokens of a window around the marked token, from the same text only."""
+    """Text of each token of a window around the marked token, from the same text only
+    (`token_texts`: a byte of a character split over tokens shows as ``<0xE2>``)."""
     token_activations: list
     """The latent's value on each window token (0.0 where it did not fire, and on tokens
     the extractor drops: special tokens and the first position of each context)."""
@@ -93,7 +98,9 @@ class LatentReport(NamedTuple):
     """``(counts, bin_edges)`` of the latent's non-zero activations (exact counts)."""
     promoted: list
     """``(token, logit change)`` pairs: the tokens whose logits the decoder direction raises
-    most through the unembedding; ``[]`` when the model has no language-model head."""
+    most through the final norm's weight and the unembedding (`logit_lens_directions`),
+    highest first; ``[]`` when the model has no language-model head. Tokens are their
+    own text (`token_texts`), so ``" the"`` and ``"the"`` differ."""
     suppressed: list
     """Same, for the tokens it lowers most."""
 
@@ -172,11 +179,14 @@ def top_activating_examples(
 
     Notes
     -----
-    Promoted and suppressed tokens are the "logit lens" of the decoder direction:
-    ``W_U @ components_[latent]``, with ``W_U`` the model's output embedding. This is
-    the direct effect of adding the direction to the residual stream on the logits,
-    ignoring the final layer norm (Llama/SmolLM2, GPT-2) and every later block. It is
-    most meaningful for ``hook="resid_post"``, ``"attn_out"`` and ``"mlp_out"``, whose
+    Promoted and suppressed tokens are the "logit lens" of the decoder direction
+    ``d = components_[latent]``: ``W_U @ (g * d)``, with ``W_U`` the model's output
+    embedding (the input embedding when they are tied, as in SmolLM2) and ``g`` the
+    elementwise weight of the final norm (RMSNorm in Llama/SmolLM2; GPT-2's LayerNorm
+    also centres ``d``). This is the direct effect on the logits of adding the direction
+    to the residual stream, per unit of the residual's scale (the norm divides by it, a
+    positive factor shared by all tokens), ignoring every later block. It is most
+    meaningful for ``hook="resid_post"``, ``"attn_out"`` and ``"mlp_out"``, whose
     outputs are added to the residual stream.
 
     Quantile samples come from a uniform random sample of up to 64 non-zero
@@ -184,6 +194,10 @@ def top_activating_examples(
     intervals are estimates; the histogram counts are exact. Each (token, latent) gets
     its random key from a hash of ``random_state``, so a latent's sample does not depend
     on how the corpus is batched or which other latents are reported.
+
+    Tokens are shown by `token_texts`: a byte-level BPE token (GPT-2, SmolLM2) is the
+    text of its own bytes, a byte of a character split over tokens its hex
+    (``<0xE2>``) instead of ``�``.
 
     Examples
     --------
@@ -671,6 +685,7 @@ class _Windows:
         self.texts = texts
         self.before = before
         self.after = after
+        self.byte_level = _is_byte_level(tokenizer)
         self._ids = {}
 
     def example(self, activation, doc, position, window_W):
@@ -684,29 +699,135 @@ class _Windows:
             activation=activation,
             doc_index=doc,
             position=position,
-            tokens=_decode_tokens(self.tokenizer, ids[start:stop]),
+            tokens=token_texts(self.tokenizer, ids[start:stop], byte_level=self.byte_level),
             token_activations=[float(window_W[p + offset]) for p in range(start, stop)],
             marked=position - start,
         )
 
 
-def _decode_tokens(tokenizer, ids):
-    """Each token's text, as it reads inside the window (spaces and bytes joined right).
+def token_texts(tokenizer, ids, *, byte_level=None):
+    """Each token's text, readable on its own and never a replacement character.
 
-    Token ``i`` is the text ``decode(ids[:i + 1])`` adds to ``decode(ids[:i])``, which
-    keeps the leading spaces that SentencePiece drops from lone tokens and shows
-    multi-byte characters on the token that completes them.
+    A byte-level BPE token (GPT-2, SmolLM2) is its own string
+    (``convert_ids_to_tokens``) mapped back to the bytes it stands for (``Ġ`` is a
+    space, ``Ċ`` a newline): the bytes that form UTF-8 characters show as those
+    characters, and a byte of a character split over several tokens as its hex,
+    ``<0xE2>``, where decoding the token alone gives ``�``. Other tokenizers
+    (SentencePiece, WordPiece, character vocabularies) give the text that
+    ``decode(ids[:i + 1])`` adds to ``decode(ids[:i])``, which keeps the leading spaces
+    that SentencePiece drops from lone tokens; a piece that would hold ``�`` is the
+    token's own string instead.
+
+    Parameters
+    ----------
+    tokenizer : transformers tokenizer
+    ids : list of int
+        Consecutive token ids (a window of a text, or one token).
+    byte_level : bool, default=None
+        Whether the tokenizer is byte-level; None looks it up (`_is_byte_level`).
+
+    Returns
+    -------
+    tokens : list of str
     """
+    if byte_level is None:
+        byte_level = _is_byte_level(tokenizer)
+    ids = [int(i) for i in ids]
+    if byte_level:
+        return [_byte_level_text(token) for token in tokenizer.convert_ids_to_tokens(ids)]
     tokens = []
     previous = ""
-    for i in range(len(ids)):
+    for i, token_id in enumerate(ids):
         current = tokenizer.decode(ids[: i + 1])
-        if current.startswith(previous):
-            tokens.append(current[len(previous) :])
-        else:
-            tokens.append(tokenizer.decode(ids[i : i + 1]))
+        piece = current[len(previous) :] if current.startswith(previous) else "\ufffd"
+        if "\ufffd" in piece or not piece:
+            piece = tokenizer.decode([token_id])
+        if "\ufffd" in piece or not piece:
+            piece = tokenizer.convert_ids_to_tokens(token_id) or f"<{token_id}>"
+        tokens.append(piece)
         previous = current
     return tokens
+
+
+def _is_byte_level(tokenizer):
+    """Whether a (fast) tokenizer's decoder maps characters back to bytes, as GPT-2's."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    if decoder is None:
+        return False
+    return '"ByteLevel"' in decoder.__getstate__().decode("utf-8", errors="replace")
+
+
+def _byte_alphabet():
+    """{character: byte} of byte-level BPE vocabularies (Radford et al. 2019, GPT-2).
+
+    Printable Latin-1 bytes stand for themselves; the others (controls, space, 0x7F-0xA0
+    and the soft hyphen) are shifted, in byte order, to U+0100 onwards (``Ġ`` is the
+    space, ``Ċ`` the newline).
+    """
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    char_of_byte = {byte: chr(byte) for byte in printable}
+    shifted = (byte for byte in range(256) if byte not in char_of_byte)
+    char_of_byte.update({byte: chr(0x100 + i) for i, byte in enumerate(shifted)})
+    return {char: byte for byte, char in char_of_byte.items()}
+
+
+_BYTE_OF_CHAR = _byte_alphabet()
+
+
+def _byte_level_text(token):
+    """A byte-level token's text: its bytes as UTF-8, a byte that is no character as hex."""
+    if token is None:
+        return ""
+    data = b"".join(
+        bytes([_BYTE_OF_CHAR[c]]) if c in _BYTE_OF_CHAR else c.encode("utf-8") for c in token
+    )
+    parts = []
+    i = 0
+    while i < len(data):
+        for size in (1, 2, 3, 4):
+            try:
+                parts.append(data[i : i + size].decode("utf-8"))
+            except UnicodeDecodeError:
+                continue
+            i += size
+            break
+        else:
+            parts.append(f"<0x{data[i]:02X}>")
+            i += 1
+    return "".join(parts)
+
+
+def _final_norm(model):
+    """The normalisation between the last block and the unembedding, or None."""
+    base = getattr(model, "base_model", model)
+    for name in _FINAL_NORM_NAMES:
+        module = getattr(base, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    return None
+
+
+def logit_lens_directions(model, directions_LD):
+    """Directions as the unembedding sees them: through the final norm's weight.
+
+    The final norm divides the residual by its scale (a positive factor, the same for
+    every token of the vocabulary) and multiplies it elementwise by its weight; a
+    LayerNorm (GPT-2) also removes the mean over ``d_model``, which is linear. The
+    direction's effect on the logits is therefore ``W_U @ (weight * centred
+    direction)`` per unit of residual scale. Without a known final norm, the direction
+    is returned as is.
+    """
+    norm = _final_norm(model)
+    if norm is None:
+        return directions_LD
+    name = type(norm).__name__
+    if isinstance(norm, torch.nn.LayerNorm) or ("LayerNorm" in name and "RMS" not in name):
+        directions_LD = directions_LD - directions_LD.mean(dim=1, keepdim=True)
+    weight_D = getattr(norm, "weight", None)
+    if isinstance(weight_D, torch.Tensor) and weight_D.shape == directions_LD.shape[1:]:
+        directions_LD = directions_LD * weight_D.to(directions_LD)
+    return directions_LD
 
 
 def _logit_effects(model, tokenizer, directions_LD, n_tokens):
@@ -717,27 +838,19 @@ def _logit_effects(model, tokenizer, directions_LD, n_tokens):
     if n_tokens == 0 or weight_VD is None or weight_VD.shape[1] != directions_LD.shape[1]:
         return [([], []) for _ in range(n_directions)]
     with torch.inference_mode():
-        directions_LD = torch.from_numpy(np.asarray(directions_LD, dtype=np.float32))
-        directions_LD = directions_LD.to(weight_VD.device, weight_VD.dtype)
-        effect_LV = (directions_LD @ weight_VD.T).float().cpu()
+        lens_LD = logit_lens_directions(
+            model, torch.from_numpy(np.asarray(directions_LD, dtype=np.float32))
+        )
+        lens_LD = lens_LD.to(weight_VD.device, weight_VD.dtype)
+        effect_LV = (lens_LD @ weight_VD.T).float().cpu()
     n_tokens = min(n_tokens, effect_LV.shape[1])
+    byte_level = _is_byte_level(tokenizer)
     result = []
     for effect_V in effect_LV:
-        high = effect_V.topk(n_tokens)
-        low = effect_V.topk(n_tokens, largest=False)
-        result.append(
-            (
-                [(_token_text(tokenizer, i), v) for v, i in zip(*_lists(high), strict=True)],
-                [(_token_text(tokenizer, i), v) for v, i in zip(*_lists(low), strict=True)],
-            )
-        )
+        pairs = []
+        for top in (effect_V.topk(n_tokens), effect_V.topk(n_tokens, largest=False)):
+            ids = top.indices.tolist()
+            texts = [token_texts(tokenizer, [i], byte_level=byte_level)[0] for i in ids]
+            pairs.append(list(zip(texts, top.values.tolist(), strict=True)))
+        result.append((pairs[0], pairs[1]))
     return result
-
-
-def _lists(topk):
-    return topk.values.tolist(), topk.indices.tolist()
-
-
-def _token_text(tokenizer, token_id):
-    text = tokenizer.decode([token_id])
-    return text if text else f"<{token_id}>"

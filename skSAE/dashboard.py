@@ -32,8 +32,11 @@ _REQUIRED_OVERVIEW_KEYS = (
     "density",
     "n_components",
 )
-# Byte-level BPE (GPT-2, SmolLM2) and SentencePiece markers, shown as what they stand for.
-_TOKEN_MARKERS = {"Ġ": " ", "▁": " ", "Ċ": "↵", "\n": "↵", "ĉ": "⇥", "\t": "⇥", "\r": ""}
+# Tokens are their own text (`token_texts`); line breaks and tabs are shown as marks.
+_TOKEN_MARKERS = {"\n": "↵", "\t": "⇥", "\r": ""}
+# In the lists of promoted and suppressed tokens, a space is shown as a mark, so that
+# " the" and "the" (two tokens) read differently.
+_SPACE_MARK = "␣"
 # Shading colour of activating tokens (RGB); alpha is activation / max activation.
 _SHADE_RGB = "234, 88, 12"
 
@@ -436,7 +439,7 @@ def _top_token(report):
         return ""
     text = _display_token(example.tokens[example.marked])
     # A whitespace-only token would leave the hint blank.
-    return text.replace(" ", "␣") if text and not text.strip() else text
+    return text.replace(" ", _SPACE_MARK) if text and not text.strip() else text
 
 
 def _latent_item(report, active):
@@ -478,11 +481,15 @@ def _example(example, max_activation):
     )
 
 
+def _logit_token(token):
+    return _display_token(token).replace(" ", _SPACE_MARK)
+
+
 def _logit_list(pairs, cls):
     if not pairs:
         return '<p class="muted">—</p>'
     rows = "".join(
-        f'<li><span class="logit-tok">{_e(_display_token(token))}</span>'
+        f'<li><span class="logit-tok">{_e(_logit_token(token))}</span>'
         f'<span class="logit-val">{_e(_number(value, "+.3g"))}</span></li>'
         for token, value in pairs
     )
