@@ -140,7 +140,10 @@ def top_activating_examples(
     ``k`` largest activations, a uniform random sample of the non-zero activations,
     firing counts and a histogram), so memory depends on the number of latents, not on
     the corpus size. The latents' values on the tokens around each kept example are
-    recorded in the same pass, so the model reads each text once.
+    recorded in the same pass, so the model reads each text once. With ``memory=`` set
+    on the extractor, the rows come from its cached extraction instead (computed and
+    cached first when missing; it is then held in memory), so the model does not run
+    when the same texts were extracted before.
 
     Parameters
     ----------
@@ -209,6 +212,8 @@ def top_activating_examples(
     texts = list(texts)  # each is checked by the extractor
     latents = check_latents(latents, sae.components_.shape[0], "latents", "top_activating_examples")
     _check_window(window)
+    # With memory= the extraction is the cached one (or is cached for the next call).
+    extraction = extractor.extract(texts) if getattr(extractor, "memory", None) else None
     return collect_reports(
         sae,
         extractor,
@@ -220,6 +225,7 @@ def top_activating_examples(
         n_logit_tokens=n_logit_tokens,
         random_state=random_state,
         verbose=verbose,
+        extraction=extraction,
     ).reports
 
 
@@ -305,8 +311,8 @@ def collect_reports(
                         codes_NL = codes_NF.index_select(1, columns_L).cpu()
                     state.update(
                         codes_NL,
-                        torch.from_numpy(doc_N[start:stop]),
-                        torch.from_numpy(position_N[start:stop]),
+                        torch.from_numpy(np.asarray(doc_N[start:stop], dtype=np.int64)),
+                        torch.from_numpy(np.asarray(position_N[start:stop], dtype=np.int64)),
                     )
                 progress.update(len(acts_ND))
     finally:
@@ -454,7 +460,10 @@ class _Kept:
             value_KL = torch.where(from_batch_KL, value_KL, self.value_KL.gather(0, old_KL))
             window_KLW = self.window_KLW.gather(0, old_KLW)
             pending_KLW = self.pending_KLW.gather(0, old_KLW)
-        slot_E, column_E = torch.nonzero(from_batch_KL, as_tuple=True)
+        # Windows of the new rows that can be shown: a firing in the top-k, a sampled
+        # firing (finite key) in the reservoir; the filler slots of rare latents need none.
+        shown_KL = merged_KL > 0 if largest else torch.isfinite(merged_KL)
+        slot_E, column_E = torch.nonzero(from_batch_KL & shown_KL, as_tuple=True)
         if len(slot_E):
             window_EW, pending_EW = context.windows(row_KL[slot_E, column_E], column_E)
             window_KLW[slot_E, column_E] = window_EW

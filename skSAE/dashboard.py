@@ -582,7 +582,10 @@ nav ul { list-style: none; margin: 8px 0 0; padding: 0; }
 .logits { margin: 0; padding-left: 22px; font-size: 13px; }
 .logits li { font-variant-numeric: tabular-nums; }
 .logit-tok { font-family: ui-monospace, Menlo, Consolas, monospace; white-space: pre;
-  background: var(--bg); border-radius: 3px; padding: 0 3px; margin-right: 8px; }
+  background: var(--bg); border-radius: 3px; padding: 0 3px; margin-right: 8px;
+  unicode-bidi: isolate-override; direction: ltr; }
+/* A token's characters in their own order: a right-to-left letter would otherwise
+   carry a neighbouring "<0xD7>" or value along with it. */
 .promoted .logit-val { color: #1a7f37; }
 .suppressed .logit-val { color: #cf222e; }
 .example { display: flex; gap: 10px; padding: 3px 0; border-bottom: 1px solid #eef1f4; }
@@ -590,7 +593,7 @@ nav ul { list-style: none; margin: 8px 0 0; padding: 0; }
   font-variant-numeric: tabular-nums; }
 .ctx { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px;
   white-space: pre-wrap; word-break: break-word; }
-.tok { border-radius: 2px; }
+.tok { border-radius: 2px; unicode-bidi: isolate; }
 .tok.mark { outline: 2px solid var(--accent); outline-offset: 0; }
 #errors { display: none; }
 @media print { nav { display: none; } .panel { display: block; page-break-inside: avoid; } }

@@ -132,6 +132,14 @@ def test_render_dashboard_shows_token_text_as_it_is():
     assert ">Ġż</span>" in page and ">&lt;0xE2&gt;</span>" in page
 
 
+def test_render_dashboard_keeps_each_token_in_its_own_character_order():
+    # A right-to-left letter next to "<0xD7>" would otherwise pull the bytes around.
+    page = render_dashboard({3: make_report(3)}, make_overview(), "test")
+    logit_style = page[page.index(".logit-tok {") :]
+    assert "unicode-bidi: isolate-override" in logit_style[: logit_style.index("}")]
+    assert re.search(r"\.tok \{[^}]*unicode-bidi: isolate;", page)
+
+
 def test_render_dashboard_is_self_contained():
     page = render_dashboard(make_reports(), make_overview(), "test")
     assert "http" not in page

@@ -351,6 +351,38 @@ def test_top_activating_examples_reads_each_text_once(fitted, monkeypatch):
     assert reads == [[CORPUS, len(extraction.activations)]]
 
 
+def test_top_activating_examples_with_memory_reads_the_cached_extraction(
+    fitted, tmp_path, monkeypatch
+):
+    from sklearn.base import clone
+
+    extractor, sae, _, codes = fitted
+    latents = alive_latents(codes, 3)
+    streamed = top_activating_examples(sae, extractor, CORPUS, latents, k=3)
+    cached = clone(extractor).set_params(memory=str(tmp_path / "memory"))
+    cached.extract(CORPUS)
+    reads = []
+    original = type(cached).iter_batches
+
+    def counting(self, texts, *args, **kwargs):
+        reads.append(list(texts))
+        return original(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(type(cached), "iter_batches", counting)
+    reports = top_activating_examples(sae, cached, CORPUS, latents, k=3)
+    assert reads == []  # the model did not run
+    for latent in latents:
+        got, expected = reports[latent], streamed[latent]
+        assert [(e.doc_index, e.position, e.tokens) for e in got.top] == [
+            (e.doc_index, e.position, e.tokens) for e in expected.top
+        ]
+        for example, reference in zip(got.top, expected.top, strict=True):
+            np.testing.assert_allclose(
+                example.token_activations, reference.token_activations, rtol=1e-5, atol=1e-6
+            )
+        assert got.density == expected.density
+
+
 def test_top_activating_examples_verbose_prints_progress(fitted, capsys):
     extractor, sae, _, codes = fitted
     top_activating_examples(sae, extractor, CORPUS, [0], verbose=1)
