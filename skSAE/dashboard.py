@@ -44,7 +44,7 @@ _SHADE_RGB = "234, 88, 12"
 @validate_params(
     {
         "sae": [HasMethods(["transform", "inverse_transform", "score"])],
-        "extractor": [HasMethods(["extract", "load"])],
+        "extractor": [HasMethods(["iter_batches", "extract", "load"])],
         "texts": ["array-like"],
         "path": [str, os.PathLike],
         "latents": [Integral, "array-like", None],
