@@ -94,7 +94,7 @@ def main(argv=None):
     for latent, report in top_activating_examples(sae, extractor, test_texts, latents, k=3).items():
         print(f"\nlatent {latent} (density {report.density:.3f}) on Shakespeare:")
         for example in report.top:
-            tokens = [t.replace("Ġ", " ").replace("Ċ", "\\n") for t in example.tokens]
+            tokens = list(example.tokens)  # each token's own text
             tokens[example.marked] = f"[{tokens[example.marked]}]"
             print(f"  {example.activation:6.1f}  {''.join(tokens)!r}")
 

@@ -1,12 +1,13 @@
 """Top-activating examples of latents: one streaming pass over a corpus, then windows.
 
-`top_activating_examples` reads a corpus in one streaming pass (then only the texts that
-hold a reported example, for their windows) and reports, for each requested latent, the
-tokens it fires most on (with their context), samples from lower activation
-quantiles, its firing density and activation histogram, and the tokens its decoder
-direction promotes and suppresses through the model's unembedding. Public through
-`skSAE.interpret`; `skSAE.dashboard` builds on `collect_reports`, which can also read
-an extraction already in memory instead of the extractor.
+`top_activating_examples` reads a corpus in one streaming pass and reports, for each
+requested latent, the tokens it fires most on (with their context, recorded during the
+pass), samples from lower activation quantiles, its firing density and activation
+histogram, and the tokens its decoder direction promotes and suppresses through the
+model's final norm and unembedding. Public through `skSAE.interpret`;
+`skSAE.dashboard` builds on `collect_reports`, which can also follow every latent and
+measure the overview statistics in the same pass, or read an extraction already in
+memory instead of the extractor.
 
 Shape suffixes::
 
@@ -14,6 +15,8 @@ Shape suffixes::
     D n_features (d_model, SAE input) F n_components (latents) L requested latents
     K kept examples per latent (top-k) R reservoir slots       V vocabulary
     C candidate rows of a batch (those that can enter a top-k or the reservoir)
+    W window tokens (before + 1 + after)  T rows of a batch with the tail before it
+    E entries picked from a larger array (fired codes, slots, ...)
 """
 
 import sys
@@ -26,12 +29,22 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
+from ._array_metrics import ExplainedVarianceAccumulator
+from ._data import CHUNK_BYTES
 from ._estimator import check_input_width, inference_module
 from ._sklearn_compat import HasMethods, Interval, validate_params
 from ._utils import resolve_device
 from ._validation import check_latents, invalid_parameter
 
-__all__ = ["ActivatingExample", "LatentReport", "collect_reports", "top_activating_examples"]
+__all__ = [
+    "ActivatingExample",
+    "CorpusReports",
+    "LatentReport",
+    "collect_reports",
+    "logit_lens_directions",
+    "token_texts",
+    "top_activating_examples",
+]
 
 # Bins of each latent's activation histogram (before trailing empty bins are trimmed).
 _HISTOGRAM_BINS = 64
@@ -42,6 +55,10 @@ _QUANTILE_EDGES = (1.0, 0.75, 0.5, 0.25, 0.0)
 # Rows encoded at once when reading an extraction in memory: a default extractor batch
 # (8 contexts of 128 tokens), so memory stays that of the extractor's own pass.
 _CHUNK_ROWS = 1024
+# Token keys are text * _KEY_SPAN + position (positions stay far below 2**32).
+_KEY_SPAN = 2**32
+# Names of the final norm on the base model (Llama/Mistral/Qwen, GPT-2, OPT, Falcon, ...).
+_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
 
 
 class ActivatingExample(NamedTuple):
@@ -54,7 +71,8 @@ class ActivatingExample(NamedTuple):
     position: int
     """Index of the token within its text's tokens (as `Extraction.position`)."""
     tokens: list
-    """Decoded tokens of a window around the marked token, from the same text only."""
+    """Text of each token of a window around the marked token, from the same text only
+    (`token_texts`: a byte of a character split over tokens shows as ``<0xE2>``)."""
     token_activations: list
     """The latent's value on each window token (0.0 where it did not fire, and on tokens
     the extractor drops: special tokens and the first position of each context)."""
@@ -80,7 +98,9 @@ class LatentReport(NamedTuple):
     """``(counts, bin_edges)`` of the latent's non-zero activations (exact counts)."""
     promoted: list
     """``(token, logit change)`` pairs: the tokens whose logits the decoder direction raises
-    most through the unembedding; ``[]`` when the model has no language-model head."""
+    most through the final norm's weight and the unembedding (`logit_lens_directions`),
+    highest first; ``[]`` when the model has no language-model head. Tokens are their
+    own text (`token_texts`), so ``" the"`` and ``"the"`` differ."""
     suppressed: list
     """Same, for the tokens it lowers most."""
 
@@ -119,8 +139,11 @@ def top_activating_examples(
     of activations is encoded by the SAE and merged into running per-latent state (the
     ``k`` largest activations, a uniform random sample of the non-zero activations,
     firing counts and a histogram), so memory depends on the number of latents, not on
-    the corpus size. The texts holding a reported example are then extracted a second
-    time to read the latents' values on the tokens around it.
+    the corpus size. The latents' values on the tokens around each kept example are
+    recorded in the same pass, so the model reads each text once. With ``memory=`` set
+    on the extractor, the rows come from its cached extraction instead (computed and
+    cached first when missing; it is then held in memory), so the model does not run
+    when the same texts were extracted before.
 
     Parameters
     ----------
@@ -159,16 +182,25 @@ def top_activating_examples(
 
     Notes
     -----
-    Promoted and suppressed tokens are the "logit lens" of the decoder direction:
-    ``W_U @ components_[latent]``, with ``W_U`` the model's output embedding. This is
-    the direct effect of adding the direction to the residual stream on the logits,
-    ignoring the final layer norm (Llama/SmolLM2, GPT-2) and every later block. It is
-    most meaningful for ``hook="resid_post"``, ``"attn_out"`` and ``"mlp_out"``, whose
+    Promoted and suppressed tokens are the "logit lens" of the decoder direction
+    ``d = components_[latent]``: ``W_U @ (g * d)``, with ``W_U`` the model's output
+    embedding (the input embedding when they are tied, as in SmolLM2) and ``g`` the
+    elementwise weight of the final norm (RMSNorm in Llama/SmolLM2; GPT-2's LayerNorm
+    also centres ``d``). This is the direct effect on the logits of adding the direction
+    to the residual stream, per unit of the residual's scale (the norm divides by it, a
+    positive factor shared by all tokens), ignoring every later block. It is most
+    meaningful for ``hook="resid_post"``, ``"attn_out"`` and ``"mlp_out"``, whose
     outputs are added to the residual stream.
 
     Quantile samples come from a uniform random sample of up to 64 non-zero
     activations per latent (a bottom-k sketch of random keys), so their quantile
-    intervals are estimates; the histogram counts are exact.
+    intervals are estimates; the histogram counts are exact. Each (token, latent) gets
+    its random key from a hash of ``random_state``, so a latent's sample does not depend
+    on how the corpus is batched or which other latents are reported.
+
+    Tokens are shown by `token_texts`: a byte-level BPE token (GPT-2, SmolLM2) is the
+    text of its own bytes, a byte of a character split over tokens its hex
+    (``<0xE2>``) instead of ``�``.
 
     Examples
     --------
@@ -180,6 +212,8 @@ def top_activating_examples(
     texts = list(texts)  # each is checked by the extractor
     latents = check_latents(latents, sae.components_.shape[0], "latents", "top_activating_examples")
     _check_window(window)
+    # With memory= the extraction is the cached one (or is cached for the next call).
+    extraction = extractor.extract(texts) if getattr(extractor, "memory", None) else None
     return collect_reports(
         sae,
         extractor,
@@ -191,7 +225,19 @@ def top_activating_examples(
         n_logit_tokens=n_logit_tokens,
         random_state=random_state,
         verbose=verbose,
-    )
+        extraction=extraction,
+    ).reports
+
+
+class CorpusReports(NamedTuple):
+    """What `collect_reports` measured in its pass over a corpus."""
+
+    reports: dict
+    """One `LatentReport` per latent, in the order chosen."""
+    overview: dict
+    """Statistics of every latent on the corpus when the latents were chosen after the
+    pass: ``n_tokens``, ``l0``, ``explained_variance``, ``dead_fraction`` and ``density``
+    (array of shape (n_components,)); None when they were given."""
 
 
 def collect_reports(
@@ -208,26 +254,45 @@ def collect_reports(
     verbose=0,
     extraction=None,
 ):
-    """`top_activating_examples` on checked arguments, optionally from an extraction.
+    """`top_activating_examples` on checked arguments, in one pass over the corpus.
 
-    For package code (the dashboard). ``latents`` is a checked list of ints. When
-    ``extraction`` (an `Extraction` of ``texts`` by ``extractor``) is given, its rows are
-    read instead of running the model, both for the pass over the corpus and for the
-    window tokens, so the model only runs for the logit effects' weights. The reports
-    are those of the extractor's pass up to float rounding, except the histogram's bin
-    edges, which depend on where the batches split the rows (the counts stay exact).
+    For package code (the dashboard). ``latents`` is a checked list of ints, or a
+    callable that chooses them once the pass is over from the firing frequency of every
+    latent (an array of shape (n_components,)); then every latent is followed during the
+    pass (memory grows with ``n_components``, not with the corpus) and the overview
+    statistics of `CorpusReports` are measured in the same pass. The latents' values on
+    the tokens around each kept example are recorded while the pass goes, so the model
+    reads each text once. When ``extraction`` (an `Extraction` of ``texts`` by
+    ``extractor``) is given, its rows are read instead of running the model, and the
+    model only gives the weights of the logit effects. The reports are those of the
+    extractor's pass up to float rounding, except the histogram's bin edges, which
+    depend on where the batches split the rows (the counts stay exact).
     """
-    before, after = window
     rng = check_random_state(random_state)
+    # The reservoir's keys hash each (token, latent) with this seed, so a latent's sample
+    # depends neither on the batches nor on which other latents are followed.
+    seed = int(rng.randint(np.iinfo(np.int32).max))
     model, tokenizer = extractor.load()
     device = resolve_device(sae.device)
     module = inference_module(sae, device)
-    latents_L = torch.tensor(latents, device=device)
+    n_components = sae.components_.shape[0]
+    choose = latents if callable(latents) else None
+    followed = list(range(n_components)) if choose is not None else list(latents)
+    columns_L = None if choose is not None else torch.tensor(followed, device=device)
     if extraction is None:
         batches = _extractor_batches(extractor, texts)
     else:
         batches = _extraction_batches(extraction)
-    state = _RunningState(len(latents), k, _RESERVOIR_SIZE if n_quantile_samples else 0)
+    state = _RunningState(
+        np.array(followed, dtype=np.int64),
+        k,
+        _RESERVOIR_SIZE if n_quantile_samples else 0,
+        window,
+        seed,
+    )
+    totals = _OverviewTotals(sae.b_dec_, n_components) if choose is not None else None
+    # Rows encoded at once: the codes of all latents stay within one data chunk.
+    chunk_rows = max(1, CHUNK_BYTES // (4 * n_components))
     progress = tqdm(disable=not verbose, file=sys.stdout, unit="tok", desc="top activations")
     try:
         with torch.inference_mode():
@@ -235,9 +300,20 @@ def collect_reports(
                 if len(acts_ND) == 0:
                     continue
                 check_input_width(sae, acts_ND)
-                x_ND = torch.from_numpy(acts_ND).to(device)
-                codes_NL = module.encode(x_ND).index_select(1, latents_L).cpu()
-                state.update(codes_NL, torch.from_numpy(doc_N), torch.from_numpy(position_N), rng)
+                for start in range(0, len(acts_ND), chunk_rows):
+                    stop = start + chunk_rows
+                    x_ND = torch.from_numpy(acts_ND[start:stop]).to(device)
+                    codes_NF = module.encode(x_ND)
+                    if totals is not None:
+                        totals.update(x_ND, codes_NF, module.decode(codes_NF))
+                        codes_NL = codes_NF.cpu()
+                    else:
+                        codes_NL = codes_NF.index_select(1, columns_L).cpu()
+                    state.update(
+                        codes_NL,
+                        torch.from_numpy(np.asarray(doc_N[start:stop], dtype=np.int64)),
+                        torch.from_numpy(np.asarray(position_N[start:stop], dtype=np.int64)),
+                    )
                 progress.update(len(acts_ND))
     finally:
         progress.close()
@@ -247,35 +323,34 @@ def collect_reports(
             "position of each context are dropped."
         )
 
-    tops = state.top_examples()
-    quantiles = state.quantile_examples(n_quantile_samples, rng, tops)
-    needed = {}
-    for column in range(len(latents)):
-        for _, doc, position in tops[column] + [x for _, xs in quantiles[column] for x in xs]:
-            needed.setdefault(doc, set()).update(range(position - before, position + after + 1))
-    if extraction is None:
-        window_codes = _window_codes(module, extractor, texts, needed, latents_L, device)
+    overview = None
+    if choose is None:
+        columns = list(range(len(followed)))
     else:
-        window_codes = _window_codes_in(extraction, module, needed, latents_L, device)
-    windows = _Windows(tokenizer, texts, window_codes, before, after)
-    logits = _logit_effects(model, tokenizer, sae, latents, n_logit_tokens)
+        overview = totals.result()
+        latents = list(choose(overview["density"]))
+        columns = latents  # every latent is followed: its column is its index
+    tops = state.top_examples(columns)
+    quantiles = state.quantile_examples(columns, n_quantile_samples, rng, tops)
+    windows = _Windows(tokenizer, texts, *window)
+    logits = _logit_effects(model, tokenizer, sae.components_[latents], n_logit_tokens)
 
     reports = {}
-    for column, latent in enumerate(latents):
+    for i, (column, latent) in enumerate(zip(columns, latents, strict=True)):
         reports[latent] = LatentReport(
             latent=latent,
             density=float(state.fires_L[column]) / state.n_rows,
-            max_activation=tops[column][0][0] if tops[column] else 0.0,
-            top=[windows.example(column, *example) for example in tops[column]],
+            max_activation=tops[i][0][0] if tops[i] else 0.0,
+            top=[windows.example(*example) for example in tops[i]],
             quantiles=[
-                (label, [windows.example(column, *example) for example in examples])
-                for label, examples in quantiles[column]
+                (label, [windows.example(*example) for example in examples])
+                for label, examples in quantiles[i]
             ],
             histogram=state.histogram(column),
-            promoted=logits[column][0],
-            suppressed=logits[column][1],
+            promoted=logits[i][0],
+            suppressed=logits[i][1],
         )
-    return reports
+    return CorpusReports(reports, overview)
 
 
 def _check_window(window):
@@ -313,61 +388,227 @@ def _extraction_batches(extraction):
         )
 
 
+class _OverviewTotals:
+    """Sufficient statistics of the overview (all latents), batch by batch."""
+
+    def __init__(self, shift_D, n_components):
+        self.n_rows = 0
+        self.nonzero_F = np.zeros(n_components, dtype=np.int64)
+        self.explained = ExplainedVarianceAccumulator(shift=shift_D)
+
+    def update(self, x_ND, codes_NF, x_hat_ND):
+        self.n_rows += x_ND.shape[0]
+        self.nonzero_F += (codes_NF != 0).sum(dim=0).cpu().numpy()
+        self.explained.update(x_ND.cpu().numpy(), x_hat_ND.cpu().numpy())
+
+    def result(self):
+        density_F = self.nonzero_F / self.n_rows
+        return {
+            "n_tokens": self.n_rows,
+            "l0": float(self.nonzero_F.sum() / self.n_rows),
+            "explained_variance": self.explained.result(),
+            "dead_fraction": float(np.mean(density_F == 0)),
+            "density": density_F,
+        }
+
+
+class _Kept:
+    """Kept rows of each latent: a score (ranking), value, origin and window per slot.
+
+    Arrays have shape (K, L) (slot, latent column); windows (K, L, W) hold the latent's
+    value on the tokens at offsets ``-before .. after`` of the slot's token, and
+    ``pending_KLW`` marks offsets whose token has not been read yet (a later batch).
+    """
+
+    def __init__(self, n_latents, width, score_dtype):
+        self.score_KL = torch.empty(0, n_latents, dtype=score_dtype)
+        self.value_KL = torch.empty(0, n_latents)
+        self.doc_KL = torch.empty(0, n_latents, dtype=torch.int64)
+        self.position_KL = torch.empty(0, n_latents, dtype=torch.int64)
+        self.window_KLW = torch.empty(0, n_latents, width)
+        self.pending_KLW = torch.empty(0, n_latents, width, dtype=torch.bool)
+
+    def merge(self, scores_NL, values_NL, context, n_keep, *, largest):
+        """Keep the ``n_keep`` best of the kept rows and the batch's, per latent."""
+        n_old = self.score_KL.shape[0]
+        rows_C = torch.arange(scores_NL.shape[0])
+        if n_old == n_keep:
+            # Only rows that beat some latent's current worst kept score can enter:
+            # after the first batches, a small part of each batch.
+            worst_L = self.score_KL[-1]
+            beats_NL = scores_NL > worst_L if largest else scores_NL < worst_L
+            rows_C = torch.nonzero(beats_NL.any(dim=1)).flatten()
+            if len(rows_C) == 0:
+                return
+        all_KL = torch.cat([self.score_KL, scores_NL[rows_C]])
+        merged_KL, index_KL = all_KL.topk(min(n_keep, all_KL.shape[0]), dim=0, largest=largest)
+        from_batch_KL = index_KL >= n_old
+        row_KL = rows_C[(index_KL - n_old).clamp_min(0)]  # the batch's own row numbers
+        doc_KL = context.doc_N[row_KL]
+        position_KL = context.position_N[row_KL]
+        value_KL = values_NL.gather(0, row_KL)
+        width = self.window_KLW.shape[2]
+        window_KLW = torch.zeros(*index_KL.shape, width)
+        pending_KLW = torch.zeros(*index_KL.shape, width, dtype=torch.bool)
+        if n_old:
+            old_KL = index_KL.clamp_max(n_old - 1)
+            old_KLW = old_KL[..., None].expand(-1, -1, width)
+            doc_KL = torch.where(from_batch_KL, doc_KL, self.doc_KL.gather(0, old_KL))
+            position_KL = torch.where(
+                from_batch_KL, position_KL, self.position_KL.gather(0, old_KL)
+            )
+            value_KL = torch.where(from_batch_KL, value_KL, self.value_KL.gather(0, old_KL))
+            window_KLW = self.window_KLW.gather(0, old_KLW)
+            pending_KLW = self.pending_KLW.gather(0, old_KLW)
+        # Windows of the new rows that can be shown: a firing in the top-k, a sampled
+        # firing (finite key) in the reservoir; the filler slots of rare latents need none.
+        shown_KL = merged_KL > 0 if largest else torch.isfinite(merged_KL)
+        slot_E, column_E = torch.nonzero(from_batch_KL & shown_KL, as_tuple=True)
+        if len(slot_E):
+            window_EW, pending_EW = context.windows(row_KL[slot_E, column_E], column_E)
+            window_KLW[slot_E, column_E] = window_EW
+            pending_KLW[slot_E, column_E] = pending_EW
+        self.score_KL, self.value_KL = merged_KL, value_KL
+        self.doc_KL, self.position_KL = doc_KL, position_KL
+        self.window_KLW, self.pending_KLW = window_KLW, pending_KLW
+
+    def resolve(self, context):
+        """Fill the pending window values whose tokens this batch holds."""
+        if not self.pending_KLW.any():
+            return
+        slot_E, column_E, offset_E = torch.nonzero(self.pending_KLW, as_tuple=True)
+        key_E = _token_keys(self.doc_KL[slot_E, column_E], self.position_KL[slot_E, column_E])
+        key_E1 = (key_E + context.offsets_W[offset_E])[:, None]
+        values_E1, pending_E1 = context.lookup(
+            key_E1, column_E, torch.ones_like(key_E1, dtype=torch.bool)
+        )
+        self.window_KLW[slot_E, column_E, offset_E] = values_E1[:, 0]
+        self.pending_KLW[slot_E, column_E, offset_E] = pending_E1[:, 0]
+
+    def entries(self, column, valid_K=None):
+        """(value, doc, position, window) of one latent's slots, in slot order."""
+        keep_K = (
+            torch.ones(self.score_KL.shape[0], dtype=torch.bool) if valid_K is None else valid_K
+        )
+        return list(
+            zip(
+                self.value_KL[keep_K, column].tolist(),
+                self.doc_KL[keep_K, column].tolist(),
+                self.position_KL[keep_K, column].tolist(),
+                list(self.window_KLW[keep_K, column].numpy()),
+                strict=True,
+            )
+        )
+
+
+class _Context:
+    """A batch's rows with the last rows before it, to read window values from.
+
+    Rows arrive in (text, position) order, and a text's tokens within ``before`` positions
+    of a row are at most the ``before`` rows just before it, so those rows of earlier
+    batches (the tail) complete every window's left side.
+    """
+
+    def __init__(self, tail_key_T, tail_codes_TL, codes_NL, doc_N, position_N, offsets_W):
+        self.doc_N = doc_N
+        self.position_N = position_N
+        self.offsets_W = offsets_W
+        self.n_tail = len(tail_key_T)
+        self.key_T = torch.cat([tail_key_T, _token_keys(doc_N, position_N)])
+        self.codes_TL = torch.cat([tail_codes_TL, codes_NL])
+
+    def windows(self, row_E, column_E):
+        """Window values (E, W) of batch rows in latent columns, and which are pending."""
+        key_EW = self.key_T[row_E + self.n_tail][:, None] + self.offsets_W
+        valid_EW = (self.position_N[row_E][:, None] + self.offsets_W) >= 0
+        return self.lookup(key_EW, column_E, valid_EW)
+
+    def lookup(self, key_EW, column_E, valid_EW):
+        """Values at token keys (0 where the token has no row), and the keys not read yet."""
+        index_EW = torch.searchsorted(self.key_T, key_EW).clamp_max(len(self.key_T) - 1)
+        found_EW = (self.key_T[index_EW] == key_EW) & valid_EW
+        values_EW = self.codes_TL[index_EW, column_E[:, None]]
+        values_EW = torch.where(found_EW, values_EW, torch.zeros((), dtype=values_EW.dtype))
+        pending_EW = valid_EW & ~found_EW & (key_EW > self.key_T[-1])
+        return values_EW, pending_EW
+
+    def tail(self, n_rows):
+        """The last ``n_rows`` keys and codes, for the next batch's context."""
+        start = max(0, len(self.key_T) - n_rows)
+        return self.key_T[start:].clone(), self.codes_TL[start:].clone()
+
+
+def _token_keys(doc, position):
+    """One int64 per token, increasing in (text, position) order."""
+    return doc * _KEY_SPAN + position
+
+
+def _sample_keys(seed, doc_E, position_E, latent_E):
+    """Uniform keys in [0, 1), a hash of (seed, text, position, latent) (splitmix64 steps)."""
+    x_E = np.full(len(doc_E), seed, dtype=np.uint64)
+    for part_E in (doc_E, position_E, latent_E):
+        x_E = _mix64(x_E + np.asarray(part_E).astype(np.uint64))
+    return (x_E >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def _mix64(x_E):
+    """A bijective scramble of uint64s (the splitmix64 finaliser; Steele et al. 2014)."""
+    x_E = x_E + np.uint64(0x9E3779B97F4A7C15)
+    x_E = (x_E ^ (x_E >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x_E = (x_E ^ (x_E >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x_E ^ (x_E >> np.uint64(31))
+
+
 class _RunningState:
     """Per-latent running statistics over batches of codes (all on the CPU)."""
 
-    def __init__(self, n_latents, k, reservoir_size):
+    def __init__(self, latents_L, k, reservoir_size, window, seed):
+        n_latents = len(latents_L)
+        before, after = window
+        self.latents_L = latents_L
         self.k = k
         self.reservoir_size = reservoir_size
+        self.before = before
+        self.seed = seed
+        self.offsets_W = torch.arange(-before, after + 1)
         self.n_rows = 0
         self.fires_L = torch.zeros(n_latents, dtype=torch.int64)
-        # Top-k: values and provenance, merged with each batch by torch.topk.
-        self.top_KL = torch.empty(0, n_latents)
-        self.top_doc_KL = torch.empty(0, n_latents, dtype=torch.int64)
-        self.top_position_KL = torch.empty(0, n_latents, dtype=torch.int64)
+        # Top-k by activation, merged with each batch by torch.topk.
+        self.top = _Kept(n_latents, len(self.offsets_W), torch.float32)
         # Reservoir: the non-zero activations with the smallest random keys, a uniform
         # sample without replacement that merges batch by batch like the top-k.
-        self.key_RL = torch.empty(0, n_latents, dtype=torch.float64)
-        self.sample_RL = torch.empty(0, n_latents)
-        self.sample_doc_RL = torch.empty(0, n_latents, dtype=torch.int64)
-        self.sample_position_RL = torch.empty(0, n_latents, dtype=torch.int64)
+        self.sample = _Kept(n_latents, len(self.offsets_W), torch.float64)
+        self.tail_key_T = torch.empty(0, dtype=torch.int64)
+        self.tail_codes_TL = torch.empty(0, n_latents)
         # Histogram over [0, upper_L] in equal bins; upper doubles (merging bin pairs)
         # whenever a larger activation arrives, so the counts stay exact.
         self.upper_L = torch.zeros(n_latents, dtype=torch.float64)
         self.counts_LH = torch.zeros(n_latents, _HISTOGRAM_BINS, dtype=torch.int64)
 
-    def update(self, codes_NL, doc_N, position_N, rng):
-        n_rows, n_latents = codes_NL.shape
-        self.n_rows += n_rows
+    def update(self, codes_NL, doc_N, position_N):
+        self.n_rows += codes_NL.shape[0]
         fired_NL = codes_NL > 0
         self.fires_L += fired_NL.sum(dim=0)
-        self.top_KL, self.top_doc_KL, self.top_position_KL = _merge_running(
-            (self.top_KL, self.top_doc_KL, self.top_position_KL),
-            codes_NL,
-            doc_N,
-            position_N,
-            self.k,
-            largest=True,
-        )[:3]
+        codes_NL = codes_NL.float()
+        context = _Context(
+            self.tail_key_T, self.tail_codes_TL, codes_NL, doc_N, position_N, self.offsets_W
+        )
+        self.top.resolve(context)
+        self.top.merge(codes_NL, codes_NL, context, self.k, largest=True)
         if self.reservoir_size:
-            key_NL = torch.from_numpy(rng.random_sample((n_rows, n_latents)))
-            key_NL.masked_fill_(~fired_NL, float("inf"))
-            self.key_RL, self.sample_doc_RL, self.sample_position_RL, index_RL = _merge_running(
-                (self.key_RL, self.sample_doc_RL, self.sample_position_RL),
-                key_NL,
-                doc_N,
-                position_N,
-                self.reservoir_size,
-                largest=False,
+            self.sample.resolve(context)
+            row_E, column_E = torch.nonzero(fired_NL, as_tuple=True)
+            key_NL = torch.full(codes_NL.shape, float("inf"), dtype=torch.float64)
+            key_NL[row_E, column_E] = torch.from_numpy(
+                _sample_keys(
+                    self.seed,
+                    doc_N[row_E].numpy(),
+                    position_N[row_E].numpy(),
+                    self.latents_L[column_E.numpy()],
+                )
             )
-            n_old = self.sample_RL.shape[0]
-            from_batch_RL = index_RL >= n_old
-            batch_values_RL = codes_NL.gather(0, (index_RL - n_old).clamp_min(0))
-            if n_old:
-                old_values_RL = self.sample_RL.gather(0, index_RL.clamp_max(n_old - 1))
-                self.sample_RL = torch.where(from_batch_RL, batch_values_RL, old_values_RL)
-            else:
-                self.sample_RL = batch_values_RL
+            self.sample.merge(key_NL, codes_NL, context, self.reservoir_size, largest=False)
+        self.tail_key_T, self.tail_codes_TL = context.tail(self.before)
         self._update_histogram(codes_NL, fired_NL)
 
     def _update_histogram(self, codes_NL, fired_NL):
@@ -412,42 +653,25 @@ class _RunningState:
         edges = np.arange(n_bins + 1) * (upper / _HISTOGRAM_BINS)
         return counts_H[:n_bins].copy(), edges
 
-    def top_examples(self):
-        """Per latent: (activation, doc, position) of the top activations above 0."""
-        return [
-            [
-                (float(value), int(doc), int(position))
-                for value, doc, position in zip(
-                    self.top_KL[:, column].tolist(),
-                    self.top_doc_KL[:, column].tolist(),
-                    self.top_position_KL[:, column].tolist(),
-                    strict=True,
-                )
-                if value > 0
-            ]
-            for column in range(self.top_KL.shape[1])
-        ]
+    def top_examples(self, columns):
+        """Per column: (activation, doc, position, window) of the top activations above 0."""
+        return [[entry for entry in self.top.entries(column) if entry[0] > 0] for column in columns]
 
-    def quantile_examples(self, n_samples, rng, tops):
-        """Per latent: (label, examples) for each quartile of the sampled activations."""
+    def quantile_examples(self, columns, n_samples, rng, tops):
+        """Per column: (label, examples) for each quartile of the sampled activations."""
         result = []
-        for column in range(self.fires_L.shape[0]):
-            if n_samples == 0 or self.sample_RL.shape[0] == 0:
+        for column, top in zip(columns, tops, strict=True):
+            if n_samples == 0 or self.sample.score_KL.shape[0] == 0:
                 result.append([])
                 continue
-            valid_R = torch.isfinite(self.key_RL[:, column])
-            values_R = self.sample_RL[valid_R, column].numpy()
-            docs_R = self.sample_doc_RL[valid_R, column].numpy()
-            positions_R = self.sample_position_RL[valid_R, column].numpy()
-            if len(values_R) == 0:
+            entries = self.sample.entries(column, torch.isfinite(self.sample.score_KL[:, column]))
+            if not entries:
                 result.append([])
                 continue
+            values_R = np.array([entry[0] for entry in entries], dtype=np.float32)
             # The top examples are shown already; sample the rest of each interval.
-            in_top = {(doc, position) for _, doc, position in tops[column]}
-            fresh_R = np.array(
-                [(d, p) not in in_top for d, p in zip(docs_R, positions_R, strict=True)],
-                dtype=bool,
-            )
+            in_top = {(doc, position) for _, doc, position, _ in top}
+            fresh_R = np.array([(e[1], e[2]) not in in_top for e in entries], dtype=bool)
             cuts = np.quantile(values_R, _QUANTILE_EDGES)
             intervals = []
             for i, (high, low) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
@@ -457,173 +681,185 @@ class _RunningState:
                 chosen = rng.permutation(candidates)[:n_samples]
                 chosen = chosen[np.argsort(-values_R[chosen], kind="stable")]
                 label = f"{round(100 * _QUANTILE_EDGES[i + 1])}-{round(100 * _QUANTILE_EDGES[i])}%"
-                examples = [
-                    (float(values_R[j]), int(docs_R[j]), int(positions_R[j])) for j in chosen
-                ]
-                intervals.append((label, examples))
+                intervals.append((label, [entries[j] for j in chosen]))
             result.append(intervals)
         return result
 
 
-def _merge_running(kept, scores_NL, doc_N, position_N, n_keep, *, largest):
-    """Merge a batch into per-latent (score, doc, position) arrays of at most ``n_keep`` rows.
-
-    ``kept`` holds (scores, docs, positions) of shape (K, L). Returns the merged three and
-    the index of each kept row in ``cat([kept scores, scores_NL])``. The batch's docs and
-    positions are looked up by index, never expanded to (N, L).
-    """
-    scores_KL, doc_KL, position_KL = kept
-    n_old = scores_KL.shape[0]
-    if largest and n_old == n_keep:
-        # Only rows above some latent's current k-th value can enter: after the first
-        # batches, a small part of each batch.
-        rows = torch.nonzero((scores_NL > scores_KL[-1]).any(dim=1)).flatten()
-        if len(rows) == 0:
-            return scores_KL, doc_KL, position_KL, torch.arange(n_old)[:, None].expand_as(doc_KL)
-        scores_NL, doc_N, position_N = scores_NL[rows], doc_N[rows], position_N[rows]
-    else:
-        rows = None
-    all_KL = torch.cat([scores_KL, scores_NL])
-    merged_KL, index_KL = all_KL.topk(min(n_keep, all_KL.shape[0]), dim=0, largest=largest)
-    from_batch_KL = index_KL >= n_old
-    batch_index_KL = (index_KL - n_old).clamp_min(0)
-    new_doc_KL = doc_N[batch_index_KL] if len(doc_N) else torch.zeros_like(index_KL)
-    new_position_KL = position_N[batch_index_KL] if len(doc_N) else torch.zeros_like(index_KL)
-    if n_old:
-        old_index_KL = index_KL.clamp_max(n_old - 1)
-        new_doc_KL = torch.where(from_batch_KL, new_doc_KL, doc_KL.gather(0, old_index_KL))
-        new_position_KL = torch.where(
-            from_batch_KL, new_position_KL, position_KL.gather(0, old_index_KL)
-        )
-    if rows is not None:  # back to the batch's own row numbers
-        index_KL = torch.where(from_batch_KL, rows[batch_index_KL] + n_old, index_KL)
-    return merged_KL, new_doc_KL, new_position_KL, index_KL
-
-
-def _window_codes(module, extractor, texts, needed, latents_L, device):
-    """{(doc, position): codes of the requested latents} at the window tokens.
-
-    Reads again only the texts in ``needed`` (``{doc: positions}``).
-    """
-    docs = sorted(needed)
-    if not docs:
-        return {}
-    found = {}
-    with torch.inference_mode():
-        for acts_ND, doc_N, position_N in _extractor_batches(extractor, [texts[d] for d in docs]):
-            rows = [
-                row
-                for row, (doc, position) in enumerate(zip(doc_N, position_N, strict=True))
-                if position in needed[docs[doc]]
-            ]
-            if not rows:
-                continue
-            x_ND = torch.from_numpy(acts_ND[rows]).to(device)
-            codes_NL = module.encode(x_ND).index_select(1, latents_L).cpu().numpy()
-            for row, codes_L in zip(rows, codes_NL, strict=True):
-                found[(docs[int(doc_N[row])], int(position_N[row]))] = codes_L
-    return found
-
-
-def _window_codes_in(extraction, module, needed, latents_L, device):
-    """The same, from the rows of an extraction of the whole corpus."""
-    if not needed or len(extraction.position) == 0:
-        return {}
-    # One int64 key per (doc, position); window positions outside a text's rows drop out.
-    span = int(extraction.position.max()) + 1
-    wanted = [
-        doc * span + p for doc, positions in needed.items() for p in positions if 0 <= p < span
-    ]
-    key_N = extraction.doc_index.astype(np.int64) * span + extraction.position
-    rows = np.flatnonzero(np.isin(key_N, np.array(wanted, dtype=np.int64)))
-    found = {}
-    with torch.inference_mode():
-        for start in range(0, len(rows), _CHUNK_ROWS):
-            chunk = rows[start : start + _CHUNK_ROWS]
-            x_ND = torch.from_numpy(extraction.activations[chunk]).to(device)
-            codes_NL = module.encode(x_ND).index_select(1, latents_L).cpu().numpy()
-            for row, codes_L in zip(chunk, codes_NL, strict=True):
-                found[(int(extraction.doc_index[row]), int(extraction.position[row]))] = codes_L
-    return found
-
-
 class _Windows:
-    """Builds `ActivatingExample`s: tokens around a position, decoded once per text."""
+    """Builds `ActivatingExample`s: the tokens around a position, with their values."""
 
-    def __init__(self, tokenizer, texts, window_codes, before, after):
+    def __init__(self, tokenizer, texts, before, after):
         self.tokenizer = tokenizer
         self.texts = texts
-        self.window_codes = window_codes
         self.before = before
         self.after = after
+        self.byte_level = _is_byte_level(tokenizer)
         self._ids = {}
 
-    def example(self, column, activation, doc, position):
+    def example(self, activation, doc, position, window_W):
         if doc not in self._ids:
             self._ids[doc] = self.tokenizer(self.texts[doc], add_special_tokens=False)["input_ids"]
         ids = self._ids[doc]
         start = max(0, position - self.before)
         stop = min(len(ids), position + self.after + 1)
-        token_activations = []
-        for p in range(start, stop):
-            codes_L = self.window_codes.get((doc, p))
-            token_activations.append(0.0 if codes_L is None else float(codes_L[column]))
+        offset = self.before - position  # window index of position 0
         return ActivatingExample(
             activation=activation,
             doc_index=doc,
             position=position,
-            tokens=_decode_tokens(self.tokenizer, ids[start:stop]),
-            token_activations=token_activations,
+            tokens=token_texts(self.tokenizer, ids[start:stop], byte_level=self.byte_level),
+            token_activations=[float(window_W[p + offset]) for p in range(start, stop)],
             marked=position - start,
         )
 
 
-def _decode_tokens(tokenizer, ids):
-    """Each token's text, as it reads inside the window (spaces and bytes joined right).
+def token_texts(tokenizer, ids, *, byte_level=None):
+    """Each token's text, readable on its own and never a replacement character.
 
-    Token ``i`` is the text ``decode(ids[:i + 1])`` adds to ``decode(ids[:i])``, which
-    keeps the leading spaces that SentencePiece drops from lone tokens and shows
-    multi-byte characters on the token that completes them.
+    A byte-level BPE token (GPT-2, SmolLM2) is its own string
+    (``convert_ids_to_tokens``) mapped back to the bytes it stands for (``Ġ`` is a
+    space, ``Ċ`` a newline): the bytes that form UTF-8 characters show as those
+    characters, and a byte of a character split over several tokens as its hex,
+    ``<0xE2>``, where decoding the token alone gives ``�``. Other tokenizers
+    (SentencePiece, WordPiece, character vocabularies) give the text that
+    ``decode(ids[:i + 1])`` adds to ``decode(ids[:i])``, which keeps the leading spaces
+    that SentencePiece drops from lone tokens; a piece that would hold ``�`` is the
+    token's own string instead.
+
+    Parameters
+    ----------
+    tokenizer : transformers tokenizer
+    ids : list of int
+        Consecutive token ids (a window of a text, or one token).
+    byte_level : bool, default=None
+        Whether the tokenizer is byte-level; None looks it up (`_is_byte_level`).
+
+    Returns
+    -------
+    tokens : list of str
     """
+    if byte_level is None:
+        byte_level = _is_byte_level(tokenizer)
+    ids = [int(i) for i in ids]
+    if byte_level:
+        return [_byte_level_text(token) for token in tokenizer.convert_ids_to_tokens(ids)]
     tokens = []
     previous = ""
-    for i in range(len(ids)):
+    for i, token_id in enumerate(ids):
         current = tokenizer.decode(ids[: i + 1])
-        if current.startswith(previous):
-            tokens.append(current[len(previous) :])
-        else:
-            tokens.append(tokenizer.decode(ids[i : i + 1]))
+        piece = current[len(previous) :] if current.startswith(previous) else "\ufffd"
+        if "\ufffd" in piece or not piece:
+            piece = tokenizer.decode([token_id])
+        if "\ufffd" in piece or not piece:
+            piece = tokenizer.convert_ids_to_tokens(token_id) or f"<{token_id}>"
+        tokens.append(piece)
         previous = current
     return tokens
 
 
-def _logit_effects(model, tokenizer, sae, latents, n_tokens):
-    """Per latent: (promoted, suppressed) lists of (token, direct logit change)."""
+def _is_byte_level(tokenizer):
+    """Whether a (fast) tokenizer's decoder maps characters back to bytes, as GPT-2's."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    if decoder is None:
+        return False
+    return '"ByteLevel"' in decoder.__getstate__().decode("utf-8", errors="replace")
+
+
+def _byte_alphabet():
+    """{character: byte} of byte-level BPE vocabularies (Radford et al. 2019, GPT-2).
+
+    Printable Latin-1 bytes stand for themselves; the others (controls, space, 0x7F-0xA0
+    and the soft hyphen) are shifted, in byte order, to U+0100 onwards (``Ġ`` is the
+    space, ``Ċ`` the newline).
+    """
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    char_of_byte = {byte: chr(byte) for byte in printable}
+    shifted = (byte for byte in range(256) if byte not in char_of_byte)
+    char_of_byte.update({byte: chr(0x100 + i) for i, byte in enumerate(shifted)})
+    return {char: byte for byte, char in char_of_byte.items()}
+
+
+_BYTE_OF_CHAR = _byte_alphabet()
+
+
+def _byte_level_text(token):
+    """A byte-level token's text: its bytes as UTF-8, a byte that is no character as hex."""
+    if token is None:
+        return ""
+    data = b"".join(
+        bytes([_BYTE_OF_CHAR[c]]) if c in _BYTE_OF_CHAR else c.encode("utf-8") for c in token
+    )
+    parts = []
+    i = 0
+    while i < len(data):
+        for size in (1, 2, 3, 4):
+            try:
+                parts.append(data[i : i + size].decode("utf-8"))
+            except UnicodeDecodeError:
+                continue
+            i += size
+            break
+        else:
+            parts.append(f"<0x{data[i]:02X}>")
+            i += 1
+    return "".join(parts)
+
+
+def _final_norm(model):
+    """The normalisation between the last block and the unembedding, or None."""
+    base = getattr(model, "base_model", model)
+    for name in _FINAL_NORM_NAMES:
+        module = getattr(base, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    return None
+
+
+def logit_lens_directions(model, directions_LD):
+    """Directions as the unembedding sees them: through the final norm's weight.
+
+    The final norm divides the residual by its scale (a positive factor, the same for
+    every token of the vocabulary) and multiplies it elementwise by its weight; a
+    LayerNorm (GPT-2) also removes the mean over ``d_model``, which is linear. The
+    direction's effect on the logits is therefore ``W_U @ (weight * centred
+    direction)`` per unit of residual scale. Without a known final norm, the direction
+    is returned as is.
+    """
+    norm = _final_norm(model)
+    if norm is None:
+        return directions_LD
+    name = type(norm).__name__
+    if isinstance(norm, torch.nn.LayerNorm) or ("LayerNorm" in name and "RMS" not in name):
+        directions_LD = directions_LD - directions_LD.mean(dim=1, keepdim=True)
+    weight_D = getattr(norm, "weight", None)
+    if isinstance(weight_D, torch.Tensor) and weight_D.shape == directions_LD.shape[1:]:
+        directions_LD = directions_LD * weight_D.to(directions_LD)
+    return directions_LD
+
+
+def _logit_effects(model, tokenizer, directions_LD, n_tokens):
+    """Per direction: (promoted, suppressed) lists of (token, direct logit change)."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight_VD = getattr(output, "weight", None)
-    if n_tokens == 0 or weight_VD is None or weight_VD.shape[1] != sae.components_.shape[1]:
-        return [([], []) for _ in latents]
+    n_directions = len(directions_LD)
+    if n_tokens == 0 or weight_VD is None or weight_VD.shape[1] != directions_LD.shape[1]:
+        return [([], []) for _ in range(n_directions)]
     with torch.inference_mode():
-        directions_LD = torch.from_numpy(sae.components_[latents]).to(weight_VD.device)
-        effect_LV = (directions_LD.to(weight_VD.dtype) @ weight_VD.T).float().cpu()
+        lens_LD = logit_lens_directions(
+            model, torch.from_numpy(np.asarray(directions_LD, dtype=np.float32))
+        )
+        lens_LD = lens_LD.to(weight_VD.device, weight_VD.dtype)
+        effect_LV = (lens_LD @ weight_VD.T).float().cpu()
     n_tokens = min(n_tokens, effect_LV.shape[1])
+    byte_level = _is_byte_level(tokenizer)
     result = []
     for effect_V in effect_LV:
-        high = effect_V.topk(n_tokens)
-        low = effect_V.topk(n_tokens, largest=False)
-        result.append(
-            (
-                [(_token_text(tokenizer, i), v) for v, i in zip(*_lists(high), strict=True)],
-                [(_token_text(tokenizer, i), v) for v, i in zip(*_lists(low), strict=True)],
-            )
-        )
+        pairs = []
+        for top in (effect_V.topk(n_tokens), effect_V.topk(n_tokens, largest=False)):
+            ids = top.indices.tolist()
+            texts = [token_texts(tokenizer, [i], byte_level=byte_level)[0] for i in ids]
+            pairs.append(list(zip(texts, top.values.tolist(), strict=True)))
+        result.append((pairs[0], pairs[1]))
     return result
-
-
-def _lists(topk):
-    return topk.values.tolist(), topk.indices.tolist()
-
-
-def _token_text(tokenizer, token_id):
-    text = tokenizer.decode([token_id])
-    return text if text else f"<{token_id}>"

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-from ._array_metrics import dead_fraction, latent_density, mean_l0
 from ._sklearn_compat import HasMethods, Interval, validate_params
 from ._top_activations import collect_reports
 from ._validation import check_latents, invalid_parameter
@@ -33,8 +32,11 @@ _REQUIRED_OVERVIEW_KEYS = (
     "density",
     "n_components",
 )
-# Byte-level BPE (GPT-2, SmolLM2) and SentencePiece markers, shown as what they stand for.
-_TOKEN_MARKERS = {"Ġ": " ", "▁": " ", "Ċ": "↵", "\n": "↵", "ĉ": "⇥", "\t": "⇥", "\r": ""}
+# Tokens are their own text (`token_texts`); line breaks and tabs are shown as marks.
+_TOKEN_MARKERS = {"\n": "↵", "\t": "⇥", "\r": ""}
+# In the lists of promoted and suppressed tokens, a space is shown as a mark, so that
+# " the" and "the" (two tokens) read differently.
+_SPACE_MARK = "␣"
 # Shading colour of activating tokens (RGB); alpha is activation / max activation.
 _SHADE_RGB = "234, 88, 12"
 
@@ -42,7 +44,7 @@ _SHADE_RGB = "234, 88, 12"
 @validate_params(
     {
         "sae": [HasMethods(["transform", "inverse_transform", "score"])],
-        "extractor": [HasMethods(["extract", "load"])],
+        "extractor": [HasMethods(["iter_batches", "extract", "load"])],
         "texts": ["array-like"],
         "path": [str, os.PathLike],
         "latents": [Integral, "array-like", None],
@@ -120,13 +122,16 @@ def write_dashboard(
 
     Notes
     -----
-    The model reads the texts once: ``extractor.extract(texts)`` gives the activations
-    of the overview metrics, and the top-activating examples and their windows are
-    found in the same extraction (as `skSAE.interpret.top_activating_examples` would
-    find them, up to float rounding and the bin edges of the activation histograms).
-    With ``memory=`` set on the extractor, that extraction comes from the cache when the
-    same texts were extracted before, so the model does not run at all. The extraction
-    is held in memory meanwhile, like the codes of the overview.
+    The model reads the texts once, in one streaming pass that measures the overview
+    and follows every latent (its top ``k`` activations with the values around them, a
+    random sample and a histogram), so memory grows with ``n_components``, not with the
+    corpus: neither the activations nor the codes of the whole corpus are held. The
+    latents are picked once the pass is over, and their reports are those of
+    `skSAE.interpret.top_activating_examples` (up to float rounding and the bin edges
+    of the activation histograms). With ``memory=`` set on the extractor, the rows come
+    from its cached extraction instead (computed and cached first when missing), so
+    the model does not run at all when the same texts were extracted before; that
+    extraction is then held in memory.
 
     Examples
     --------
@@ -136,37 +141,35 @@ def write_dashboard(
     """
     check_is_fitted(sae)
     texts = list(texts)
-    extraction = extractor.extract(texts)
-    activations = extraction.activations
-    codes = sae.transform(activations)
-    density = np.asarray(latent_density(codes), dtype=np.float64)
-    n_components = density.shape[0]
+    n_components = sae.components_.shape[0]
+    if latents is None:
+
+        def choose(density):
+            return _pick_latents(density, n_latents)
+
+    else:
+        chosen = check_latents(
+            latents, n_components, "latents", "write_dashboard", allow_empty=True
+        )
+
+        def choose(density):
+            return chosen
+
+    # With memory= the extraction is the cached one (or is cached for the next call);
+    # otherwise the texts stream through the model once, batch by batch.
+    extraction = extractor.extract(texts) if getattr(extractor, "memory", None) else None
+    reports, stats = collect_reports(
+        sae, extractor, texts, choose, k=k, verbose=verbose, extraction=extraction
+    )
+    del extraction
     overview = {
-        "n_tokens": int(codes.shape[0]),
-        "l0": mean_l0(codes),
-        "explained_variance": float(sae.score(activations)),
+        **stats,
         "loss_recovered": None if loss_recovered is None else float(loss_recovered),
-        "dead_fraction": dead_fraction(codes),
-        "density": density,
         "model": _model_name(extractor),
         "hook": getattr(extractor, "hook", None),
         "layer": getattr(extractor, "layer", None),
         "n_components": n_components,
     }
-    del activations, codes
-
-    if latents is None:
-        latents = _pick_latents(density, n_latents)
-    else:
-        latents = check_latents(
-            latents, n_components, "latents", "write_dashboard", allow_empty=True
-        )
-    reports = {}
-    if latents:
-        reports = collect_reports(
-            sae, extractor, texts, latents, k=k, verbose=verbose, extraction=extraction
-        )
-    del extraction
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -436,7 +439,7 @@ def _top_token(report):
         return ""
     text = _display_token(example.tokens[example.marked])
     # A whitespace-only token would leave the hint blank.
-    return text.replace(" ", "␣") if text and not text.strip() else text
+    return text.replace(" ", _SPACE_MARK) if text and not text.strip() else text
 
 
 def _latent_item(report, active):
@@ -478,11 +481,15 @@ def _example(example, max_activation):
     )
 
 
+def _logit_token(token):
+    return _display_token(token).replace(" ", _SPACE_MARK)
+
+
 def _logit_list(pairs, cls):
     if not pairs:
         return '<p class="muted">—</p>'
     rows = "".join(
-        f'<li><span class="logit-tok">{_e(_display_token(token))}</span>'
+        f'<li><span class="logit-tok">{_e(_logit_token(token))}</span>'
         f'<span class="logit-val">{_e(_number(value, "+.3g"))}</span></li>'
         for token, value in pairs
     )
@@ -575,7 +582,10 @@ nav ul { list-style: none; margin: 8px 0 0; padding: 0; }
 .logits { margin: 0; padding-left: 22px; font-size: 13px; }
 .logits li { font-variant-numeric: tabular-nums; }
 .logit-tok { font-family: ui-monospace, Menlo, Consolas, monospace; white-space: pre;
-  background: var(--bg); border-radius: 3px; padding: 0 3px; margin-right: 8px; }
+  background: var(--bg); border-radius: 3px; padding: 0 3px; margin-right: 8px;
+  unicode-bidi: isolate-override; direction: ltr; }
+/* A token's characters in their own order: a right-to-left letter would otherwise
+   carry a neighbouring "<0xD7>" or value along with it. */
 .promoted .logit-val { color: #1a7f37; }
 .suppressed .logit-val { color: #cf222e; }
 .example { display: flex; gap: 10px; padding: 3px 0; border-bottom: 1px solid #eef1f4; }
@@ -583,7 +593,7 @@ nav ul { list-style: none; margin: 8px 0 0; padding: 0; }
   font-variant-numeric: tabular-nums; }
 .ctx { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px;
   white-space: pre-wrap; word-break: break-word; }
-.tok { border-radius: 2px; }
+.tok { border-radius: 2px; unicode-bidi: isolate; }
 .tok.mark { outline: 2px solid var(--accent); outline-offset: 0; }
 #errors { display: none; }
 @media print { nav { display: none; } .panel { display: block; page-break-inside: avoid; } }

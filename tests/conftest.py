@@ -89,6 +89,33 @@ def make_char_tokenizer(add_bos=False):
     )
 
 
+# Text for a byte-level BPE: curly quotes, accents and dashes make multi-byte merges.
+BYTE_TEXTS = [
+    "don’t stop, it’s the café’s naïve résumé — said the king.\n",
+    "the king’s “crown” is gold — the queen’s is silver.\n\tindented line",
+] * 20
+
+
+def make_byte_level_tokenizer(vocab_size=300):
+    """A GPT-2 style byte-level BPE trained offline on BYTE_TEXTS (all 256 bytes known)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(BYTE_TEXTS, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+    )
+
+
 def make_tiny_model(family):
     """A 3-block random causal LM of the given family, built offline from a config."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM

@@ -6,6 +6,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 from sklearn.base import clone
 
 from skSAE.dashboard import _pick_latents, render_dashboard, write_dashboard
@@ -27,7 +28,7 @@ def make_example(tokens, activations, marked, doc_index=0, position=0):
 
 def make_report(latent, tokens=None, max_activation=4.0):
     """A hand-built report whose top example activates on its middle token."""
-    tokens = tokens or ["The", "Ġquick", "Ġbrown", "Ġfox", "Ċ", "Ġjumps"]
+    tokens = tokens or ["The", " quick", " brown", " fox", "\n", " jumps"]
     rng = np.random.default_rng(latent)
     top = []
     for rank in range(3):
@@ -43,8 +44,8 @@ def make_report(latent, tokens=None, max_activation=4.0):
         top=top,
         quantiles=[("25-50%", [low]), ("0-25%", [])],
         histogram=(counts, np.linspace(0.0, max_activation, counts.size + 1)),
-        promoted=[("Ġdog", 1.25), ("Ġcat", 0.5)],
-        suppressed=[("Ġthe", -0.75)],
+        promoted=[(" dog", 1.25), ("cat", 0.5)],
+        suppressed=[(" the", -0.75)],
     )
 
 
@@ -68,7 +69,7 @@ def make_overview(**changes):
 
 def make_reports():
     reports = {latent: make_report(latent) for latent in (3, 17, 42)}
-    reports[99] = make_report(99, tokens=["a", EVIL, "\"&'", "Ġb"])
+    reports[99] = make_report(99, tokens=["a", EVIL, "\"&'", " b"])
     return reports
 
 
@@ -115,11 +116,28 @@ def test_render_dashboard_shades_tokens_by_activation():
     ) in page
 
 
-def test_render_dashboard_shows_bpe_markers_as_text():
+def test_render_dashboard_marks_line_breaks_and_the_spaces_of_logit_tokens():
     page = render_dashboard({3: make_report(3)}, make_overview(), "test")
-    assert "> quick</span>" in page
+    assert "> quick</span>" in page  # in a context, a space is a space
     assert ">↵</span>" in page
-    assert "Ġ" not in page and "Ċ" not in page
+    # In the logit lists, " dog" and "cat" read differently.
+    assert '<span class="logit-tok">␣dog</span>' in page
+    assert '<span class="logit-tok">cat</span>' in page
+
+
+def test_render_dashboard_shows_token_text_as_it_is():
+    # Tokens are their own text (token_texts): a "Ġ" in the corpus is a letter, not a space.
+    report = make_report(3, tokens=["Ġż", "<0xE2>", " x"])
+    page = render_dashboard({3: report}, make_overview(), "test")
+    assert ">Ġż</span>" in page and ">&lt;0xE2&gt;</span>" in page
+
+
+def test_render_dashboard_keeps_each_token_in_its_own_character_order():
+    # A right-to-left letter next to "<0xD7>" would otherwise pull the bytes around.
+    page = render_dashboard({3: make_report(3)}, make_overview(), "test")
+    logit_style = page[page.index(".logit-tok {") :]
+    assert "unicode-bidi: isolate-override" in logit_style[: logit_style.index("}")]
+    assert re.search(r"\.tok \{[^}]*unicode-bidi: isolate;", page)
 
 
 def test_render_dashboard_is_self_contained():
@@ -272,6 +290,122 @@ def test_write_dashboard_shows_the_reports_of_top_activating_examples(
         assert got.max_activation == pytest.approx(report.max_activation, rel=1e-5)
         assert got.histogram[0].sum() == report.histogram[0].sum()  # bin edges may differ
         assert got.promoted == report.promoted and got.suppressed == report.suppressed
+
+
+def count_forwards(monkeypatch, extractor):
+    """[calls, contexts] of the model's forward (a wrapper on the loaded model)."""
+    model, _ = extractor.load()
+    counts = [0, 0]
+    forward = model.forward
+
+    def counting(*args, **kwargs):
+        counts[0] += 1
+        counts[1] += len(kwargs["input_ids"])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting)
+    return counts
+
+
+def test_write_dashboard_runs_each_forward_batch_once(fitted_tiny, tmp_path, monkeypatch):
+    sae, extractor, texts = fitted_tiny
+    counts = count_forwards(monkeypatch, extractor)
+    extractor.extract(texts)
+    one_pass = list(counts)
+    counts[:] = [0, 0]
+    write_dashboard(sae, extractor, texts, tmp_path / "d.html", n_latents=5, k=3)
+    assert counts == one_pass  # every context of every text, once
+
+
+def test_write_dashboard_overview_equals_the_metrics_of_the_whole_extraction(
+    fitted_tiny, tmp_path, monkeypatch
+):
+    from skSAE import dashboard
+    from skSAE.metrics import dead_fraction, latent_density, mean_l0
+
+    sae, extractor, texts = fitted_tiny
+    shown = {}
+    render = dashboard.render_dashboard
+
+    def capture(reports, overview, title):
+        shown.update(overview)
+        return render(reports, overview, title)
+
+    monkeypatch.setattr(dashboard, "render_dashboard", capture)
+    write_dashboard(sae, extractor, texts, tmp_path / "d.html", n_latents=5, k=3)
+    # What write_dashboard computed before, from the whole extraction and its codes.
+    activations = extractor.extract(texts).activations
+    codes = sae.transform(activations)
+    assert shown["n_tokens"] == len(codes)
+    assert shown["l0"] == pytest.approx(mean_l0(codes), rel=1e-12)
+    assert shown["dead_fraction"] == dead_fraction(codes)
+    np.testing.assert_array_equal(shown["density"], latent_density(codes))
+    assert shown["explained_variance"] == pytest.approx(sae.score(activations), rel=1e-6)
+    assert shown["n_components"] == 32
+
+
+def test_write_dashboard_never_holds_the_codes_of_the_corpus(fitted_tiny, tmp_path, monkeypatch):
+    sae, extractor, texts = fitted_tiny
+    encoded = []
+    make_module = sae._inference_module
+
+    def recording(device):
+        module = make_module(device)
+        encode = module.encode
+
+        def encode_recorded(x_ND):
+            encoded.append(len(x_ND))
+            return encode(x_ND)
+
+        module.encode = encode_recorded
+        return module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the codes of the whole corpus were computed")
+
+    monkeypatch.setattr(sae, "_inference_module", recording)
+    monkeypatch.setattr(sae, "transform", refuse)
+    monkeypatch.setattr(sae, "score", refuse)
+    largest = {}
+    for copies in (1, 4):
+        encoded.clear()
+        write_dashboard(sae, extractor, texts * copies, tmp_path / "d.html", n_latents=5, k=3)
+        largest[copies] = max(encoded)
+        assert sum(encoded) == copies * len(extractor.extract(texts).activations)
+    # The codes are made one forward batch at a time, however long the corpus.
+    assert largest[4] == largest[1] <= extractor.context_size * extractor.batch_size
+
+
+def test_write_dashboard_with_a_byte_level_tokenizer_shows_no_replacement_character(tmp_path):
+    from conftest import BYTE_TEXTS, make_byte_level_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from skSAE import ActivationExtractor, SparseAutoencoder
+
+    tokenizer = make_byte_level_tokenizer()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        config = GPT2Config(
+            n_layer=2,
+            n_embd=16,
+            n_head=2,
+            vocab_size=len(tokenizer),
+            n_positions=64,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        model = GPT2LMHeadModel(config).eval()
+    texts = [text.replace("gold", "gold ☃") for text in BYTE_TEXTS[:6]]
+    extractor = ActivationExtractor(
+        model, tokenizer=tokenizer, layer=1, context_size=32, device="cpu"
+    )
+    sae = SparseAutoencoder(n_components=16, k=4, max_iter=1, device="cpu", random_state=0)
+    sae.fit(extractor.transform(texts))
+    page = write_dashboard(sae, extractor, texts, tmp_path / "d.html", n_latents=16).read_text(
+        encoding="utf-8"
+    )
+    assert "\ufffd" not in page
+    assert "’" in page  # whole characters read as themselves
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,16 @@
 import numpy as np
 import pytest
 import torch
-from conftest import TEXTS, make_char_tokenizer, make_tiny_model
+from conftest import (
+    BYTE_TEXTS,
+    TEXTS,
+    make_byte_level_tokenizer,
+    make_char_tokenizer,
+    make_tiny_model,
+)
 
 from skSAE import ActivationExtractor, SparseAutoencoder
+from skSAE._top_activations import _logit_effects, token_texts
 from skSAE.interpret import (
     ActivatingExample,
     LatentReport,
@@ -27,14 +34,19 @@ N_COMPONENTS = 24
 PROMPT = "the quick brown"
 
 
-def make_model_dir(family, folder):
-    """A tiny model with a character tokenizer whose decode joins characters unspaced."""
+def make_model_tokenizer():
+    """A character tokenizer whose decode joins characters unspaced."""
     from tokenizers import decoders
 
-    make_tiny_model(family).save_pretrained(folder)
     tokenizer = make_char_tokenizer()
     tokenizer.backend_tokenizer.decoder = decoders.Fuse()
-    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def make_model_dir(family, folder):
+    """A tiny model with `make_model_tokenizer`."""
+    make_tiny_model(family).save_pretrained(folder)
+    make_model_tokenizer().save_pretrained(folder)
     return folder
 
 
@@ -173,12 +185,23 @@ def test_top_activating_examples_histogram_counts_every_firing(fitted):
         assert np.abs(reference - counts).sum() <= 2  # float ties at a bin edge at most
 
 
+def logit_lens_reference(model, directions_LD):
+    """Float64 logit lens by hand: final norm weight (LayerNorm centres first), then W_U."""
+    d_LD = np.asarray(directions_LD, dtype=np.float64)
+    if hasattr(model, "transformer"):  # GPT-2: LayerNorm ln_f
+        norm = model.transformer.ln_f
+        d_LD = d_LD - d_LD.mean(axis=1, keepdims=True)
+    else:  # Llama: RMSNorm model.norm
+        norm = model.model.norm
+    d_LD = d_LD * norm.weight.detach().double().numpy()
+    return d_LD @ model.lm_head.weight.detach().double().numpy().T
+
+
 def test_top_activating_examples_promoted_tokens_follow_the_unembedding(fitted):
     extractor, sae, _, codes = fitted
     latent = alive_latents(codes, 1)[0]
     report = top_activating_examples(sae, extractor, CORPUS, latent, n_logit_tokens=5)[latent]
-    weight_VD = extractor.model_.get_output_embeddings().weight.detach().double().numpy()
-    effect_V = weight_VD @ sae.components_[latent].astype(np.float64)
+    effect_V = logit_lens_reference(extractor.model_, sae.components_[[latent]])[0]
     np.testing.assert_allclose(
         [value for _, value in report.promoted], np.sort(effect_V)[::-1][:5], rtol=1e-4
     )
@@ -186,8 +209,69 @@ def test_top_activating_examples_promoted_tokens_follow_the_unembedding(fitted):
         [value for _, value in report.suppressed], np.sort(effect_V)[:5], rtol=1e-4
     )
     best = int(np.argmax(effect_V))
-    expected = extractor.tokenizer_.decode([best]) or f"<{best}>"
-    assert report.promoted[0][0] == expected
+    assert report.promoted[0][0] == token_texts(extractor.tokenizer_, [best])[0]
+
+
+def random_lm(family, tied):
+    """A tiny random causal LM whose final norm weight is far from ones (some negative)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        if family == "gpt2":
+            config = GPT2Config(
+                n_layer=1,
+                n_embd=16,
+                n_head=2,
+                vocab_size=64,
+                n_positions=32,
+                bos_token_id=1,
+                eos_token_id=2,
+            )
+            model = GPT2LMHeadModel(config)
+            norm = model.transformer.ln_f
+        else:
+            config = LlamaConfig(
+                num_hidden_layers=1,
+                hidden_size=16,
+                intermediate_size=32,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                vocab_size=64,
+                max_position_embeddings=32,
+                bos_token_id=1,
+                eos_token_id=2,
+                tie_word_embeddings=tied,
+            )
+            model = LlamaForCausalLM(config)
+            norm = model.model.norm
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.from_numpy(rng.normal(1.0, 1.0, 16).astype(np.float32)))
+    return model.eval()
+
+
+@pytest.mark.parametrize(("family", "tied"), [("llama", False), ("llama", True), ("gpt2", True)])
+def test_logit_effects_equal_a_float64_logit_lens_through_the_final_norm(family, tied):
+    model = random_lm(family, tied)
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
+    tokenizer = make_char_tokenizer()
+    directions_LD = np.random.default_rng(1).normal(size=(8, 16)).astype(np.float32)
+    effects = _logit_effects(model, tokenizer, directions_LD, 6)
+    reference_LV = logit_lens_reference(model, directions_LD)
+    differs_without_norm = False
+    for (promoted, suppressed), effect_V, direction_D in zip(
+        effects, reference_LV, directions_LD, strict=True
+    ):
+        top = np.argsort(-effect_V, kind="stable")[:6]
+        bottom = np.argsort(effect_V, kind="stable")[:6]
+        assert [t for t, _ in promoted] == [token_texts(tokenizer, [i])[0] for i in top]
+        assert [t for t, _ in suppressed] == [token_texts(tokenizer, [i])[0] for i in bottom]
+        np.testing.assert_allclose([v for _, v in promoted], effect_V[top], rtol=1e-5)
+        np.testing.assert_allclose([v for _, v in suppressed], effect_V[bottom], rtol=1e-5)
+        raw_V = model.lm_head.weight.detach().double().numpy() @ direction_D
+        differs_without_norm |= set(np.argsort(-raw_V)[:6]) != set(top)
+    assert differs_without_norm  # the final norm changes the lists: the test can tell
 
 
 def test_top_activating_examples_no_lm_head_gives_no_logit_tokens():
@@ -247,9 +331,7 @@ def test_top_activating_examples_errors_name_parameter_value_and_expectation(
         top_activating_examples(sae, extractor, **arguments)
 
 
-def test_top_activating_examples_reads_corpus_once_then_only_texts_with_examples(
-    fitted, monkeypatch
-):
+def test_top_activating_examples_reads_each_text_once(fitted, monkeypatch):
     extractor, sae, extraction, codes = fitted
     reads = []  # per call of iter_batches: [texts passed, rows yielded]
     original = type(extractor).iter_batches
@@ -264,14 +346,41 @@ def test_top_activating_examples_reads_corpus_once_then_only_texts_with_examples
     monkeypatch.setattr(type(extractor), "iter_batches", counting)
     latents = alive_latents(codes, 2)
     reports = top_activating_examples(sae, extractor, CORPUS, latents, k=1, n_quantile_samples=0)
-    with_example = sorted({e.doc_index for r in reports.values() for e in r.top})
-    assert 0 < len(with_example) < len(CORPUS)  # so a full second read would show
-    # The first read covers every text once, to its last row; the second only the texts
-    # holding a reported example, in index order.
-    assert reads == [
-        [CORPUS, len(extraction.activations)],
-        [[CORPUS[d] for d in with_example], reads[1][1]],
-    ]
+    assert all(report.top for report in reports.values())
+    # One read of every text to its last row: the windows are recorded during it.
+    assert reads == [[CORPUS, len(extraction.activations)]]
+
+
+def test_top_activating_examples_with_memory_reads_the_cached_extraction(
+    fitted, tmp_path, monkeypatch
+):
+    from sklearn.base import clone
+
+    extractor, sae, _, codes = fitted
+    latents = alive_latents(codes, 3)
+    streamed = top_activating_examples(sae, extractor, CORPUS, latents, k=3)
+    cached = clone(extractor).set_params(memory=str(tmp_path / "memory"))
+    cached.extract(CORPUS)
+    reads = []
+    original = type(cached).iter_batches
+
+    def counting(self, texts, *args, **kwargs):
+        reads.append(list(texts))
+        return original(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(type(cached), "iter_batches", counting)
+    reports = top_activating_examples(sae, cached, CORPUS, latents, k=3)
+    assert reads == []  # the model did not run
+    for latent in latents:
+        got, expected = reports[latent], streamed[latent]
+        assert [(e.doc_index, e.position, e.tokens) for e in got.top] == [
+            (e.doc_index, e.position, e.tokens) for e in expected.top
+        ]
+        for example, reference in zip(got.top, expected.top, strict=True):
+            np.testing.assert_allclose(
+                example.token_activations, reference.token_activations, rtol=1e-5, atol=1e-6
+            )
+        assert got.density == expected.density
 
 
 def test_top_activating_examples_verbose_prints_progress(fitted, capsys):
@@ -442,3 +551,118 @@ def test_generate_with_steering_rejects_a_model_without_lm_head():
     sae = SparseAutoencoder(n_components=8, k=2, max_iter=1, device="cpu", random_state=0).fit(X)
     with pytest.raises(ValueError, match="language-model head"):
         generate_with_steering(sae, extractor, PROMPT)
+
+
+# ------------------------------------------------------------------ token text
+
+
+def test_token_texts_of_a_byte_level_bpe_show_bytes_never_a_replacement_character():
+    tokenizer = make_byte_level_tokenizer()
+    text = "the king’s snow ☃ — naïve\n"  # ☃ is in no merge: three lone bytes
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert "\ufffd" in "".join(tokenizer.decode([i]) for i in ids)  # the defect
+    tokens = token_texts(tokenizer, ids)
+    assert len(tokens) == len(ids)
+    assert "\ufffd" not in "".join(tokens)
+    assert " king" in tokens and "\n" in tokens  # Ġ is a space, Ċ a newline
+    # Complete characters read as themselves; the bytes of a split one as hex.
+    shown = text.replace("☃", "<0xE2><0x98><0x83>").replace("ï", "<0xC3><0xAF>")
+    assert "".join(tokens) == shown
+
+
+def test_token_texts_of_every_byte_level_token_match_decode_where_it_is_whole():
+    tokenizer = make_byte_level_tokenizer()
+    for token_id in range(len(tokenizer)):
+        (text,) = token_texts(tokenizer, [token_id])
+        decoded = tokenizer.decode([token_id])
+        assert "\ufffd" not in text
+        if "\ufffd" not in decoded:
+            assert text == decoded
+        else:
+            assert "<0x" in text
+
+
+def test_token_texts_of_a_character_tokenizer_are_its_characters():
+    tokenizer = make_model_tokenizer()
+    text = "to be, or not"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert token_texts(tokenizer, ids) == list(text)
+
+
+def test_top_activating_examples_with_a_byte_level_tokenizer_shows_no_replacement_character():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = make_byte_level_tokenizer()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        config = GPT2Config(
+            n_layer=2,
+            n_embd=16,
+            n_head=2,
+            vocab_size=len(tokenizer),
+            n_positions=64,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        model = GPT2LMHeadModel(config).eval()
+    texts = [t.replace("gold", "gold ☃") for t in BYTE_TEXTS[:6]]
+    extractor = ActivationExtractor(
+        model, tokenizer=tokenizer, layer=1, context_size=32, device="cpu"
+    )
+    sae = SparseAutoencoder(n_components=16, k=4, max_iter=1, device="cpu", random_state=0)
+    sae.fit(extractor.transform(texts))
+    reports = top_activating_examples(sae, extractor, texts, list(range(16)), k=3)
+    shown = [
+        token
+        for report in reports.values()
+        for example in report.top + [x for _, xs in report.quantiles for x in xs]
+        for token in example.tokens
+    ]
+    shown += [t for report in reports.values() for t, _ in report.promoted + report.suppressed]
+    assert shown and not any("\ufffd" in token for token in shown)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("gguf", reason="loading GGUF needs the gguf package")
+    pytest.importorskip("accelerate", reason="loading GGUF needs the accelerate package")
+    from skSAE import corpora
+
+    try:
+        path = corpora.smollm2_path()
+    except ImportError as exc:
+        pytest.skip(str(exc))
+    return ActivationExtractor(path, layer=6, device="cpu").load()
+
+
+@pytest.mark.slow
+def test_token_texts_of_smollm2_are_readable(smollm2):
+    _, tokenizer = smollm2
+    ids = list(range(len(tokenizer)))
+    texts = token_texts(tokenizer, ids)
+    alone = [tokenizer.decode([i]) for i in ids]
+    assert sum("\ufffd" in t for t in alone) > 100  # the defect: 314 tokens
+    # Only the token that is the character U+FFFD itself (bytes EF BF BD) shows it.
+    assert [t for t in texts if "\ufffd" in t] == ["\ufffd"]
+    by_string = dict(zip(tokenizer.convert_ids_to_tokens(ids), texts, strict=True))
+    assert by_string["Ġthe"] == " the" and by_string["Ċ"] == "\n"
+    assert by_string["âĢĻ"] == "’"  # a whole character in one token
+    assert by_string["¡"] == "<0xA1>"  # a UTF-8 continuation byte alone
+
+
+@pytest.mark.slow
+def test_logit_effects_of_smollm2_equal_a_float64_logit_lens(smollm2):
+    model, tokenizer = smollm2
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied
+    directions_LD = np.random.default_rng(0).normal(size=(4, 576)).astype(np.float32)
+    directions_LD /= np.linalg.norm(directions_LD, axis=1, keepdims=True)
+    effects = _logit_effects(model, tokenizer, directions_LD, 10)
+    reference_LV = logit_lens_reference(model, directions_LD)
+    for (promoted, suppressed), effect_V in zip(effects, reference_LV, strict=True):
+        top = np.argsort(-effect_V, kind="stable")[:10]
+        bottom = np.argsort(effect_V, kind="stable")[:10]
+        assert [t for t, _ in promoted] == token_texts(tokenizer, top.tolist(), byte_level=True)
+        assert [t for t, _ in suppressed] == token_texts(
+            tokenizer, bottom.tolist(), byte_level=True
+        )
+        np.testing.assert_allclose([v for _, v in promoted], effect_V[top], rtol=1e-4)
