@@ -6,7 +6,8 @@
 3. Evaluates each with `skSAE.evaluation.evaluate` on held-out documentation (the
    reconstruction diagnostics, loss recovered and KL) and on labelled Shakespeare
    passages (which play a passage comes from: sparse probing and TPP), and on the
-   first-letter task (feature absorption, 3000 single-token words).
+   first-letter task (feature absorption, 3000 single-token words), and against
+   OMP on its own dictionary at the same L0 (the amortisation gap, 2048 rows).
 4. Prints the table and saves the figure (`plot_evaluation`).
 
 Run from the repository root (offline; several minutes on 2 CPU cores)::
@@ -41,6 +42,7 @@ COLUMNS = [
     ("mean_absorption_fraction_score", "absorb", ".3f"),
     ("mean_full_absorption_score", "full abs", ".3f"),
     ("mean_num_split_features", "splits", ".2f"),
+    ("omp_explained_variance", "OMP v.e.", ".3f"),
     ("seconds", "eval s", ".0f"),
 ]
 
@@ -83,7 +85,9 @@ def main(argv=None):
         fit_started = time.perf_counter()
         sae = SparseAutoencoder(**params, max_iter=3, random_state=0, verbose=1).fit(X)
         fit_seconds = time.perf_counter() - fit_started
-        report = evaluate(sae, extractor, held_out, labelled=labelled, absorption=True)
+        report = evaluate(
+            sae, extractor, held_out, labelled=labelled, absorption=True, amortisation=True
+        )
         reports.append({"name": name, "fit_seconds": fit_seconds, **report})
         print(f"{name}: fitted in {fit_seconds:.0f} s, evaluated in {report['seconds']:.0f} s")
 
