@@ -42,7 +42,7 @@ COLUMNS = [
     ("mean_absorption_fraction_score", "absorb", ".3f"),
     ("mean_full_absorption_score", "full abs", ".3f"),
     ("mean_num_split_features", "splits", ".2f"),
-    ("omp_explained_variance", "OMP v.e.", ".3f"),
+    ("amortisation_gap", "OMP gain", "+.3f"),
     ("seconds", "eval s", ".0f"),
 ]
 
