@@ -16,6 +16,7 @@ Run from the repository root (offline; several minutes on 2 CPU cores)::
 """
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -97,11 +98,12 @@ def main(argv=None):
     print(header)
     print("-" * len(header))
     for report in reports:
-        cells = "".join(f"{report[key]:>12{spec}}" for key, _, spec in COLUMNS)
+        cells = "".join(f"{format(report[key], spec):>12}" for key, _, spec in COLUMNS)
         print(f"{report['name']:<16}{cells}")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).with_suffix(".json").write_text(json.dumps(reports, indent=1, default=float))
     plot_evaluation(reports, path=args.output)
-    print(f"\nfigure: {args.output}; {time.perf_counter() - started:.0f} s in all")
+    print(f"\nfigure: {args.output} (reports: .json); {time.perf_counter() - started:.0f} s in all")
 
 
 if __name__ == "__main__":
