@@ -69,8 +69,8 @@ def main(argv=None):
     docs = pieces(corpora.pydoc_texts(), 2000)
     n_train = args.train_chars // 2000
     train, held_out = docs[:n_train], docs[-(args.held_out_chars // 2000) :]
-    # memory: the prompts of the absorption task and the labelled passages are read
-    # once for the three SAEs (the model's activations do not depend on the SAE).
+    # memory: the prompts of the absorption task are read once for the three SAEs
+    # (`activations_at` caches them; the model's activations do not depend on the SAE).
     extractor = ActivationExtractor(model, layer=6, verbose=1, memory=tempfile.mkdtemp())
     X = extractor.transform(train)
     seconds = time.perf_counter() - started

@@ -29,7 +29,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from ._estimator import check_input_width
-from ._sklearn_compat import HasMethods, Interval, validate_params
+from ._sklearn_compat import HasMethods, Interval, l1_logistic_regression, validate_params
 
 __all__ = ["FewLettersWarning", "FirstLetterAbsorption", "first_letter_absorption"]
 
@@ -73,7 +73,7 @@ class FirstLetterAbsorption(NamedTuple):
 @validate_params(
     {
         "sae": [HasMethods(["transform", "inverse_transform"])],
-        "extractor": [HasMethods(["iter_batches", "load"])],
+        "extractor": [HasMethods(["activations_at", "load"])],
         "words": ["array-like", None],
         "max_words": [Interval(Integral, 2, None, closed="left")],
         "min_length": [Interval(Integral, 1, None, closed="left")],
@@ -285,7 +285,10 @@ def first_letter_absorption(
             f"No usable words: {len(kept)} word(s) have an activation, not enough for a "
             "train and a test split."
         )
-    codes_NF = np.asarray(sae.transform(X_ND), dtype=np.float32)
+    codes_NF = sae.transform(X_ND)
+    codes_NF = np.asarray(
+        codes_NF.toarray() if sparse.issparse(codes_NF) else codes_NF, dtype=np.float32
+    )
     table = score_letters(
         X_ND[is_train_N],
         labels_N[is_train_N],
@@ -456,8 +459,8 @@ def rank_latents(codes_NF, y_N, n_latents):
     diff_F = codes_NF[y_N].mean(axis=0) - codes_NF[~y_N].mean(axis=0)
     weight_F = np.zeros(codes_NF.shape[1])
     if codes_NF.any():
-        probe = LogisticRegression(
-            C=1.0 / (K_SPARSE_L1 * len(y_N)), l1_ratio=1.0, solver="liblinear", max_iter=1000
+        probe = l1_logistic_regression(
+            C=1.0 / (K_SPARSE_L1 * len(y_N)), solver="liblinear", max_iter=1000
         )
         probe.fit(sparse.csr_matrix(codes_NF), y_N, sample_weight=_balance_weights(y_N))
         weight_F = probe.coef_[0]

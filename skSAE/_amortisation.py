@@ -134,7 +134,8 @@ def amortisation_gap(
     data = validated_data(sae, X, reset=False, device=torch.device("cpu"))
     # A chunk's float64 codes and the solvers' correlations take about CHUNK_BYTES / 4.
     chunk_rows = max(1, CHUNK_BYTES // (4 * 8 * n_components))
-    encoder, sample_SD = _measure(sae, "encoder", data, chunk_rows, sample_rows=True)
+    own = copy.copy(sae).set_params(transform_algorithm="encoder", sparse_output=False)
+    encoder, sample_SD = _measure(own, "encoder", data, chunk_rows, sample_rows=True)
     encoder_l0 = encoder["mean_l0"]
     results = []
     for algorithm in algorithms:

@@ -87,6 +87,12 @@ def check_fingerprint(saved, expected, path, what="checkpoint_path"):
         for key in set(saved) | set(expected)
         if key != "params" and saved.get(key) != expected.get(key)
     )
+    if "call" in differ:
+        raise CheckpointMismatchError(
+            f"{what}={os.fspath(path)!r} holds the checkpoint of a {saved.get('call')} run, "
+            f"not of a {expected.get('call')} one. Delete the file or pass another "
+            "checkpoint_path to train from the start."
+        )
     if differ:
         raise CheckpointMismatchError(
             f"{what}={os.fspath(path)!r} was written by another run: its "

@@ -13,6 +13,9 @@ from sklearn.utils.validation import check_is_fitted
 from ._array_metrics import ExplainedVarianceAccumulator
 from .cache import iter_chunks
 
+CODE_BYTES = 64 * 2**20
+"""Bytes of dense float32 codes `reconstruction_diagnostics` makes at a time."""
+
 DENSE_DENSITY = 0.1
 """A latent active on more than this fraction of tokens counts as dense (SAEBench)."""
 
@@ -55,7 +58,7 @@ class DiagnosticsAccumulator:
         rows = norms_N > 0
         self.n_nonzero_rows += int(rows.sum())
         self.norm_ratio_sum += float((hat_norms_N[rows] / norms_N[rows]).sum())
-        both = rows & (hat_norms_N > 0)
+        both = rows & (hat_norms_N > 0)  # a zero row counts as cosine 0, as in metrics
         self.cosine_sum += float((dots_N[both] / (norms_N[both] * hat_norms_N[both])).sum())
         self.reconstruction_squares += float(np.square(hat_norms_N).sum())
         self.input_dot_reconstruction += float(dots_N.sum())
@@ -69,13 +72,13 @@ class DiagnosticsAccumulator:
         live = density_F[density_F > 0]
         edges = np.linspace(np.log10(1.0 / self.n_rows), 0.0, n_bins + 1)
         counts, edges = np.histogram(np.log10(live), bins=edges)
-        rows = max(self.n_nonzero_rows, 1)
+        rows = max(self.n_nonzero_rows, 1)  # the L2 ratio of a zero input is undefined
         decoder_cosine_F = max_decoder_cosine(self.sae.components_)
         return {
             "n_tokens": self.n_rows,
             "mean_l0": float(self.fires_F.sum() / self.n_rows),
             "explained_variance": self.explained.result(),
-            "cosine_similarity": self.cosine_sum / rows,
+            "cosine_similarity": self.cosine_sum / self.n_rows,
             "l2_ratio": self.norm_ratio_sum / rows,
             "relative_reconstruction_bias": _ratio(
                 self.reconstruction_squares, self.input_dot_reconstruction
@@ -94,7 +97,7 @@ class DiagnosticsAccumulator:
         }
 
 
-def reconstruction_diagnostics(sae, X, *, chunk_rows=8192, n_bins=40):
+def reconstruction_diagnostics(sae, X, *, chunk_rows=None, n_bins=40):
     """How an SAE reconstructs ``X``, and how its latents and dictionary look.
 
     One pass over ``X`` in chunks of ``chunk_rows`` rows (an `h5py.Dataset` or memmap
@@ -106,8 +109,8 @@ def reconstruction_diagnostics(sae, X, *, chunk_rows=8192, n_bins=40):
         Fitted.
     X : array-like, h5py.Dataset or numpy.memmap of shape (n_samples, n_features)
         Held-out activations.
-    chunk_rows : int, default=8192
-        Rows encoded at a time.
+    chunk_rows : int, default=None
+        Rows encoded at a time; None: as many as make 64 MB of float32 codes.
     n_bins : int, default=40
         Bins of the density histogram (log10 of the fraction of tokens).
 
@@ -117,8 +120,10 @@ def reconstruction_diagnostics(sae, X, *, chunk_rows=8192, n_bins=40):
         Scalars, and two arrays:
 
         - ``n_tokens``, ``mean_l0``, ``explained_variance``;
-        - ``cosine_similarity``: mean over rows of cos(x, x_hat);
-        - ``l2_ratio``: mean over rows of ||x_hat|| / ||x|| (below 1: shrinkage);
+        - ``cosine_similarity``: mean over rows of cos(x, x_hat) (0 for a zero row, as
+          `skSAE.metrics.cosine_similarity`);
+        - ``l2_ratio``: mean over the non-zero rows of ||x_hat|| / ||x|| (below 1:
+          shrinkage);
         - ``relative_reconstruction_bias``: the gamma that minimises
           E||x_hat / gamma - x||^2, that is E||x_hat||^2 / E[x . x_hat] (Rajamanoharan
           et al. 2024, "Improving dictionary learning with gated sparse autoencoders",
@@ -145,6 +150,8 @@ def reconstruction_diagnostics(sae, X, *, chunk_rows=8192, n_bins=40):
     4.0
     """
     accumulator = DiagnosticsAccumulator(sae)
+    if chunk_rows is None:
+        chunk_rows = max(1, CODE_BYTES // (4 * sae.components_.shape[0]))
     for _, block in iter_chunks(X, chunk_rows):
         accumulator.update(block)
     return accumulator.result(n_bins)

@@ -106,7 +106,10 @@ _INFERENCE_DEFAULTS = {
     "transform_alpha": None,
 }
 # Private torch objects: rebuilt from the NumPy state, never pickled or restored.
-_RUNTIME_STATE = ("_module", "_optimizer", "_generator", "_compiled_loss", "_checkpoint_replay")
+_RUNTIME_STATE = ("_module", "_optimizer", "_generator", "_compiled_loss")
+# Kept through a failed call (a refused block leaves the replay where it was), never
+# pickled or checkpointed.
+_NOT_SAVED = (*_RUNTIME_STATE, "_checkpoint_replay")
 
 
 def inference_module(sae, device):
@@ -270,19 +273,20 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             default="encoder"
         How `transform` (and so `score`) codes ``X``. ``"encoder"`` is the SAE's own
         encoder, ``act(X @ W_enc_ + b_enc_)``. The others, as in
-        `sklearn.decomposition.SparseCoder`, solve ``X - b_dec_ ~= codes @
-        components_`` for each row with `sklearn.decomposition.sparse_encode` on the
-        learned dictionary (its rows scaled to unit norm for the solver, the codes
-        scaled back, so that `inverse_transform` reconstructs): ``"omp"``, orthogonal
-        matching pursuit with `transform_n_nonzero_coefs` atoms a row; ``"lasso_lars"``,
-        the Lasso solution ``argmin 0.5 * ||x - b_dec_ - codes @ components_||^2 +
-        transform_alpha * ||codes||_1``; ``"threshold"``, the correlations with the
-        unit rows soft-thresholded at `transform_alpha`. Their codes may be negative
-        (the solvers are unconstrained, as scikit-learn's default), they run on the CPU
-        in float64 whatever `device`, and they are much slower than the encoder. Set it
-        on a fitted model to compare its encoder with a proper sparse solver on the same
-        dictionary (the amortisation gap, `skSAE.evaluation.amortisation_gap`). `fit`
-        and `partial_fit` ignore it: training always uses the encoder.
+        `sklearn.decomposition.SparseCoder`, solve ``X - b_dec_ ~= codes @ components_``
+        for each row with `sklearn.decomposition.sparse_encode` on the learned
+        dictionary (its rows scaled to unit norm for the solver, the codes scaled back,
+        so that `inverse_transform` reconstructs): ``"omp"``, orthogonal matching
+        pursuit with `transform_n_nonzero_coefs` atoms a row; ``"lasso_lars"``, the
+        Lasso solution on the unit rows, ``argmin 0.5 * ||x - b_dec_ - codes @
+        components_||^2 + transform_alpha * sum_f ||components_[f]|| |codes_f|``;
+        ``"threshold"``, the correlations with the unit rows soft-thresholded at
+        `transform_alpha`. Their codes may be negative (the solvers are unconstrained,
+        as scikit-learn's default), they run on the CPU in float64 whatever `device`,
+        and they are much slower than the encoder. Set it on a fitted model to compare
+        its encoder with a proper sparse solver on the same dictionary (the amortisation
+        gap, `skSAE.evaluation.amortisation_gap`). `fit` and `partial_fit` ignore it:
+        training always uses the encoder.
     transform_n_nonzero_coefs : int, default=None
         Non-zero codes a row for ``transform_algorithm="omp"`` (ignored otherwise).
         ``None`` means the model's own L0: ``k`` as fitted for ``"topk"``,
@@ -637,17 +641,30 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             # _fit_context validates only a first partial_fit, but later calls act on
             # parameters changed since (k, architecture, ...): check them too.
             self._validate_params()
-        with self._restore_state_on_error():
+        done, in_progress = False, None
+        if not first_call:
+            # Checks only, before anything changes: a refused block leaves the model,
+            # its Adam state and its replay as they were.
             device = _training_device(self.device)
-            data = validated_data(self, X, reset=first_call, device=device)
-            in_progress = None
+            data = validated_data(self, X, reset=False, device=device)
             if self.checkpoint_path is not None:
-                done, in_progress = self._replay_checkpoint(data, first_call, device)
-                if done:
-                    return self  # this call's steps are in the checkpoint already
+                done, in_progress = self._replay_checkpoint(data, False, device)
+        with self._restore_state_on_error():
+            if first_call:
+                device = _training_device(self.device)
+                data = validated_data(self, X, reset=True, device=device)
+                if self.checkpoint_path is not None:
+                    done, in_progress = self._replay_checkpoint(data, True, device)
+            if done:
+                return self  # this call's steps are in the checkpoint already
             if not self._is_fitted():
                 self._initialize(data, device)
-            self._train(data, n_epochs=1, device=device, in_progress=in_progress)
+            completed = self._train(data, n_epochs=1, device=device, in_progress=in_progress)
+            self.__dict__.pop("_checkpoint_replay", None)  # the call it stopped in is done
+        if not completed and self.checkpoint_path is not None:
+            # A checkpointed loop must not go on to the next block: the file would then
+            # skip this one. The weights trained so far are kept; a rerun continues.
+            raise KeyboardInterrupt
         return self
 
     def _replay_checkpoint(self, data, first_call, device):
@@ -674,9 +691,16 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             self._checkpoint_replay = _Replay(list(file["calls"]), file["in_progress"])
         replay = getattr(self, "_checkpoint_replay", None)
         if replay is None:
+            if getattr(self, "n_steps_", 0) > 0 and not getattr(self, "_checkpoint_calls", []):
+                raise ValueError(
+                    "checkpoint_path is set on a model trained without it (by fit, by "
+                    "partial_fit calls before it was set, or loaded): a checkpoint could "
+                    "not tell a rerun how it was trained. Start the partial_fit loop on a "
+                    "new estimator with checkpoint_path set, or save the model between "
+                    "calls with skSAE.io.save."
+                )
             return False, None
         call = replay.next_call
-        replay.next_call += 1
         if call < len(replay.calls):
             if replay.calls[call] != data.fingerprint():
                 raise CheckpointMismatchError(
@@ -686,11 +710,11 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                     "order, or delete the file (or pass another checkpoint_path) to train "
                     "from the start."
                 )
-            if call + 1 == len(replay.calls) and replay.in_progress is None:
+            replay.next_call += 1
+            if replay.next_call == len(replay.calls) and replay.in_progress is None:
                 del self._checkpoint_replay
             return True, None
-        del self._checkpoint_replay
-        return False, replay.in_progress
+        return False, replay.in_progress  # the replay ends when this call completes
 
     def _checkpointed_state(self):
         """The estimator's own state between calls (not the torch objects), to save.
@@ -701,7 +725,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         state = {
             key: value
             for key, value in self.__dict__.items()
-            if key not in _RUNTIME_STATE and key not in params
+            if key not in _NOT_SAVED and key not in params
         }
         state["loss_curve_"] = list(self.loss_curve_)
         random_state = _random_state_values(self._random_state)
@@ -789,6 +813,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self._fit_options = options
         self._scale_from_data = False  # an imported model's weights are gone
         self._checkpoint_calls = []  # the data fingerprints of checkpointed partial_fits
+        self.__dict__.pop("_checkpoint_replay", None)  # a new model replays nothing
         if hasattr(self, "latent_frequency_"):  # the previous model's
             del self.latent_frequency_
         self._optimizer = None
@@ -928,6 +953,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self._finish(run)
         if checkpoints is not None and completed:
             checkpoints.completed()
+        return completed
 
     def _start_run(self, data, n_epochs, device, whole_fit):
         """The torch state of one training call."""
@@ -1478,7 +1504,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         return tags
 
     def __getstate__(self):
-        state = {key: value for key, value in self.__dict__.items() if key not in _RUNTIME_STATE}
+        state = {key: value for key, value in self.__dict__.items() if key not in _NOT_SAVED}
         state["_sksae_version"] = __version__
         return state
 
@@ -1619,7 +1645,7 @@ class _Checkpoints:
         return {
             "format": CHECKPOINT_FORMAT,
             "fingerprint": _checkpoint_params(self.sae),
-            "calls": estimator["_checkpoint_calls"],
+            "calls": estimator.get("_checkpoint_calls", []),
             "estimator": to_plain(estimator),
             "module": None if module is None else _on_cpu(module.state_dict()),
             "optimizer": None if module is None else _on_cpu(self.run.optimizer.state_dict()),
@@ -1635,7 +1661,7 @@ class _Checkpoints:
             if (parallel is None or parallel.rank == 0) and os.path.exists(self.path):
                 os.remove(self.path)
             return
-        sae._checkpoint_calls = [*sae._checkpoint_calls, self.data_fingerprint]
+        sae._checkpoint_calls = [*getattr(sae, "_checkpoint_calls", []), self.data_fingerprint]
         # Due, or this call wrote midway: the file then says the call is done.
         if self.due() or sae._checkpoint_written_at > self.run.steps_before:
             sae._checkpoint_written_at = sae.n_steps_  # before the state that holds it

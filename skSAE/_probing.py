@@ -61,6 +61,7 @@ def pooled_activations(sae, extractor, texts):
         )
         activations_TD += pool_TN @ batch.activations.astype(np.float64)
         codes = sae.transform(batch.activations)
+        codes = codes.toarray() if sp.issparse(codes) else codes
         codes_TF += np.asarray(pool_TN @ codes, dtype=np.float64)
         n_tokens_T += np.bincount(batch.doc_index, minlength=n_texts)
     scale_T = 1.0 / np.maximum(n_tokens_T, 1)
@@ -242,8 +243,11 @@ def targeted_probe_perturbation(sae, activations_TD, codes_TF, labels, *, n_late
     Ablating c's latents (`ablation_effect`) lowers the accuracy of probe c by d_cc
     and of probe j by d_jc; TPP is the mean of d_cc minus the mean of d_jc over
     j != c (SAEBench; Karvonen et al. 2024, "Evaluating sparse autoencoders on
-    targeted concept erasure tasks"). Accuracies here are plain accuracies of
-    the test texts, as SAEBench's.
+    targeted concept erasure tasks"). Two departures from SAEBench: the latents are
+    those of `top_latents` (the absolute gap of class means; SAEBench ranks by the
+    positive gap times the probe's weight along each decoder row), and accuracies are
+    plain accuracies of the one-against-the-rest test texts (SAEBench balances each
+    probe's test set), so the own-class drop is at most the class's share of them.
 
     Parameters
     ----------

@@ -148,6 +148,16 @@ class SparseProbingScorer:
 
     def __call__(self, estimator, X=None, y=None):
         _, sae = _split(estimator)
+        n_components = sae.components_.shape[0]
+        if not 1 <= self.k <= n_components:
+            raise ValueError(
+                f"SparseProbingScorer: k must be in [1, {n_components}], got {self.k}."
+            )
+        if len(self.labels) != len(self.texts):
+            raise ValueError(
+                f"SparseProbingScorer: expected one label per text ({len(self.texts)}), got "
+                f"{len(self.labels)}."
+            )
         pooled = pooled_activations(sae, self.extractor, self.texts)
         scores = pooled_probe_scores(*pooled, self.labels, k_values=(self.k,))
         return scores[f"probe_accuracy_top_{self.k}"]

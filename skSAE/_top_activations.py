@@ -818,14 +818,18 @@ def _final_norm(model):
 
 
 def logit_lens_directions(model, directions_LD):
-    """Directions as the unembedding sees them: through the final norm's weight.
+    """Directions as the unembedding sees them: through the final norm's gain.
 
     The final norm divides the residual by its scale (a positive factor, the same for
-    every token of the vocabulary) and multiplies it elementwise by its weight; a
+    every token of the vocabulary) and multiplies it elementwise by its gain; a
     LayerNorm (GPT-2) also removes the mean over ``d_model``, which is linear. The
-    direction's effect on the logits is therefore ``W_U @ (weight * centred
-    direction)`` per unit of residual scale. Without a known final norm, the direction
-    is returned as is.
+    direction's direct effect on the logits is then approximately ``W_U @ (gain *
+    centred direction)`` per unit of residual scale (leaving out how the direction
+    changes the scale itself). The gain is measured on the module, not read from its
+    ``weight``: the output for an alternating vector ``+-c`` (mean 0, scale ``c``) minus
+    that for its negation, halved, is the gain whatever the parametrisation (``weight``
+    for Llama's RMSNorm and GPT-2's LayerNorm, ``1 + weight`` for Gemma's; a bias
+    cancels). Without a known final norm, the direction is returned as is.
     """
     norm = _final_norm(model)
     if norm is None:
@@ -833,10 +837,20 @@ def logit_lens_directions(model, directions_LD):
     name = type(norm).__name__
     if isinstance(norm, torch.nn.LayerNorm) or ("LayerNorm" in name and "RMS" not in name):
         directions_LD = directions_LD - directions_LD.mean(dim=1, keepdim=True)
-    weight_D = getattr(norm, "weight", None)
-    if isinstance(weight_D, torch.Tensor) and weight_D.shape == directions_LD.shape[1:]:
-        directions_LD = directions_LD * weight_D.to(directions_LD)
-    return directions_LD
+    return directions_LD * _norm_gain(norm, directions_LD.shape[1]).to(directions_LD)
+
+
+def _norm_gain(norm, n_features, scale=1000.0):
+    """The elementwise gain of a normalisation module (see `logit_lens_directions`)."""
+    parameter = next(norm.parameters(), None)
+    dtype = torch.float32 if parameter is None else parameter.dtype
+    device = "cpu" if parameter is None else parameter.device
+    sign_D = torch.ones(n_features, dtype=torch.float32)
+    sign_D[1::2] = -1.0
+    probe_2D = torch.stack([sign_D, -sign_D]).mul(scale).to(device, dtype)
+    with torch.inference_mode():
+        out_2D = norm(probe_2D).float().cpu()
+    return (out_2D[0] - out_2D[1]) / 2 * sign_D
 
 
 def _logit_effects(model, tokenizer, directions_LD, n_tokens):

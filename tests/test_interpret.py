@@ -191,9 +191,12 @@ def logit_lens_reference(model, directions_LD):
     if hasattr(model, "transformer"):  # GPT-2: LayerNorm ln_f
         norm = model.transformer.ln_f
         d_LD = d_LD - d_LD.mean(axis=1, keepdims=True)
+        gain_D = norm.weight.detach().double().numpy()
+    elif type(model.model.norm).__name__.startswith("Gemma"):  # RMSNorm times (1 + weight)
+        gain_D = 1.0 + model.model.norm.weight.detach().double().numpy()
     else:  # Llama: RMSNorm model.norm
-        norm = model.model.norm
-    d_LD = d_LD * norm.weight.detach().double().numpy()
+        gain_D = model.model.norm.weight.detach().double().numpy()
+    d_LD = d_LD * gain_D
     return d_LD @ model.lm_head.weight.detach().double().numpy().T
 
 
@@ -245,13 +248,32 @@ def random_lm(family, tied):
             )
             model = LlamaForCausalLM(config)
             norm = model.model.norm
+        if family == "gemma":
+            from transformers import GemmaConfig, GemmaForCausalLM
+
+            config = GemmaConfig(
+                num_hidden_layers=1,
+                hidden_size=16,
+                intermediate_size=32,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                head_dim=8,
+                vocab_size=64,
+                max_position_embeddings=32,
+                bos_token_id=1,
+                eos_token_id=2,
+            )
+            model = GemmaForCausalLM(config)
+            norm = model.model.norm
     rng = np.random.default_rng(0)
     with torch.no_grad():
         norm.weight.copy_(torch.from_numpy(rng.normal(1.0, 1.0, 16).astype(np.float32)))
     return model.eval()
 
 
-@pytest.mark.parametrize(("family", "tied"), [("llama", False), ("llama", True), ("gpt2", True)])
+@pytest.mark.parametrize(
+    ("family", "tied"), [("llama", False), ("llama", True), ("gpt2", True), ("gemma", True)]
+)
 def test_logit_effects_equal_a_float64_logit_lens_through_the_final_norm(family, tied):
     model = random_lm(family, tied)
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
