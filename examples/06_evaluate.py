@@ -71,7 +71,8 @@ def main(argv=None):
     train, held_out = docs[:n_train], docs[-(args.held_out_chars // 2000) :]
     # memory: the prompts of the absorption task are read once for the three SAEs
     # (`activations_at` caches them; the model's activations do not depend on the SAE).
-    extractor = ActivationExtractor(model, layer=6, verbose=1, memory=tempfile.mkdtemp())
+    cache = tempfile.TemporaryDirectory(prefix="skSAE-example06-")
+    extractor = ActivationExtractor(model, layer=6, verbose=1, memory=cache.name)
     X = extractor.transform(train)
     seconds = time.perf_counter() - started
     print(f"{X.shape[0]} training tokens of {len(train)} pieces ({seconds:.0f} s)")
@@ -104,6 +105,7 @@ def main(argv=None):
     Path(args.output).with_suffix(".json").write_text(json.dumps(reports, indent=1, default=float))
     plot_evaluation(reports, path=args.output)
     print(f"\nfigure: {args.output} (reports: .json); {time.perf_counter() - started:.0f} s in all")
+    cache.cleanup()
 
 
 if __name__ == "__main__":

@@ -171,6 +171,11 @@ def max_decoder_cosine(components_FD, block_rows=2048):
     -------
     cosine_F : ndarray of shape (n_components,)
         ``-1`` for a lone row; rows of zero norm count as cosine 0 with every other.
+
+    Examples
+    --------
+    >>> max_decoder_cosine([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]]).tolist()
+    [1.0, 0.0, 1.0]
     """
     rows_FD = _unit_rows(components_FD)
     n_rows = rows_FD.shape[0]
@@ -185,7 +190,13 @@ def max_decoder_cosine(components_FD, block_rows=2048):
 
 
 def encoder_decoder_cosine(W_enc_DF, components_FD):
-    """Cosine between each latent's encoder column and its decoder row, shape (F,)."""
+    """Cosine between each latent's encoder column and its decoder row, shape (F,).
+
+    Examples
+    --------
+    >>> encoder_decoder_cosine([[1.0, 0.0], [0.0, -1.0]], [[2.0, 0.0], [0.0, 1.0]]).tolist()
+    [1.0, -1.0]
+    """
     return np.einsum("fd,fd->f", _unit_rows(np.asarray(W_enc_DF).T), _unit_rows(components_FD))
 
 

@@ -84,6 +84,12 @@ def top_latents(codes_TF, y_T, k):
     -------
     latents : ndarray of int of shape (k,)
         Largest difference first.
+
+    Examples
+    --------
+    >>> codes = np.array([[0.0, 1.0, 5.0], [0.0, 0.0, 4.0], [2.0, 1.0, 0.0]])
+    >>> top_latents(codes, [True, True, False], 2).tolist()
+    [2, 0]
     """
     y_T = np.asarray(y_T, dtype=bool)
     gap_F = np.abs(codes_TF[y_T].mean(axis=0) - codes_TF[~y_T].mean(axis=0))
@@ -266,6 +272,10 @@ def targeted_probe_perturbation(sae, activations_TD, codes_TF, labels, *, n_late
         ``tpp`` (greater is better), ``tpp_own_drop`` (mean d_cc) and
         ``tpp_other_drop`` (mean d_jc).
     """
+    if not 1 <= n_latents <= codes_TF.shape[1]:
+        raise ValueError(
+            f"n_latents must be in [1, {codes_TF.shape[1]}] (the latents), got {n_latents}."
+        )
     labels = np.asarray(labels)
     split = train_test_split(
         activations_TD, codes_TF, labels,

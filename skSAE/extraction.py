@@ -1002,7 +1002,8 @@ def _activations_at(extractor, key, texts, positions):
     found = np.zeros(len(texts), dtype=bool)
     found[list(rows)] = True
     if not rows:
-        return np.zeros((0, 0), dtype=np.float32), found
+        width = getattr(extractor.model_.config, "hidden_size", 0)
+        return np.zeros((0, width), dtype=np.float32), found
     return np.stack([rows[doc] for doc in sorted(rows)]).astype(np.float32), found
 
 

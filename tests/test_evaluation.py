@@ -74,6 +74,27 @@ def test_relative_reconstruction_bias_is_the_shrinkage_factor(fitted_and_X):
     assert report["l2_ratio"] < exact["l2_ratio"]
 
 
+def test_relative_reconstruction_bias_of_a_halved_reconstruction_is_one_half():
+    # Rows that the dictionary reconstructs exactly, then every decoder row halved.
+    sae = SparseAutoencoder(n_components=4, k=1)
+    sae.components_ = np.eye(4, 6, dtype=np.float32)
+    sae.W_enc_ = sae.components_.T.copy()
+    sae.b_enc_ = np.zeros(4, np.float32)
+    sae.b_dec_ = np.zeros(6, np.float32)
+    sae.n_features_in_ = 6
+    sae._fit_architecture, sae._fit_options = "topk", {"k": 1}
+    sae.input_scale_, sae.input_mean_ = 1.0, np.zeros(6, np.float32)
+    X = np.repeat(np.eye(4, 6, dtype=np.float32) * 2.0, 25, axis=0)
+    exact = E.reconstruction_diagnostics(sae, X)
+    assert exact["relative_reconstruction_bias"] == pytest.approx(1.0)
+    assert exact["explained_variance"] == pytest.approx(1.0)
+    sae.components_ = sae.components_ * 0.5
+    halved = E.reconstruction_diagnostics(sae, X)
+    assert halved["relative_reconstruction_bias"] == pytest.approx(0.5)
+    assert halved["l2_ratio"] == pytest.approx(0.5)
+    assert halved["cosine_similarity"] == pytest.approx(1.0)
+
+
 def test_decoder_cosines_on_known_dictionaries():
     rows = np.eye(4)[[0, 1, 2, 2]]  # rows 2 and 3 are the same direction
     np.testing.assert_allclose(E.max_decoder_cosine(rows, block_rows=3), [0, 0, 1, 1])
