@@ -314,8 +314,10 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         calls shares one file: rerun on a new estimator with the same blocks in the
         same order, the calls the file holds return at once (each block checked
         against the one it recorded), the call it stopped in continues where it
-        left off, and the rest train. The file stays after the last call; delete it
-        to train again from the start.
+        left off, and the rest train. The first replayed call loads the state the file
+        holds, so until the replay ends the estimator is already as after the last
+        call recorded. The file stays after the last call; delete it to train again
+        from the start.
     checkpoint_every : int, default=1000
         Steps between checkpoints (written at the first progress check, every 32 steps
         and at the end of each pass or `partial_fit` call, on or after each multiple).
