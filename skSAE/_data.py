@@ -9,6 +9,7 @@ shuffled training pass) and `blocks` (the rows in order, for inference).
 Shape suffixes: N rows of X, B minibatch rows, H rows of a chunk, D n_features.
 """
 
+import functools
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -94,6 +95,7 @@ class InMemoryData:
             x_BD = self.X_ND.index_select(0, order_N[start : start + batch_size])
             yield x_BD.to(device, non_blocking=True)
 
+    @functools.cached_property
     def fingerprint(self):
         """Shape and a hash of sampled rows: what a checkpoint must have been trained on."""
         return _fingerprint(self.n_rows, self.X_ND.shape[1], lambda rows: self.X_ND[rows].cpu())
@@ -172,6 +174,7 @@ class StreamedData:
         if leftover_BD is not None and produced >= skip:
             yield leftover_BD.to(device, non_blocking=True)
 
+    @functools.cached_property
     def fingerprint(self):
         """Shape and a hash of sampled rows: what a checkpoint must have been trained on."""
         return _fingerprint(

@@ -704,7 +704,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             return False, None
         call = replay.next_call
         if call < len(replay.calls):
-            if replay.calls[call] != data.fingerprint():
+            if replay.calls[call] != data.fingerprint:
                 raise CheckpointMismatchError(
                     f"checkpoint_path={os.fspath(self.checkpoint_path)!r} holds a run whose "
                     f"partial_fit call {call + 1} had other data (another shape or other "
@@ -730,9 +730,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             if key not in _NOT_SAVED and key not in params
         }
         state["loss_curve_"] = list(self.loss_curve_)
-        random_state = _random_state_values(self._random_state)
-        random_state["random_keys"] = torch.from_numpy(random_state["random_keys"].astype(np.int64))
-        state["_random_state"] = random_state
+        state["_random_state"] = _random_state_tensors(self._random_state)
         return state
 
     def _load_checkpointed_state(self, file, device):
@@ -1621,7 +1619,7 @@ class _Checkpoints:
         self.every = sae.checkpoint_every
         self.start = start
         self.in_progress = in_progress
-        self.data_fingerprint = data.fingerprint()
+        self.data_fingerprint = data.fingerprint
         self.fingerprint = {
             **self.data_fingerprint,
             **fingerprint_params(sae.get_params(), _NOT_FINGERPRINTED),
@@ -1672,9 +1670,7 @@ class _Checkpoints:
     def write(self, epoch, step, epoch_generator_state):
         sae, run = self.sae, self.run
         calibrator = run.schedule.calibrator
-        random_state = _random_state_values(sae._random_state)
-        # A checkpoint holds tensors: the uint32 keys as int64.
-        random_state["random_keys"] = torch.from_numpy(random_state["random_keys"].astype(np.int64))
+        random_state = _random_state_tensors(sae._random_state)
         state = {
             "format": CHECKPOINT_FORMAT,
             "fingerprint": self.fingerprint,
@@ -1810,6 +1806,13 @@ def _random_state_values(random_state):
         "random_has_gauss": int(has_gauss),
         "random_cached_gaussian": float(cached_gaussian),
     }
+
+
+def _random_state_tensors(random_state):
+    """`_random_state_values` for a checkpoint, which holds tensors: uint32 keys as int64."""
+    values = _random_state_values(random_state)
+    values["random_keys"] = torch.from_numpy(values["random_keys"].astype(np.int64))
+    return values
 
 
 def _random_state_from_values(values):

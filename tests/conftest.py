@@ -116,37 +116,61 @@ def make_byte_level_tokenizer(vocab_size=300):
     )
 
 
-def make_tiny_model(family):
-    """A 3-block random causal LM of the given family, built offline from a config."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+def make_tiny_model(family, *, n_layers=3, vocab_size=64, n_positions=64, tied=None):
+    """A random causal LM of the given family ("gpt2", "llama", "gemma"), built offline.
 
+    ``tied``: tie the unembedding to the embedding (None: the family's default).
+    """
+    import transformers as tf
+
+    small = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2)
+    if tied is not None:
+        small["tie_word_embeddings"] = tied
     with torch.random.fork_rng():
         torch.manual_seed(0)
         if family == "gpt2":
-            config = GPT2Config(
-                n_layer=3,
-                n_embd=16,
-                n_head=2,
-                vocab_size=64,
-                n_positions=64,
-                bos_token_id=1,
-                eos_token_id=2,
+            config = tf.GPT2Config(
+                n_layer=n_layers, n_embd=16, n_head=2, n_positions=n_positions, **small
             )
-            model = GPT2LMHeadModel(config)
-        else:
-            config = LlamaConfig(
-                num_hidden_layers=3,
-                hidden_size=16,
-                intermediate_size=32,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-                vocab_size=64,
-                max_position_embeddings=64,
-                bos_token_id=1,
-                eos_token_id=2,
-            )
-            model = LlamaForCausalLM(config)
-    return model.eval()
+            return tf.GPT2LMHeadModel(config).eval()
+        llama_shape = dict(
+            num_hidden_layers=n_layers,
+            hidden_size=16,
+            intermediate_size=32,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=n_positions,
+            **small,
+        )
+        if family == "gemma":
+            return tf.GemmaForCausalLM(tf.GemmaConfig(head_dim=8, **llama_shape)).eval()
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**llama_shape)).eval()
+
+
+def byte_level_extractor_and_sae(texts):
+    """A random 2-block GPT-2 over `make_byte_level_tokenizer`, and a TopK SAE on ``texts``."""
+    from skSAE import ActivationExtractor, SparseAutoencoder
+
+    tokenizer = make_byte_level_tokenizer()
+    model = make_tiny_model("gpt2", n_layers=2, vocab_size=len(tokenizer))
+    extractor = ActivationExtractor(
+        model, tokenizer=tokenizer, layer=1, context_size=32, device="cpu"
+    )
+    sae = SparseAutoencoder(n_components=16, k=4, max_iter=1, device="cpu", random_state=0)
+    return extractor, sae.fit(extractor.transform(texts))
+
+
+def smollm2_extractor(**params):
+    """An extractor of SmolLM2-135M at block 6, or skip the test where it cannot load."""
+    from skSAE import ActivationExtractor, corpora
+
+    pytest.importorskip("gguf", reason="loading GGUF needs the gguf package")
+    pytest.importorskip("accelerate", reason="loading GGUF needs the accelerate package")
+    try:
+        path = corpora.smollm2_path()
+    except ImportError as exc:
+        pytest.skip(str(exc))
+    return ActivationExtractor(path, layer=6, device="cpu", **params)
 
 
 @pytest.fixture(scope="session", params=["gpt2", "llama"])

@@ -6,7 +6,6 @@ import subprocess
 
 import numpy as np
 import pytest
-import torch
 from sklearn.base import clone
 
 from skSAE.dashboard import _pick_latents, render_dashboard, write_dashboard
@@ -377,30 +376,10 @@ def test_write_dashboard_never_holds_the_codes_of_the_corpus(fitted_tiny, tmp_pa
 
 
 def test_write_dashboard_with_a_byte_level_tokenizer_shows_no_replacement_character(tmp_path):
-    from conftest import BYTE_TEXTS, make_byte_level_tokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from conftest import BYTE_TEXTS, byte_level_extractor_and_sae
 
-    from skSAE import ActivationExtractor, SparseAutoencoder
-
-    tokenizer = make_byte_level_tokenizer()
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        config = GPT2Config(
-            n_layer=2,
-            n_embd=16,
-            n_head=2,
-            vocab_size=len(tokenizer),
-            n_positions=64,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-        model = GPT2LMHeadModel(config).eval()
     texts = [text.replace("gold", "gold ☃") for text in BYTE_TEXTS[:6]]
-    extractor = ActivationExtractor(
-        model, tokenizer=tokenizer, layer=1, context_size=32, device="cpu"
-    )
-    sae = SparseAutoencoder(n_components=16, k=4, max_iter=1, device="cpu", random_state=0)
-    sae.fit(extractor.transform(texts))
+    extractor, sae = byte_level_extractor_and_sae(texts)
     page = write_dashboard(sae, extractor, texts, tmp_path / "d.html", n_latents=16).read_text(
         encoding="utf-8"
     )

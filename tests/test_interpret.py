@@ -6,9 +6,11 @@ import torch
 from conftest import (
     BYTE_TEXTS,
     TEXTS,
+    byte_level_extractor_and_sae,
     make_byte_level_tokenizer,
     make_char_tokenizer,
     make_tiny_model,
+    smollm2_extractor,
 )
 
 from skSAE import ActivationExtractor, SparseAutoencoder
@@ -216,59 +218,13 @@ def test_top_activating_examples_promoted_tokens_follow_the_unembedding(fitted):
 
 
 def random_lm(family, tied):
-    """A tiny random causal LM whose final norm weight is far from ones (some negative)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    with torch.random.fork_rng():
-        torch.manual_seed(1)
-        if family == "gpt2":
-            config = GPT2Config(
-                n_layer=1,
-                n_embd=16,
-                n_head=2,
-                vocab_size=64,
-                n_positions=32,
-                bos_token_id=1,
-                eos_token_id=2,
-            )
-            model = GPT2LMHeadModel(config)
-            norm = model.transformer.ln_f
-        else:
-            config = LlamaConfig(
-                num_hidden_layers=1,
-                hidden_size=16,
-                intermediate_size=32,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-                vocab_size=64,
-                max_position_embeddings=32,
-                bos_token_id=1,
-                eos_token_id=2,
-                tie_word_embeddings=tied,
-            )
-            model = LlamaForCausalLM(config)
-            norm = model.model.norm
-        if family == "gemma":
-            from transformers import GemmaConfig, GemmaForCausalLM
-
-            config = GemmaConfig(
-                num_hidden_layers=1,
-                hidden_size=16,
-                intermediate_size=32,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-                head_dim=8,
-                vocab_size=64,
-                max_position_embeddings=32,
-                bos_token_id=1,
-                eos_token_id=2,
-            )
-            model = GemmaForCausalLM(config)
-            norm = model.model.norm
+    """A tiny random causal LM whose final norm's weight is far from its default."""
+    model = make_tiny_model(family, n_layers=1, n_positions=32, tied=tied)
+    norm = model.transformer.ln_f if family == "gpt2" else model.model.norm
     rng = np.random.default_rng(0)
     with torch.no_grad():
         norm.weight.copy_(torch.from_numpy(rng.normal(1.0, 1.0, 16).astype(np.float32)))
-    return model.eval()
+    return model
 
 
 @pytest.mark.parametrize(
@@ -612,27 +568,8 @@ def test_token_texts_of_a_character_tokenizer_are_its_characters():
 
 
 def test_top_activating_examples_with_a_byte_level_tokenizer_shows_no_replacement_character():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tokenizer = make_byte_level_tokenizer()
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        config = GPT2Config(
-            n_layer=2,
-            n_embd=16,
-            n_head=2,
-            vocab_size=len(tokenizer),
-            n_positions=64,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-        model = GPT2LMHeadModel(config).eval()
     texts = [t.replace("gold", "gold ☃") for t in BYTE_TEXTS[:6]]
-    extractor = ActivationExtractor(
-        model, tokenizer=tokenizer, layer=1, context_size=32, device="cpu"
-    )
-    sae = SparseAutoencoder(n_components=16, k=4, max_iter=1, device="cpu", random_state=0)
-    sae.fit(extractor.transform(texts))
+    extractor, sae = byte_level_extractor_and_sae(texts)
     reports = top_activating_examples(sae, extractor, texts, list(range(16)), k=3)
     shown = [
         token
@@ -646,15 +583,7 @@ def test_top_activating_examples_with_a_byte_level_tokenizer_shows_no_replacemen
 
 @pytest.fixture(scope="module")
 def smollm2():
-    pytest.importorskip("gguf", reason="loading GGUF needs the gguf package")
-    pytest.importorskip("accelerate", reason="loading GGUF needs the accelerate package")
-    from skSAE import corpora
-
-    try:
-        path = corpora.smollm2_path()
-    except ImportError as exc:
-        pytest.skip(str(exc))
-    return ActivationExtractor(path, layer=6, device="cpu").load()
+    return smollm2_extractor().load()
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import smollm2_extractor
 
 from skSAE import ActivationExtractor, SparseAutoencoder, corpora
 from skSAE.metrics import loss_recovered_details
@@ -17,13 +18,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2():
-    pytest.importorskip("gguf", reason="loading GGUF needs the gguf package")
-    pytest.importorskip("accelerate", reason="loading GGUF needs the accelerate package")
-    try:
-        path = corpora.smollm2_path()
-    except ImportError as exc:
-        pytest.skip(str(exc))
-    return ActivationExtractor(path, layer=6, context_size=128, batch_size=8, device="cpu")
+    return smollm2_extractor(context_size=128, batch_size=8)
 
 
 @pytest.fixture(scope="module")
