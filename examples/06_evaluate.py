@@ -88,7 +88,13 @@ def main(argv=None):
         sae = SparseAutoencoder(**params, max_iter=3, random_state=0, verbose=1).fit(X)
         fit_seconds = time.perf_counter() - fit_started
         report = evaluate(
-            sae, extractor, held_out, labelled=labelled, absorption=True, amortisation=True
+            sae,
+            extractor,
+            held_out,
+            labelled=labelled,
+            absorption=True,
+            amortisation=True,
+            verbose=1,
         )
         reports.append({"name": name, "fit_seconds": fit_seconds, **report})
         print(f"{name}: fitted in {fit_seconds:.0f} s, evaluated in {report['seconds']:.0f} s")

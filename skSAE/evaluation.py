@@ -7,9 +7,11 @@ labelled texts (`skSAE._probing`), feature absorption on the first-letter task
 returns one flat dict (a row of a table: ``pandas.DataFrame(reports)``).
 """
 
+import sys
 import time
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ._absorption import FewLettersWarning, FirstLetterAbsorption, first_letter_absorption
 from ._amortisation import amortisation_gap
@@ -57,7 +59,7 @@ AMORTISATION_ROWS = 2048
 
 
 def evaluate(sae, extractor, texts, labelled=None, *, absorption=False, amortisation=False,
-             ablation="zero", k_values=DEFAULT_K, random_state=0):  # fmt: skip
+             ablation="zero", k_values=DEFAULT_K, random_state=0, verbose=0):  # fmt: skip
     """Every evaluation the inputs allow, as one flat dict of numbers.
 
     - On ``texts`` (held-out), one streaming pass for `reconstruction_diagnostics`
@@ -92,6 +94,9 @@ def evaluate(sae, extractor, texts, labelled=None, *, absorption=False, amortisa
         Sizes of the sparse probes.
     random_state : int, default=0
         The train/test split of the labelled texts.
+    verbose : int or bool, default=0
+        A progress bar (stdout) over the stages, named as each starts; the extractor's
+        own ``verbose`` shows its passes.
 
     Returns
     -------
@@ -104,22 +109,6 @@ def evaluate(sae, extractor, texts, labelled=None, *, absorption=False, amortisa
         and ``seconds``, the wall time.
     """
     started = time.perf_counter()
-    diagnostics = DiagnosticsAccumulator(sae)
-    kept_rows, n_kept = [], 0
-    for batch in extractor.iter_batches(texts):
-        diagnostics.update(batch.activations)
-        if amortisation and n_kept < AMORTISATION_ROWS:
-            kept_rows.append(batch.activations[: AMORTISATION_ROWS - n_kept])
-            n_kept += kept_rows[-1].shape[0]
-    report = {key: value for key, value in diagnostics.result().items() if np.isscalar(value)}
-    details = loss_recovered_details(sae, extractor, texts, ablation)
-    report.update(
-        loss_recovered=details.score,
-        kl_divergence=details.kl_sae,
-        ce_clean=details.ce_clean,
-        ce_sae=details.ce_sae,
-        ce_ablated=details.ce_ablated,
-    )
     if labelled is not None:
         labelled_texts, labels = labelled
         labels = np.asarray(labels)
@@ -127,27 +116,68 @@ def evaluate(sae, extractor, texts, labelled=None, *, absorption=False, amortisa
             raise ValueError(
                 f"labelled: expected one label per text ({len(labelled_texts)}), got {len(labels)}."
             )
-        activations_TD, codes_TF, n_tokens_T = pooled_activations(sae, extractor, labelled_texts)
+    stages = ["diagnostics", "loss recovered"]
+    stages += ["probing and TPP"] if labelled is not None else []
+    stages += ["absorption"] if absorption else []
+    stages += ["amortisation"] if amortisation else []
+    progress = tqdm(total=len(stages), desc="evaluate", unit="stage", disable=not verbose,
+                    file=sys.stdout)  # fmt: skip
+    with progress:
+        progress.set_postfix_str(stages[0])
+        diagnostics = DiagnosticsAccumulator(sae)
+        kept_rows, n_kept = [], 0
+        for batch in extractor.iter_batches(texts):
+            diagnostics.update(batch.activations)
+            if amortisation and n_kept < AMORTISATION_ROWS:
+                kept_rows.append(batch.activations[: AMORTISATION_ROWS - n_kept])
+                n_kept += kept_rows[-1].shape[0]
+        report = {key: value for key, value in diagnostics.result().items() if np.isscalar(value)}
+        _next_stage(progress, stages)
+        details = loss_recovered_details(sae, extractor, texts, ablation)
         report.update(
-            pooled_probe_scores(
-                activations_TD, codes_TF, n_tokens_T, labels, k_values, random_state=random_state
+            loss_recovered=details.score,
+            kl_divergence=details.kl_sae,
+            ce_clean=details.ce_clean,
+            ce_sae=details.ce_sae,
+            ce_ablated=details.ce_ablated,
+        )
+        if labelled is not None:
+            _next_stage(progress, stages)
+            activations_TD, codes_TF, n_tokens_T = pooled_activations(
+                sae, extractor, labelled_texts
             )
-        )
-        kept = n_tokens_T > 0
-        report.update(
-            targeted_probe_perturbation(
-                sae, activations_TD[kept], codes_TF[kept], labels[kept], random_state=random_state
+            pooled = (activations_TD, codes_TF, n_tokens_T, labels)
+            report.update(pooled_probe_scores(*pooled, k_values, random_state=random_state))
+            kept = n_tokens_T > 0
+            report.update(
+                targeted_probe_perturbation(
+                    sae,
+                    activations_TD[kept],
+                    codes_TF[kept],
+                    labels[kept],
+                    random_state=random_state,
+                )  # fmt: skip
             )
-        )
-    if absorption:
-        scores, _ = first_letter_absorption(sae, extractor, random_state=random_state)
-        report.update(scores)
-    if amortisation:
-        encoder, omp = amortisation_gap(sae, np.concatenate(kept_rows), ("encoder", "omp"))
-        report.update(
-            omp_explained_variance=omp["explained_variance"],
-            omp_mean_l0=omp["mean_l0"],
-            amortisation_gap=omp["explained_variance"] - encoder["explained_variance"],
-        )
+        if absorption:
+            _next_stage(progress, stages)
+            scores, _ = first_letter_absorption(
+                sae, extractor, random_state=random_state, verbose=verbose
+            )
+            report.update(scores)
+        if amortisation:
+            _next_stage(progress, stages)
+            encoder, omp = amortisation_gap(sae, np.concatenate(kept_rows), ("encoder", "omp"))
+            report.update(
+                omp_explained_variance=omp["explained_variance"],
+                omp_mean_l0=omp["mean_l0"],
+                amortisation_gap=omp["explained_variance"] - encoder["explained_variance"],
+            )
+        progress.update()
     report["seconds"] = time.perf_counter() - started
     return report
+
+
+def _next_stage(progress, stages):
+    """Count the stage just done and name the next one on the bar."""
+    progress.update()
+    progress.set_postfix_str(stages[progress.n])

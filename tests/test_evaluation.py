@@ -323,3 +323,11 @@ def test_evaluation_measures_the_encoder_whatever_the_transform_options(tiny_ext
         E.pooled_activations(other.set_params(transform_algorithm="encoder"), extractor, texts)[1],
         E.pooled_activations(sae, extractor, texts)[1],
     )
+
+
+def test_evaluate_shows_its_stages_when_verbose(tiny_extractor_and_sae, capsys):
+    extractor, sae = tiny_extractor_and_sae
+    texts, labels = zip(*LABELLED, strict=True)
+    E.evaluate(sae, extractor, ["a lazy dog."], labelled=(list(texts), list(labels)), verbose=1)
+    out = capsys.readouterr().out
+    assert "evaluate" in out and "3/3" in out and "probing and TPP" in out
