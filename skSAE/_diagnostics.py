@@ -41,16 +41,26 @@ class DiagnosticsAccumulator:
         self.reconstruction_squares = 0.0
         self.input_dot_reconstruction = 0.0
 
-    def update(self, X_ND):
-        """Add a chunk of activations (array of shape (n_rows, n_features))."""
-        X_ND = np.asarray(X_ND, dtype=np.float32)
+    def update(self, X_ND, codes_NF=None, X_hat_ND=None):
+        """Add a chunk of activations, with its codes and reconstructions if made already.
+
+        Parameters
+        ----------
+        X_ND : array-like or torch.Tensor of shape (n_rows, n_features)
+        codes_NF, X_hat_ND : array-like or torch.Tensor, default=None
+            The chunk's codes and reconstructions (a caller that encoded it on a device
+            passes them: only the firing counts and the reconstructions come to the
+            host); `transform` and `inverse_transform` make them when None.
+        """
         if X_ND.shape[0] == 0:
             return
-        codes_NF = self.sae.transform(X_ND)
-        X_hat_ND = np.asarray(self.sae.inverse_transform(codes_NF), dtype=np.float64)
-        fires = codes_NF != 0
-        self.fires_F += np.asarray(fires.sum(axis=0)).ravel()
-        X_ND = X_ND.astype(np.float64)
+        if codes_NF is None:
+            X_ND = np.asarray(X_ND, dtype=np.float32)
+            codes_NF = self.sae.transform(X_ND)
+            X_hat_ND = self.sae.inverse_transform(codes_NF)
+        fires_F = (codes_NF != 0).sum(axis=0)
+        self.fires_F += np.asarray(fires_F.cpu() if hasattr(fires_F, "cpu") else fires_F).ravel()
+        X_ND, X_hat_ND = _host_float64(X_ND), _host_float64(X_hat_ND)
         self.explained.update(X_ND, X_hat_ND)
         norms_N = np.linalg.norm(X_ND, axis=1)
         hat_norms_N = np.linalg.norm(X_hat_ND, axis=1)
@@ -64,8 +74,13 @@ class DiagnosticsAccumulator:
         self.input_dot_reconstruction += float(dots_N.sum())
         self.n_rows += X_ND.shape[0]
 
-    def result(self, n_bins=40):
-        """The diagnostics of everything fed so far (see `reconstruction_diagnostics`)."""
+    def result(self, n_bins=40, dictionary=True):
+        """The diagnostics of everything fed so far (see `reconstruction_diagnostics`).
+
+        ``dictionary=False`` leaves out the decoder and encoder cosines (a Gram matrix
+        of the dictionary: seconds at 100k latents), for callers that only show the
+        rest.
+        """
         if self.n_rows == 0:
             raise ValueError("no activations were given: the diagnostics need at least one row.")
         density_F = self.fires_F / self.n_rows
@@ -73,8 +88,7 @@ class DiagnosticsAccumulator:
         edges = np.linspace(np.log10(1.0 / self.n_rows), 0.0, n_bins + 1)
         counts, edges = np.histogram(np.log10(live), bins=edges)
         rows = max(self.n_nonzero_rows, 1)  # the L2 ratio of a zero input is undefined
-        decoder_cosine_F = max_decoder_cosine(self.sae.components_)
-        return {
+        report = {
             "n_tokens": self.n_rows,
             "mean_l0": float(self.fires_F.sum() / self.n_rows),
             "explained_variance": self.explained.result(),
@@ -87,14 +101,19 @@ class DiagnosticsAccumulator:
             "dead_fraction": float((density_F == 0).mean()),
             "dense_latents": int((density_F > DENSE_DENSITY).sum()),
             "dense_fraction": float((density_F > DENSE_DENSITY).mean()),
-            "decoder_max_cosine_mean": float(decoder_cosine_F.mean()),
-            "decoder_max_cosine_max": float(decoder_cosine_F.max()),
-            "encoder_decoder_cosine_mean": float(
-                encoder_decoder_cosine(self.sae.W_enc_, self.sae.components_).mean()
-            ),
             "latent_density": density_F,
             "density_histogram": (counts, edges),
         }
+        if dictionary:
+            decoder_cosine_F = max_decoder_cosine(self.sae.components_)
+            report.update(
+                decoder_max_cosine_mean=float(decoder_cosine_F.mean()),
+                decoder_max_cosine_max=float(decoder_cosine_F.max()),
+                encoder_decoder_cosine_mean=float(
+                    encoder_decoder_cosine(self.sae.W_enc_, self.sae.components_).mean()
+                ),
+            )
+        return report
 
 
 def reconstruction_diagnostics(sae, X, *, chunk_rows=None, n_bins=40):
@@ -198,6 +217,13 @@ def encoder_decoder_cosine(W_enc_DF, components_FD):
     [1.0, -1.0]
     """
     return np.einsum("fd,fd->f", _unit_rows(np.asarray(W_enc_DF).T), _unit_rows(components_FD))
+
+
+def _host_float64(values):
+    """A NumPy float64 copy of an array or a (device) tensor."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=np.float64)
 
 
 def _unit_rows(matrix):

@@ -29,8 +29,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-from ._array_metrics import ExplainedVarianceAccumulator
 from ._data import CHUNK_BYTES
+from ._diagnostics import DiagnosticsAccumulator
 from ._estimator import check_input_width, inference_module
 from ._sklearn_compat import HasMethods, Interval, validate_params
 from ._utils import resolve_device
@@ -290,7 +290,7 @@ def collect_reports(
         window,
         seed,
     )
-    totals = _OverviewTotals(sae.b_dec_, n_components) if choose is not None else None
+    totals = DiagnosticsAccumulator(sae) if choose is not None else None
     # Rows encoded at once: the codes of all latents stay within one data chunk.
     chunk_rows = max(1, CHUNK_BYTES // (4 * n_components))
     progress = tqdm(disable=not verbose, file=sys.stdout, unit="tok", desc="top activations")
@@ -327,7 +327,14 @@ def collect_reports(
     if choose is None:
         columns = list(range(len(followed)))
     else:
-        overview = totals.result()
+        measured = totals.result(dictionary=False)
+        overview = {
+            "n_tokens": measured["n_tokens"],
+            "l0": measured["mean_l0"],
+            "explained_variance": measured["explained_variance"],
+            "dead_fraction": measured["dead_fraction"],
+            "density": measured["latent_density"],
+        }
         latents = list(choose(overview["density"]))
         columns = latents  # every latent is followed: its column is its index
     tops = state.top_examples(columns)
@@ -386,30 +393,6 @@ def _extraction_batches(extraction):
             extraction.doc_index[start:stop],
             extraction.position[start:stop],
         )
-
-
-class _OverviewTotals:
-    """Sufficient statistics of the overview (all latents), batch by batch."""
-
-    def __init__(self, shift_D, n_components):
-        self.n_rows = 0
-        self.nonzero_F = np.zeros(n_components, dtype=np.int64)
-        self.explained = ExplainedVarianceAccumulator(shift=shift_D)
-
-    def update(self, x_ND, codes_NF, x_hat_ND):
-        self.n_rows += x_ND.shape[0]
-        self.nonzero_F += (codes_NF != 0).sum(dim=0).cpu().numpy()
-        self.explained.update(x_ND.cpu().numpy(), x_hat_ND.cpu().numpy())
-
-    def result(self):
-        density_F = self.nonzero_F / self.n_rows
-        return {
-            "n_tokens": self.n_rows,
-            "l0": float(self.nonzero_F.sum() / self.n_rows),
-            "explained_variance": self.explained.result(),
-            "dead_fraction": float(np.mean(density_F == 0)),
-            "density": density_F,
-        }
 
 
 class _Kept:
