@@ -32,8 +32,9 @@ from _shared import save_character_llama
 
 import skSAE
 from skSAE import ActivationExtractor, SparseAutoencoder, corpora
-from skSAE.__main__ import parse_args, split_texts
 from skSAE._architectures import ARCHITECTURES
+from skSAE._main_job import parse_args
+from skSAE.corpora import split_texts
 from skSAE.metrics import mean_l0
 
 SEED = 0

@@ -1,4 +1,5 @@
 """Fit sparse autoencoders on real language-model activations held in a NumPy array.
+=================================================================================
 
 `ActivationExtractor` turns Python's own documentation (``pydoc_data.topics``) into
 the residual stream of SmolLM2-135M after block 6, one row per token (the first
@@ -77,7 +78,10 @@ def print_table(rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description="Fit sparse autoencoders on real language-model activations held in a "
+        "NumPy array."
+    )
     parser.add_argument("--tokens", type=int, default=50_000, help="tokens to extract (about)")
     parser.add_argument("--layer", type=int, default=6, help="decoder block to read")
     args = parser.parse_args(argv)

@@ -330,13 +330,13 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
 
     Attributes
     ----------
-    W_enc_ : ndarray of shape (n_features_in_, n_components)
+    W_enc_ : ndarray of shape (n_features, n_components)
         Encoder weights.
     b_enc_ : ndarray of shape (n_components,)
         Encoder bias.
-    components_ : ndarray of shape (n_components, n_features_in_)
+    components_ : ndarray of shape (n_components, n_features)
         Decoder directions, one unit-norm row per latent.
-    b_dec_ : ndarray of shape (n_features_in_,)
+    b_dec_ : ndarray of shape (n_features,)
         Decoder bias: the reconstruction of an all-zero code.
     threshold_ : ndarray of shape () or (n_components,)
         Codes are kept where the pre-activation exceeds it: one value for
@@ -347,7 +347,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     input_scale_ : float
         Factor the inputs were multiplied by in training so that their mean squared norm
         (after centring, with `with_mean`) equals ``n_features_in_``.
-    input_mean_ : ndarray of shape (n_features_in_,)
+    input_mean_ : ndarray of shape (n_features,)
         Mean subtracted in training (zeros unless `with_mean`). Both are already
         folded into the attributes above.
     sparsity_coefficient_ : float
@@ -369,7 +369,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         Optimisation steps that made the weights held.
     n_features_in_ : int
         Number of features seen during `fit`.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (n_features,)
         Names of features seen during `fit`, when ``X`` has string column names.
     metadata_ : dict
         Only on models read by `skSAE.io.load`: what the file records about the model
@@ -1444,7 +1444,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
 
         Returns
         -------
-        X_hat : ndarray of shape (n_samples, n_features_in_)
+        X_hat : ndarray of shape (n_samples, n_features)
             Float32 reconstructions in the units of the training data.
         """
         check_is_fitted(self)

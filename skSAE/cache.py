@@ -11,6 +11,7 @@ two levels: the order of the chunks, then the rows within a chunk.
 """
 
 import hashlib
+import json
 import os
 from contextlib import closing
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import NamedTuple
 
 import h5py
 import numpy as np
+
+__all__ = ["ActivationCache", "Extraction", "StoredRows", "iter_chunks"]
 
 
 class Extraction(NamedTuple):
@@ -90,8 +93,8 @@ class ActivationCache:
     chunked and resizable; ``token_ids``, ``doc_index`` and ``position`` (n_rows,) int64.
     Attributes record the extractor's `extraction_key` (model, tokenizer, hook, layer,
     context and batch settings, dtype, the position and norm rules and skSAE version),
-    the number and digest of the texts, ``d_model``, and how far an unfinished extraction
-    got. The object stores only the path, so it pickles.
+    the number and digest of the texts, ``d_model``, how far an unfinished extraction
+    got, and the hook's metadata (`hook_metadata`). The object stores only the path, so it pickles.
 
     Parameters
     ----------
@@ -120,6 +123,16 @@ class ActivationCache:
         """The file's attributes as a plain dict."""
         with self.open() as file:
             return dict(file.attrs)
+
+    @property
+    def hook_metadata(self):
+        """What the extractor recorded about its hook (`ActivationExtractor.hook_metadata`).
+
+        Pass it to `skSAE.io.save` with an SAE trained on the rows, so that
+        `ActivationExtractor.from_metadata` finds the same activations again. An empty
+        dict for a store that does not record it (one written by an older skSAE).
+        """
+        return json.loads(self.attrs.get("hook_metadata", "{}"))
 
     @property
     def n_rows(self):
@@ -202,7 +215,8 @@ class ActivationCache:
                     f"the first position of each context are dropped; {cache.path} was "
                     "not written."
                 )
-            _create_store(cache.path, expected, first)
+            metadata = {"hook_metadata": json.dumps(extractor.hook_metadata())}
+            _create_store(cache.path, {**expected, **metadata}, first)
             with h5py.File(cache.path, "a") as file:
                 _append_batches(file, batches, first.activations.shape[0], len(texts))
         return cache

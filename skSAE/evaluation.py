@@ -82,9 +82,10 @@ def evaluate(sae, extractor, texts, labelled=None, *, absorption=False, amortisa
         Held-out texts.
     labelled : tuple of (list of str, array-like), default=None
         Texts and one label per text (e.g. `skSAE.corpora.labelled_texts`).
-    absorption : bool, default=False
+    absorption : bool or dict, default=False
         Add the first-letter absorption scores (``mean_absorption_fraction_score``,
-        ``mean_full_absorption_score``, ``mean_num_split_features``, ...).
+        ``mean_full_absorption_score``, ``mean_num_split_features``, ...); a dict is
+        passed to `first_letter_absorption` (e.g. ``{"max_words": 300}``).
     amortisation : bool, default=False
         Add ``omp_explained_variance``, ``omp_mean_l0`` and ``amortisation_gap`` (OMP's
         explained variance minus the encoder's, on the same rows).
@@ -160,8 +161,9 @@ def evaluate(sae, extractor, texts, labelled=None, *, absorption=False, amortisa
             )
         if absorption:
             _next_stage(progress, stages)
+            options = absorption if isinstance(absorption, dict) else {}
             scores, _ = first_letter_absorption(
-                sae, extractor, random_state=random_state, verbose=verbose
+                sae, extractor, **{"random_state": random_state, "verbose": verbose, **options}
             )
             report.update(scores)
         if amortisation:

@@ -95,6 +95,24 @@ class _StopForward(Exception):  # noqa: N818 - a control-flow signal, not an err
     """Raised by a capture hook to skip the layers after the hooked one."""
 
 
+class _TextProgress(tqdm):
+    """A progress bar over the characters of a list of texts, advanced by texts done."""
+
+    def __init__(self, texts, first_document, **kwargs):
+        self._ends = np.cumsum([0, *(len(text) for text in texts)])
+        super().__init__(
+            total=int(self._ends[-1]),
+            initial=int(self._ends[first_document]),
+            unit="char",
+            unit_scale=True,
+            **kwargs,
+        )
+
+    def advance(self, documents_done):
+        """Move to the end of text ``documents_done - 1``."""
+        self.update(int(self._ends[documents_done]) - self.n)
+
+
 class ActivationExtractor(TransformerMixin, BaseEstimator):
     """Activations of a transformers model at one hook point, one row per kept token.
 
@@ -463,9 +481,19 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
         model, _ = self.load()
         module = self._hook_module()
         batches = self._batches(texts, next(model.parameters()).device, int(first_document))
-        return self._generate_batches(model, module, batches)
+        return self._generate_batches(model, module, batches, texts, int(first_document))
 
-    def _generate_batches(self, model, module, batches):
+    def _progress(self, desc, texts, first_document=0):
+        """A bar over the texts' characters (known up front: a total and a true ETA).
+
+        Texts differ in length, so the bar counts characters, not texts; call
+        `_TextProgress.advance` with a batch's ``documents_done``.
+        """
+        return _TextProgress(
+            texts, first_document, desc=desc, disable=not self.verbose, file=sys.stdout
+        )
+
+    def _generate_batches(self, model, module, batches, texts, first_document):
         captured = []
 
         def capture(module, args, output):
@@ -474,7 +502,7 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
 
         n_kept = 0
         started = time.perf_counter()
-        progress = tqdm(disable=not self.verbose, file=sys.stdout, unit="tok", desc="extracting")
+        progress = self._progress("extracting", texts, first_document)
         handle = module.register_forward_hook(capture)
         try:
             with torch.inference_mode():
@@ -491,7 +519,11 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
                     keep_BS = self._kept(batch.keep_BS, captured[0])
                     acts_ND = captured[0][keep_BS].to("cpu", torch.float32).numpy()
                     n_kept += acts_ND.shape[0]
-                    progress.update(acts_ND.shape[0])
+                    progress.advance(batch.documents_done)
+                    elapsed = time.perf_counter() - started
+                    progress.set_postfix_str(
+                        f"{n_kept} tok, {n_kept / max(elapsed, 1e-9):.0f} tok/s", refresh=False
+                    )
                     yield ExtractedBatch(
                         activations=acts_ND,
                         token_ids=batch.input_ids_BS[keep_BS].cpu().numpy(),
@@ -597,8 +629,10 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
         kl_sums = {name: 0.0 for name in replacements}
         clean_sum = 0.0
         n_predictions = 0
-        with torch.inference_mode():
+        progress = self._progress("loss recovered", texts)
+        with torch.inference_mode(), progress:
             for batch in self._batches(texts, device):
+                progress.advance(batch.documents_done)
                 current["keep_BS"] = batch.keep_BS
                 labels_BS = _labels(batch)
                 clean_BSV = self._logits(model, batch)

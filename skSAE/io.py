@@ -4,14 +4,16 @@
 here runs code on load (no pickle): safetensors, JSON, and for dictionary_learning a
 torch state dict read with ``weights_only=True``.
 
-| format                  | read | write | architectures                                          |
-|-------------------------|------|-------|--------------------------------------------------------|
-| ``"skSAE"``             | yes  | yes   | all six                                                |
-| ``"saelens"`` (6.x)     | yes  | yes   | standard, topk, jumprelu, gated (batchtopk and         |
-|                         |      |       | matryoshka are written as jumprelu)                    |
-| ``"sparsify"``          | yes  | no    | topk                                                   |
-| ``"dictionary_learning"`` | yes | no   | AutoEncoder, AutoEncoderTopK, BatchTopKSAE,            |
-|                         |      |       | MatryoshkaBatchTopKSAE, JumpReluAutoEncoder, Gated     |
+=========================  ====  =====  ================================================
+format                     read  write  architectures
+=========================  ====  =====  ================================================
+``"skSAE"``                yes   yes    all six
+``"saelens"`` (6.x)        yes   yes    standard, topk, jumprelu, gated (batchtopk and
+                                        matryoshka are written as jumprelu)
+``"sparsify"``             yes   no     topk
+``"dictionary_learning"``  yes   no     AutoEncoder, AutoEncoderTopK, BatchTopKSAE,
+                                        MatryoshkaBatchTopKSAE, JumpReluAutoEncoder, Gated
+=========================  ====  =====  ================================================
 """
 
 import json

@@ -450,3 +450,16 @@ def test_evaluate_adds_the_absorption_scores(word_model_dir, word_sae):
     for name, value in scores.items():
         assert report[name] == value, name
     assert np.isfinite(report["loss_recovered"]) and report["n_tokens"] > 0
+
+
+def test_evaluate_passes_absorption_options_on(word_model_dir, word_sae):
+    from skSAE.evaluation import evaluate
+
+    extractor = ActivationExtractor(word_model_dir, layer=1, device="cpu")
+    held_out = [f" {w} has the first letter: {w[0].upper()}" for w in WORDS[:20]]
+    with pytest.warns(FewLettersWarning):
+        report = evaluate(word_sae, extractor, held_out, absorption={"max_words": 30})
+    with pytest.warns(FewLettersWarning):
+        scores, _ = first_letter_absorption(word_sae, extractor, max_words=30, random_state=0)
+    assert report["n_words"] == scores["n_words"] <= 30
+    assert report["mean_absorption_fraction_score"] == scores["mean_absorption_fraction_score"]

@@ -168,7 +168,7 @@ def test_main_job_runs_under_torchrun(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SKSAE_DISTRIBUTED_TIMEOUT": "120"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("loss recovered") == 1  # rank 0 reports, once
+    assert done.stdout.count("cross-entropy with SAE") == 1  # rank 0 reports, once
     from skSAE import io
 
     sae = io.load(tmp_path / "sae")

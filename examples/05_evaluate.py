@@ -1,4 +1,5 @@
 """Evaluate SAEs beyond L0: three architectures on SmolLM2-135M, one table, one figure.
+====================================================================================
 
 1. Extracts block-6 residual activations of SmolLM2-135M on Python's documentation.
 2. Trains a TopK (k=32), a JumpReLU and a ReLU SAE (both ``target_l0=32``), so all
@@ -12,7 +13,7 @@
 
 Run from the repository root (offline; several minutes on 2 CPU cores)::
 
-    python examples/06_evaluate.py
+    python examples/05_evaluate.py
 """
 
 import argparse
@@ -54,10 +55,16 @@ def pieces(texts, size):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description="Evaluate SAEs beyond L0: three architectures on SmolLM2-135M, one "
+        "table, one figure."
+    )
     parser.add_argument("--train-chars", type=int, default=240_000)
     parser.add_argument("--held-out-chars", type=int, default=24_000)
     parser.add_argument("--per-class", type=int, default=30, help="labelled passages per play")
+    parser.add_argument(
+        "--absorption-words", type=int, default=3000, help="words of the first-letter task"
+    )
     parser.add_argument("--output", default="examples/output/evaluation.png")
     args = parser.parse_args(argv)
     try:
@@ -92,7 +99,7 @@ def main(argv=None):
             extractor,
             held_out,
             labelled=labelled,
-            absorption=True,
+            absorption={"max_words": args.absorption_words},
             amortisation=True,
             verbose=1,
         )

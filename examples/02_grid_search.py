@@ -1,4 +1,5 @@
 """Model selection from text: GridSearchCV over SAE sparsity on L0, variance and loss recovered.
+=============================================================================================
 
 A `Pipeline([ActivationExtractor, SparseAutoencoder])` takes texts (Python's pydoc
 topics) and is searched over ``l1_coefficient`` (ReLU) and ``k`` (TopK). Folds split
@@ -12,7 +13,7 @@ The refitted pipeline is saved with joblib, reloaded and reused on new text.
 
 Run from the repository root (offline; a few minutes on 2 CPU cores)::
 
-    python examples/03_grid_search.py
+    python examples/02_grid_search.py
 """
 
 import argparse
@@ -59,7 +60,10 @@ def print_cv_table(search):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description="Model selection from text: GridSearchCV over SAE sparsity on L0, "
+        "variance and loss recovered."
+    )
     parser.add_argument("--chars", type=int, default=24_000, help="characters of text to search on")
     parser.add_argument("--max-l0", type=float, default=40.0, help="L0 budget of the refit")
     parser.add_argument("--output", default="examples/output", help="folder for the plot and model")

@@ -1,0 +1,308 @@
+"""The ``skSAE`` command line, driven as a user runs it: subprocesses on real files.
+
+A tiny random Llama with a character tokenizer stands in for the model; the store, the
+saved SAE, the JSON and the HTML page are real files, compared with what the Python
+API makes of the same inputs.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import make_char_tokenizer, make_tiny_model
+
+from skSAE import ActivationExtractor, SparseAutoencoder, cli, io
+from skSAE.evaluation import evaluate
+
+WORDS = "the quick brown fox jumps over lazy dog sparse autoencoders find directions".split()
+TRAIN_PARAMS = {"n_components": 32, "k": 4, "max_iter": 2, "random_state": 0, "device": "cpu"}
+
+
+def skSAE(*args, cwd, check=True, timeout=300):
+    """Run ``python -m skSAE *args`` in ``cwd``; returns the CompletedProcess."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "skSAE", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def write_texts(folder, n_texts, n_words, seed):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(n_texts):
+        text = " ".join(rng.choice(WORDS) for _ in range(n_words))
+        (folder / f"{i:04d}.txt").write_text(text + ".", encoding="utf-8")
+    return sorted(folder.glob("*.txt"))
+
+
+def read_all(paths):
+    return [path.read_text(encoding="utf-8") for path in paths]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A model folder, training and held-out texts, and a store and SAE made by the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    make_tiny_model("llama", n_positions=128).save_pretrained(root / "model")
+    make_char_tokenizer().save_pretrained(root / "model")
+    write_texts(root / "train", 40, 60, seed=0)
+    write_texts(root / "held_out", 6, 60, seed=1)
+    (root / "sae.toml").write_text(
+        'n_components = 32\nk = 8\nmax_iter = 2\nrandom_state = 0\ndevice = "cpu"\n'
+    )
+    extract = skSAE(
+        "extract", "--model", "model", "--layer", "1", "--texts", "train",
+        "--store", "acts.h5", "--device", "cpu", "--json", cwd=root,
+    )  # fmt: skip
+    # --k on the command line wins over the config file's k = 8.
+    train = skSAE(
+        "train", "--store", "acts.h5", "--config", "sae.toml", "--k", "4",
+        "--output", "sae", "--json", cwd=root,
+    )  # fmt: skip
+    return root, json.loads(extract.stdout), json.loads(train.stdout), train
+
+
+def test_extract_writes_the_rows_the_api_extracts(workdir):
+    root, extracted, _, _ = workdir
+    extractor = ActivationExtractor(str(root / "model"), layer=1, device="cpu")
+    expected = extractor.transform(read_all(sorted((root / "train").glob("*.txt"))))
+    with h5py.File(root / "acts.h5") as file:
+        np.testing.assert_array_equal(file["activations"][:], expected)
+        assert json.loads(file.attrs["hook_metadata"])["hook_name"] == "blocks.1.hook_resid_post"
+    assert extracted["rows"] == expected.shape[0] and extracted["texts"] == 40
+    assert extracted["status"] == "written"
+
+
+def test_train_fits_the_model_the_api_fits_on_the_store(workdir):
+    root, _, trained, _ = workdir
+    sae = io.load(root / "sae")
+    expected = SparseAutoencoder(**TRAIN_PARAMS)
+    with h5py.File(root / "acts.h5") as file:
+        expected.fit(file["activations"])
+    np.testing.assert_array_equal(sae.components_, expected.components_)
+    assert sae.k == 4  # the flag over the config's 8
+    assert trained["steps"] == expected.n_steps_ and trained["n_components"] == 32
+    # The store's hook metadata travels with the model, so evaluate needs no --model.
+    assert sae.metadata_["model_name"] == "model" and sae.metadata_["layer"] == 1
+
+
+def test_train_shows_progress_unless_quiet(workdir, tmp_path):
+    root, _, _, train = workdir
+    assert "SparseAutoencoder(topk)" in train.stderr  # --json sends the bar to stderr
+    quiet = skSAE(
+        "train", "--store", root / "acts.h5", "--output", tmp_path / "sae", "--quiet",
+        *[f"--{key.replace('_', '-')}={value}" for key, value in TRAIN_PARAMS.items()],
+        cwd=root,
+    )  # fmt: skip
+    assert "step/s" not in quiet.stdout + quiet.stderr
+    assert quiet.stdout.splitlines()[0].split() == ["output", str(tmp_path / "sae")]
+
+
+def test_evaluate_prints_the_api_metrics(workdir):
+    root, _, _, _ = workdir
+    done = skSAE("evaluate", "sae", "--texts", "held_out", "--device", "cpu", "--json", cwd=root)
+    report = json.loads(done.stdout)
+    sae = io.load(root / "sae")
+    extractor = ActivationExtractor.from_metadata(sae, model=str(root / "model"), device="cpu")
+    expected = evaluate(sae, extractor, read_all(sorted((root / "held_out").glob("*.txt"))))
+    for key in (
+        "explained_variance",
+        "mean_l0",
+        "loss_recovered",
+        "kl_divergence",
+        "dead_fraction",
+    ):
+        assert report[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+    assert report["texts"] == 6
+    table = skSAE("evaluate", "sae", "--texts", "held_out", "--device", "cpu", "--quiet", cwd=root)
+    rows = dict(line.split(None, 1) for line in table.stdout.splitlines())
+    assert float(rows["explained_variance"]) == pytest.approx(expected["explained_variance"], 1e-3)
+
+
+def test_dashboard_writes_the_page(workdir):
+    root, _, _, _ = workdir
+    done = skSAE(
+        "dashboard", "sae", "--output", "page/dashboard.html", "--texts", "held_out",
+        "--n-latents", "5", "--title", "tiny llama", "--device", "cpu", "--json", cwd=root,
+    )  # fmt: skip
+    page = (root / "page" / "dashboard.html").read_text(encoding="utf-8")
+    assert json.loads(done.stdout)["output"] == "page/dashboard.html"
+    assert page.count("<title>tiny llama</title>") == 1
+    assert page.count('class="latent-item') == 5  # one entry per latent in the list
+
+
+def test_convert_round_trips_through_saelens(workdir):
+    root, _, _, _ = workdir
+    skSAE("convert", "sae", "as_saelens", "--to", "saelens", cwd=root)
+    assert io.detect_format(root / "as_saelens") == "saelens"
+    done = skSAE("convert", "as_saelens", "back", "--json", cwd=root)
+    assert json.loads(done.stdout)["source_format"] == "saelens"
+    original, back = io.load(root / "sae"), io.load(root / "back")
+    np.testing.assert_allclose(back.components_, original.components_, rtol=1e-6)
+    refused = skSAE("convert", "as_saelens", "back", cwd=root, check=False)
+    assert refused.returncode == 1 and "overwrite" in refused.stderr
+
+
+def test_a_bad_flag_is_a_usage_error(workdir):
+    root, _, _, _ = workdir
+    done = skSAE("train", "--store", "acts.h5", "--output", "x", "--kk", "3", cwd=root, check=False)
+    assert done.returncode == 2
+    assert "skSAE train: error: unrecognized arguments: --kk 3" in done.stderr
+    assert not (root / "x").exists()
+
+
+def test_a_bad_value_or_config_key_is_a_usage_error(workdir, tmp_path, capsys):
+    root, _, _, _ = workdir
+    base = ["train", "--store", str(root / "acts.h5"), "--output", str(tmp_path / "x")]
+    assert cli.main([*base, "--architecture", "topkk"]) == 2
+    assert "'architecture' parameter of SparseAutoencoder must be" in capsys.readouterr().err
+    config = tmp_path / "bad.json"
+    config.write_text('{"n_component": 32}')
+    assert cli.main([*base, "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "'n_component' is not a SparseAutoencoder parameter; did you mean 'n_components'?" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_missing_store_fails_in_one_line(workdir):
+    root, _, _, _ = workdir
+    done = skSAE("train", "--store", "nowhere.h5", "--output", "x", cwd=root, check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "skSAE train: error: no store at nowhere.h5; write one with "
+        "`skSAE extract --store nowhere.h5`"
+    )
+    assert "Traceback" not in done.stderr
+    debug = skSAE(
+        "train", "--store", "nowhere.h5", "--output", "x", "--debug", cwd=root, check=False
+    )
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_a_bad_layer_fails_in_one_line_in_the_main_job_too(workdir):
+    root, _, _, _ = workdir
+    done = skSAE(
+        "--model", "model", "--layer", "9", "--tokens", "200", "--held-out-tokens", "50",
+        cwd=root, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "skSAE job: error: layer=9 is out of range" in done.stderr
+
+
+def test_train_keeps_a_finished_model(workdir):
+    root, _, _, _ = workdir
+    before = (root / "sae" / "model.safetensors").read_bytes()
+    done = skSAE("train", "--store", "acts.h5", "--output", "sae", cwd=root, check=False)
+    assert done.returncode == 2 and "pass --overwrite" in done.stderr
+    assert (root / "sae" / "model.safetensors").read_bytes() == before
+
+
+def test_an_interrupted_extract_resumes_to_the_uninterrupted_store(workdir, tmp_path):
+    root, _, _, _ = workdir
+    write_texts(tmp_path / "many", 400, 40, seed=2)
+    args = [
+        "extract", "--model", root / "model", "--layer", "1", "--texts", "many",
+        "--store", "acts.h5", "--device", "cpu", "--extract-batch-size", "1",
+        "--max-norm-ratio", "none", "--quiet",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    running = subprocess.Popen(
+        [sys.executable, "-m", "skSAE", *map(str, args)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    store = tmp_path / "acts.h5"
+    deadline = time.monotonic() + 120
+    while not store.exists() and running.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    running.send_signal(signal.SIGINT)
+    _, err = running.communicate(timeout=120)
+    assert running.returncode == 130, err[-2000:]
+    with h5py.File(store) as file:
+        done = int(file.attrs["documents_done"])
+        assert not file.attrs["complete"] and 0 < done < 400
+    assert f"acts.h5 holds {done} of 400 texts; run the same command again to resume" in err
+
+    resumed = json.loads(skSAE(*args, "--json", cwd=tmp_path).stdout)
+    assert resumed["status"] == f"resumed at text {done}"
+    skSAE(*["whole.h5" if arg == "acts.h5" else arg for arg in args], cwd=tmp_path)
+    with h5py.File(store) as a, h5py.File(tmp_path / "whole.h5") as b:
+        assert a.attrs["complete"]
+        for name in ("activations", "token_ids", "doc_index", "position"):
+            np.testing.assert_array_equal(a[name][:], b[name][:])
+
+
+def test_an_interrupted_train_saves_the_model_trained_so_far(workdir, tmp_path):
+    root, extracted, _, _ = workdir
+    log = tmp_path / "stderr.txt"
+    args = [
+        "train", "--store", root / "acts.h5", "--output", tmp_path / "sae", "--json",
+        "--n-components", "32", "--k", "4", "--max-iter", "500", "--batch-size", "16",
+        "--device", "cpu", "--random-state", "0",
+    ]  # fmt: skip
+    with open(log, "w") as stderr:
+        running = subprocess.Popen(
+            [sys.executable, "-m", "skSAE", *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        deadline = time.monotonic() + 120
+        while "SparseAutoencoder(topk)" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # some steps
+        running.send_signal(signal.SIGINT)
+        out, _ = running.communicate(timeout=120)
+    err = log.read_text()
+    assert running.returncode == 130, err[-2000:]
+    assert "saved the model trained so far" in err and out == ""
+    sae = io.load(tmp_path / "sae")
+    assert 0 < sae.n_steps_ < 500 * -(-extracted["rows"] // 16)
+    assert sae.n_steps_ % 32 == 0  # stopped at a progress check, where the loop expects it
+
+
+def test_parse_value_reads_numbers_lists_and_words():
+    assert cli.parse_value("4096") == 4096
+    assert cli.parse_value("3e-4") == pytest.approx(3e-4)
+    assert cli.parse_value("none") is None and cli.parse_value("false") is False
+    assert cli.parse_value("[64, 256]") == [64, 256] == cli.parse_value("64,256")
+    assert cli.parse_value("runs/ckpt.pt") == "runs/ckpt.pt"
+
+
+def test_every_estimator_parameter_is_a_flag_with_help():
+    parser = cli.build_parser().commands["train"]
+    flags = {action.dest: action for action in parser._actions}
+    for name in SparseAutoencoder().get_params():
+        if name in ("verbose", "logger"):
+            continue
+        action = flags[f"param_{name}"]
+        assert action.option_strings == ["--" + name.replace("_", "-")]
+        assert len(action.help) > 30, name  # the docstring's first sentence and the default
+
+
+def test_the_console_script_is_installed():
+    script = Path(sys.executable).parent / "skSAE"
+    assert script.exists(), "reinstall the package (pip install -e .) to get the skSAE script"
+    done = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "extract" in done.stdout and "dashboard" in done.stdout
