@@ -55,6 +55,7 @@ from ._recipe import (
     TrainingSchedule,
     TrainingStatistics,
     auto_batch_size,
+    auto_warmup_steps,
     default_learning_rate,
     geometric_median,
     resample_dead_latents,
@@ -221,8 +222,12 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         `partial_fit` the steps are all those made so far including the call's, and
         at least 977 (a stream of 1M rows), so the rate falls as a stream goes on. The
         value used is `learning_rate_`.
-    warmup_steps : int, default=0
-        Steps of linear learning-rate warm-up at the start of training.
+    warmup_steps : int or "auto", default="auto"
+        Steps of linear learning-rate warm-up at the start of training. ``"auto"``
+        means 5% of the optimiser steps of a `fit` (of the ~1000 steps of a stream of
+        1M rows in `partial_fit`, resolved at its first call), and none for a fixed L1
+        coefficient (``"relu"`` and ``"gated"`` without `target_l0`), where it loses;
+        the value used is `warmup_steps_`.
     decay_fraction : float, default=0.2
         Fraction of the steps of each `fit` over which the learning rate decays
         linearly to zero at the end (Conerly et al. 2024). `partial_fit` never decays.
@@ -363,6 +368,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         Rows per optimisation step of the last training call (`batch_size` resolved).
     learning_rate_ : float
         Base Adam step size of the last training call (`learning_rate` resolved).
+    warmup_steps_ : int
+        Warm-up steps of the last training call (`warmup_steps` resolved).
     n_iter_ : int
         Passes over the data completed by the weights held.
     n_steps_ : int
@@ -466,7 +473,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         "with_mean": ["boolean"],
         "decoder_bias_init": [StrOptions({"mean", "geometric_median"})],
         "learning_rate": [Interval(Real, 0, None, closed="neither"), None],
-        "warmup_steps": [Interval(Integral, 0, None, closed="left")],
+        "warmup_steps": [Interval(Integral, 0, None, closed="left"), StrOptions({"auto"})],
         "decay_fraction": [Interval(Real, 0, 1, closed="both")],
         "sparsity_warmup_steps": [Interval(Integral, 0, None, closed="left")],
         "max_grad_norm": [Interval(Real, 0, None, closed="neither"), None],
@@ -506,7 +513,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         with_mean=False,
         decoder_bias_init="mean",
         learning_rate=None,
-        warmup_steps=0,
+        warmup_steps="auto",
         decay_fraction=0.2,
         sparsity_warmup_steps=0,
         max_grad_norm=None,
@@ -971,6 +978,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         module.train()
         n_components = module.W_dec_FD.shape[0]
         batch_size, learning_rate, total_steps = self._resolve_budget(data, n_epochs, whole_fit)
+        self._resolve_warmup(module, total_steps, whole_fit)
         steps_per_epoch = math.ceil(data.n_rows / batch_size)
         # In fit, a latent silent for a whole pass over X is dead even within the window.
         tracker = DeadLatentTracker(
@@ -985,7 +993,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             learning_rate=learning_rate,
             total_steps=total_steps,
             steps_before=self.n_steps_,
-            warmup_steps=self.warmup_steps,
+            warmup_steps=self.warmup_steps_,
             sparsity_warmup_steps=self.sparsity_warmup_steps,
             decay_fraction=self.decay_fraction if whole_fit else 0.0,
             coefficient=self._coefficient(self.architecture),
@@ -1077,6 +1085,23 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.batch_size_ = batch_size
         self.learning_rate_ = learning_rate
         return batch_size, learning_rate, total_steps
+
+    def _resolve_warmup(self, module, total_steps, whole_fit):
+        """`warmup_steps_`: 5% of the fit's steps for ``"auto"`` (of a stream's, once).
+
+        A fixed L1 coefficient (ReLU or gated without `target_l0`) gets none: there a
+        warm-up leaves more codes on and recovers fewer directions (benchmarks/README.md,
+        "Adam's betas and epsilon, the schedule, and warm-up").
+        """
+        if self.warmup_steps != "auto":
+            self.warmup_steps_ = self.warmup_steps
+        elif module.coefficient_name == "l1_coefficient" and self.target_l0 is None:
+            self.warmup_steps_ = 0
+        elif whole_fit:
+            self.warmup_steps_ = auto_warmup_steps(total_steps)
+        elif not hasattr(self, "warmup_steps_"):  # a stream: its first call decides
+            stream_steps = math.ceil(STREAM_TOKENS / auto_batch_size(STREAM_TOKENS))
+            self.warmup_steps_ = auto_warmup_steps(stream_steps)
 
     def _minibatch_step(self, run, stats, x_BD):
         """One optimisation step on a batch in the user's units.
@@ -2011,6 +2036,7 @@ SAVED_ATTRIBUTES = (
     "loss_curve_",
     "batch_size_",
     "learning_rate_",
+    "warmup_steps_",
     "n_iter_",
     "n_steps_",
 )

@@ -175,16 +175,17 @@ def test_topk_defaults_recover_the_directions_on_small_data(small_data):
 
 
 # Ground-truth recovery each architecture reaches there at its defaults, less a margin
-# (measured, unseeded runs and seed 0: topk and relu above 0.95, matryoshka 0.83,
-# batchtopk 0.81, gated 0.56-0.66, jumprelu 0.51); the L0 target is the point. The
+# (measured with the 5% warm-up, seeds 0-2: topk 0.990, relu 0.988, gated 0.943,
+# matryoshka 0.869, jumprelu 0.866, batchtopk 0.856; without it gated was 0.61 and
+# jumprelu 0.49, with most of their latents dead); the L0 target is the point. The
 # fits are seeded (random_state is no quality knob) so that the test is deterministic.
 RECOVERY_BAR = {
-    "topk": 0.9,
-    "relu": 0.9,
-    "matryoshka": 0.75,
-    "batchtopk": 0.75,
-    "gated": 0.5,
-    "jumprelu": 0.45,
+    "topk": 0.95,
+    "relu": 0.95,
+    "gated": 0.9,
+    "matryoshka": 0.8,
+    "jumprelu": 0.8,
+    "batchtopk": 0.8,
 }
 
 
@@ -196,7 +197,7 @@ def test_every_architecture_meets_its_l0_on_small_data(small_data, name):
     sae.fit(X)
     assert mean_l0(sae, X_test) == pytest.approx(4, rel=0.1)
     assert mean_max_cosine(directions, sae.components_) > RECOVERY_BAR[name]
-    assert sae.score(X_test) > 0.35  # measured 0.42 (jumprelu) to 0.81 (topk)
+    assert sae.score(X_test) > 0.6  # measured 0.65 (relu) to 0.82 (topk), seeds 0-2
 
 
 @pytest.mark.slow  # acceptance: calibration from a coefficient far too small or large

@@ -145,6 +145,39 @@ def test_warmup_steps_start_from_a_small_learning_rate(small_X):
     assert np.abs(trained.components_ - untrained.components_).max() > 1e-3
 
 
+def test_auto_warmup_is_five_percent_of_the_steps_of_a_fit(small_X):
+    sae = SparseAutoencoder(n_components=16, max_iter=10, batch_size=20, random_state=0)
+    sae.fit(small_X)
+    assert sae.n_steps_ == 100 and sae.warmup_steps_ == 5
+    # The first step runs at a fifth of the rate, as the schedule's warm-up says.
+    schedule_start = SparseAutoencoder(
+        n_components=16, max_iter=1, batch_size=200, learning_rate=0.01, random_state=0
+    ).fit(small_X)
+    assert schedule_start.warmup_steps_ == 0  # round(0.05 * 1)
+    given = SparseAutoencoder(n_components=16, max_iter=10, batch_size=20, warmup_steps=7)
+    assert given.fit(small_X).warmup_steps_ == 7
+
+
+def test_auto_warmup_is_off_for_a_fixed_l1_coefficient(small_X):
+    options = dict(n_components=16, max_iter=10, batch_size=20, random_state=0)
+    for architecture in ("relu", "gated"):
+        fixed = SparseAutoencoder(architecture=architecture, **options).fit(small_X)
+        calibrated = SparseAutoencoder(architecture=architecture, target_l0=4, **options)
+        assert fixed.warmup_steps_ == 0
+        assert calibrated.fit(small_X).warmup_steps_ == 5
+    jumprelu = SparseAutoencoder(architecture="jumprelu", **options).fit(small_X)
+    assert jumprelu.warmup_steps_ == 5
+
+
+def test_auto_warmup_of_a_stream_is_decided_by_its_first_call(small_X):
+    sae = SparseAutoencoder(n_components=16, random_state=0)
+    sae.partial_fit(small_X)
+    # A stream is sized as 1M rows: 977 steps of 1024 rows, 5% of them.
+    assert sae.warmup_steps_ == round(0.05 * 977)
+    sae.partial_fit(small_X[:50])
+    assert sae.warmup_steps_ == 49
+
+
 def test_sparsity_warmup_lowers_the_early_penalty(sparse_dataset):
     X, _ = sparse_dataset
     options = dict(n_components=64, architecture="relu", l1_coefficient=3.0, max_iter=1)
