@@ -137,7 +137,8 @@ def main(argv=None):
         subprocess.run(
             [
                 sys.executable,
-                str(Path(__file__).with_name("screenshot_dashboard.py")),
+                # sys.argv[0], not __file__: the gallery of the docs runs this without one.
+                str(Path(sys.argv[0]).resolve().with_name("screenshot_dashboard.py")),
                 str(page),
                 str(output / "dashboard.png"),
             ],

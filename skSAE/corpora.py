@@ -248,8 +248,8 @@ def read_texts(paths, *, pattern="*.txt"):
         files, whose lines are JSON objects with a ``"text"`` field (one text each).
         A folder stands for the files under it (recursively) whose names match
         `pattern`, in sorted order.
-    pattern : str, default=``"*.txt"``
-        Glob pattern of the files taken from a folder.
+    pattern : str, optional
+        Glob pattern of the files taken from a folder; ``"*.txt"`` by default.
 
     Returns
     -------
