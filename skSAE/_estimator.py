@@ -59,6 +59,7 @@ from ._recipe import (
     default_learning_rate,
     geometric_median,
     resample_dead_latents,
+    stream_steps,
 )
 from ._sklearn_compat import (
     HasMethods,
@@ -1069,9 +1070,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         elif whole_fit:
             learning_rate = default_learning_rate(total_steps, self.n_features_in_)
         else:
-            stream_steps = math.ceil(STREAM_TOKENS / auto_batch_size(STREAM_TOKENS))
             learning_rate = default_learning_rate(
-                max(self.n_steps_ + total_steps, stream_steps), self.n_features_in_
+                max(self.n_steps_ + total_steps, stream_steps()), self.n_features_in_
             )
         if whole_fit and total_steps < MIN_CONVERGED_STEPS:
             warnings.warn(
@@ -1100,8 +1100,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         elif whole_fit:
             self.warmup_steps_ = auto_warmup_steps(total_steps)
         elif not hasattr(self, "warmup_steps_"):  # a stream: its first call decides
-            stream_steps = math.ceil(STREAM_TOKENS / auto_batch_size(STREAM_TOKENS))
-            self.warmup_steps_ = auto_warmup_steps(stream_steps)
+            self.warmup_steps_ = auto_warmup_steps(stream_steps())
 
     def _minibatch_step(self, run, stats, x_BD):
         """One optimisation step on a batch in the user's units.

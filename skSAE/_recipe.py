@@ -53,6 +53,11 @@ def auto_batch_size(tokens):
     return int(min(max(batch_size, MIN_AUTO_BATCH_SIZE), MAX_AUTO_BATCH_SIZE))
 
 
+def stream_steps():
+    """Optimiser steps of a `STREAM_TOKENS` stream at its auto batch size (977)."""
+    return math.ceil(STREAM_TOKENS / auto_batch_size(STREAM_TOKENS))
+
+
 def auto_warmup_steps(total_steps):
     """Warm-up steps for a run of ``total_steps``: ``round(0.05 * total_steps)``."""
     return round(AUTO_WARMUP_FRACTION * total_steps)

@@ -484,9 +484,7 @@ def _train(args):
 def _evaluate(args):
     from .evaluation import evaluate
 
-    sae = _load_sae(args.sae)
-    extractor = _loaded_extractor(args, sae)
-    texts = _texts(args)
+    sae, extractor, texts = _saved_sae_and_texts(args)
     labelled = None
     if args.labelled:
         labelled = corpora.labelled_texts(args.labelled, per_class=args.per_class)
@@ -506,9 +504,7 @@ def _evaluate(args):
 def _dashboard(args):
     from .dashboard import write_dashboard
 
-    sae = _load_sae(args.sae)
-    extractor = _loaded_extractor(args, sae)
-    texts = _texts(args)
+    sae, extractor, texts = _saved_sae_and_texts(args)
     loss_recovered = None
     if args.loss_recovered:
         from .metrics import loss_recovered as measure
@@ -584,10 +580,15 @@ def _extractor(args, device):
     )
 
 
+def _saved_sae_and_texts(args):
+    """The saved SAE of ``args.sae``, its extractor and the texts (evaluate, dashboard)."""
+    sae = _load_sae(args.sae)
+    return sae, _loaded_extractor(args, sae), _texts(args)
+
+
 def _loaded_extractor(args, sae):
     """The extractor of a loaded SAE's metadata, with the flags over it."""
-    params = {"batch_size": args.extract_batch_size, "device": args.device}
-    params["verbose"] = not args.quiet
+    params = dict(batch_size=args.extract_batch_size, device=args.device, verbose=not args.quiet)
     metadata = getattr(sae, "metadata_", {})
     if args.hook is not None or args.layer is not None:
         metadata = {k: v for k, v in metadata.items() if k not in ("hook_name", "hf_hook_name")}

@@ -5,6 +5,7 @@ saved SAE, the JSON and the HTML page are real files, compared with what the Pyt
 API makes of the same inputs.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -17,6 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from conftest import make_char_tokenizer, make_tiny_model
 
 from skSAE import ActivationExtractor, SparseAutoencoder, cli, io
@@ -51,6 +53,17 @@ def write_texts(folder, n_texts, n_words, seed):
     return sorted(folder.glob("*.txt"))
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one thread, as the subprocesses run (OMP_NUM_THREADS=1): the same kernels."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def read_all(paths):
     return [path.read_text(encoding="utf-8") for path in paths]
 
@@ -81,9 +94,10 @@ def workdir(tmp_path_factory):
 def test_extract_writes_the_rows_the_api_extracts(workdir):
     root, extracted, _, _ = workdir
     extractor = ActivationExtractor(str(root / "model"), layer=1, device="cpu")
-    expected = extractor.transform(read_all(sorted((root / "train").glob("*.txt"))))
+    with one_thread():
+        expected = extractor.transform(read_all(sorted((root / "train").glob("*.txt"))))
     with h5py.File(root / "acts.h5") as file:
-        np.testing.assert_array_equal(file["activations"][:], expected)
+        np.testing.assert_allclose(file["activations"][:], expected, rtol=1e-5, atol=1e-6)
         assert json.loads(file.attrs["hook_metadata"])["hook_name"] == "blocks.1.hook_resid_post"
     assert extracted["rows"] == expected.shape[0] and extracted["texts"] == 40
     assert extracted["status"] == "written"
@@ -93,9 +107,9 @@ def test_train_fits_the_model_the_api_fits_on_the_store(workdir):
     root, _, trained, _ = workdir
     sae = io.load(root / "sae")
     expected = SparseAutoencoder(**TRAIN_PARAMS)
-    with h5py.File(root / "acts.h5") as file:
+    with h5py.File(root / "acts.h5") as file, one_thread():
         expected.fit(file["activations"])
-    np.testing.assert_array_equal(sae.components_, expected.components_)
+    np.testing.assert_allclose(sae.components_, expected.components_, rtol=1e-4, atol=1e-5)
     assert sae.k == 4  # the flag over the config's 8
     assert trained["steps"] == expected.n_steps_ and trained["n_components"] == 32
     # The store's hook metadata travels with the model, so evaluate needs no --model.
@@ -120,7 +134,8 @@ def test_evaluate_prints_the_api_metrics(workdir):
     report = json.loads(done.stdout)
     sae = io.load(root / "sae")
     extractor = ActivationExtractor.from_metadata(sae, model=str(root / "model"), device="cpu")
-    expected = evaluate(sae, extractor, read_all(sorted((root / "held_out").glob("*.txt"))))
+    with one_thread():
+        expected = evaluate(sae, extractor, read_all(sorted((root / "held_out").glob("*.txt"))))
     for key in (
         "explained_variance",
         "mean_l0",
