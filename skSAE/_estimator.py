@@ -1071,7 +1071,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             learning_rate = default_learning_rate(total_steps, self.n_features_in_)
         else:
             learning_rate = default_learning_rate(
-                max(self.n_steps_ + total_steps, stream_steps()), self.n_features_in_
+                max(self.n_steps_ + total_steps, stream_steps(STREAM_TOKENS)), self.n_features_in_
             )
         if whole_fit and total_steps < MIN_CONVERGED_STEPS:
             warnings.warn(
@@ -1100,7 +1100,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         elif whole_fit:
             self.warmup_steps_ = auto_warmup_steps(total_steps)
         elif not hasattr(self, "warmup_steps_"):  # a stream: its first call decides
-            self.warmup_steps_ = auto_warmup_steps(stream_steps())
+            self.warmup_steps_ = auto_warmup_steps(stream_steps(STREAM_TOKENS))
 
     def _minibatch_step(self, run, stats, x_BD):
         """One optimisation step on a batch in the user's units.

@@ -53,9 +53,9 @@ def auto_batch_size(tokens):
     return int(min(max(batch_size, MIN_AUTO_BATCH_SIZE), MAX_AUTO_BATCH_SIZE))
 
 
-def stream_steps():
-    """Optimiser steps of a `STREAM_TOKENS` stream at its auto batch size (977)."""
-    return math.ceil(STREAM_TOKENS / auto_batch_size(STREAM_TOKENS))
+def stream_steps(tokens):
+    """Optimiser steps of a stream of ``tokens`` rows at its auto batch size (977 for 1M)."""
+    return math.ceil(tokens / auto_batch_size(tokens))
 
 
 def auto_warmup_steps(total_steps):
