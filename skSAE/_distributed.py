@@ -21,6 +21,8 @@ import torch.distributed as dist
 
 # Seconds a collective waits for the other ranks before the group gives up.
 TIMEOUT_SECONDS = float(os.environ.get("SKSAE_DISTRIBUTED_TIMEOUT", "600"))
+# Rows at the start of X whose norms every rank compares (`check_same_data`).
+FIRST_ROWS_COMPARED = 64
 
 
 class RankFailedError(RuntimeError):
@@ -118,38 +120,45 @@ class DataParallel:
             raise self._failed(exc) from exc
         return gathered
 
-    def check_same_data(self, n_rows, n_features, rows_digest):
+    def check_same_data(self, n_rows, first_HD):
         """Refuse, on every rank alike, ranks that were given different data.
 
         Every rank must call ``fit`` (or ``partial_fit``) with the same rows: each
         draws the same global batches and trains on its share. With other row counts
         the ranks would draw other batches (and, at another number of steps, leave the
-        others waiting in a collective); with other rows they would start from other
-        normalisations. One all-gather of the row count, the width and a digest of the
-        first rows, before any step, so every rank raises the same `ValueError`.
+        others waiting in a collective); with other rows (a shard each) they would
+        start from other normalisations. One all-gather of the row count, the width and
+        the norms of the first rows, before any step, so every rank raises the same
+        `ValueError`. The norms are compared to a relative 1e-3, so rows extracted on
+        each rank by kernels that differ in the last bits still pass.
 
         Parameters
         ----------
-        n_rows, n_features : int
-            The shape of this rank's data.
-        rows_digest : int
-            A hash of its first rows, in [0, 2**63).
+        n_rows : int
+            This rank's row count.
+        first_HD : torch.Tensor of shape (H, D)
+            Its first rows (the same number on every rank that has as many rows).
         """
-        mine = torch.tensor([n_rows, n_features, rows_digest], dtype=torch.int64)
-        gathered = self._all_gather(mine.to(self.device))
-        ranks = [[int(value) for value in tensor.cpu()] for tensor in gathered]
+        n_first = FIRST_ROWS_COMPARED
+        mine = torch.full((2 + n_first,), -1.0, dtype=torch.float64, device=self.device)
+        mine[0], mine[1] = n_rows, first_HD.shape[1]
+        norms_H = first_HD[:n_first].to(self.device, torch.float64).norm(dim=1)
+        mine[2 : 2 + norms_H.numel()] = norms_H
+        ranks = [tensor.cpu() for tensor in self._all_gather(mine)]
         problems = []
         for column, what in ((0, "rows"), (1, "features")):
-            if len({values[column] for values in ranks}) > 1:
-                problems.append(
-                    ", ".join(
-                        f"rank {rank} has {values[column]:,} {what}"
-                        for rank, values in enumerate(ranks)
-                    )
-                    + f": every rank must get the same number of {what}"
+            counts = [int(values[column]) for values in ranks]
+            if len(set(counts)) > 1:
+                each = ", ".join(
+                    f"rank {rank} has {count:,} {what}" for rank, count in enumerate(counts)
                 )
-        if not problems and len({values[2] for values in ranks}) > 1:
-            differing = [rank for rank, values in enumerate(ranks) if values[2] != ranks[0][2]]
+                problems.append(f"{each}: every rank must get the same number of {what}")
+        differing = [
+            rank
+            for rank, values in enumerate(ranks)
+            if not torch.allclose(values[2:], ranks[0][2:], rtol=1e-3, atol=1e-6)
+        ]
+        if not problems and differing:
             problems.append(
                 f"the first rows of rank(s) {', '.join(map(str, differing))} differ from rank "
                 "0's: every rank must get the same rows (not a shard of its own)"

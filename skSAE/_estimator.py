@@ -9,7 +9,6 @@ F n_components, A dead latents, Z non-zero codes of a block.
 """
 
 import copy
-import hashlib
 import math
 import os
 import sys
@@ -48,7 +47,7 @@ from ._checkpoint import (
     write_checkpoint,
 )
 from ._data import CHUNK_BYTES, validated_data
-from ._distributed import DataParallel, data_parallel
+from ._distributed import FIRST_ROWS_COMPARED, DataParallel, data_parallel
 from ._recipe import (
     MIN_CONVERGED_STEPS,
     STREAM_TOKENS,
@@ -900,7 +899,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         """
         parallel = data_parallel()
         if parallel is not None:  # before any work: the same data on every rank
-            parallel.check_same_data(data.n_rows, self.n_features_in_, _first_rows_digest(data))
+            first_HD = next(iter(data.blocks(FIRST_ROWS_COMPARED, torch.device("cpu"))))
+            parallel.check_same_data(data.n_rows, first_HD)
         start = None
         if self.checkpoint_path is not None and not whole_fit:
             start = self._checkpointed_state()  # where a partial_fit call starts from
@@ -1904,13 +1904,6 @@ def _to_csr(codes_HF):
     return sp.csr_matrix(
         (to_numpy(values_Z), columns_Z.cpu().numpy(), indptr), shape=tuple(codes_HF.shape)
     )
-
-
-def _first_rows_digest(data):
-    """A 63-bit hash of the first rows of ``data`` (at most 64), to compare ranks' data."""
-    first_HD = next(iter(data.blocks(64, torch.device("cpu"))))[:64]
-    digest = hashlib.blake2b(to_numpy(first_HD).tobytes(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def _dead_latents(tracker):
