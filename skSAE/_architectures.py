@@ -550,32 +550,37 @@ class BatchTopKModule(TopKModule):
         self.n_threshold_updates.fill_(1 / self.threshold_momentum)
 
     batch_cut = None
-    """In a data-parallel fit, ``batch_cut(flat_N, k)`` gives the global batch's cut."""
+    """In a data-parallel fit, ``batch_cut(flat_N, k)`` gives the global batch's cut and
+    the smallest positive code it keeps over all ranks (`DataParallel.global_top_cut`)."""
 
     def select_flat(self, pre_BF):
         """The batch's ``k * B`` largest codes: values and flat indices ``row * F + latent``.
 
         The indices come sorted, so each row's codes are contiguous; the threshold
-        is updated from the smallest value kept.
+        is updated from the smallest positive value kept.
         """
         flat_N = torch.relu(pre_BF).flatten()
         if self.batch_cut is not None:
             # A data-parallel fit: keep what clears the cut of the *global* batch, so
-            # the ranks together keep the global batch's k * B largest codes.
-            index_K = (flat_N >= self.batch_cut(flat_N, self.k)).nonzero().flatten()
+            # the ranks together keep the global batch's k * B largest codes, and feed
+            # the threshold the global batch's smallest kept code, not this rank's.
+            cut, smallest = self.batch_cut(flat_N, self.k)
+            index_K = (flat_N >= cut).nonzero().flatten()
             values_K = flat_N[index_K]
         else:
             n_kept = min(self.k * pre_BF.shape[0], flat_N.numel())
             values_K, index_K = flat_N.topk(n_kept, sorted=False)
             index_K, order_K = index_K.sort()
             values_K = values_K[order_K]
-        self._update_threshold(values_K)
+            kept_K = values_K.detach()
+            smallest = torch.where(kept_K > 0, kept_K, torch.inf).min()
+        self._update_threshold(smallest)
         return values_K, index_K
 
     @torch.no_grad()
-    def _update_threshold(self, values_K):
+    def _update_threshold(self, smallest):
+        """Fold the smallest positive code kept in a batch (inf: none) into `threshold`."""
         # No host sync: an empty minimum leaves the threshold as is.
-        smallest = torch.where(values_K > 0, values_K, torch.inf).min()
         found = torch.isfinite(smallest)
         self.n_threshold_updates.add_(found.float())
         weight = torch.clamp(1 / self.n_threshold_updates, min=self.threshold_momentum)

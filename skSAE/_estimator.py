@@ -47,7 +47,7 @@ from ._checkpoint import (
     write_checkpoint,
 )
 from ._data import CHUNK_BYTES, validated_data
-from ._distributed import DataParallel, data_parallel
+from ._distributed import FIRST_ROWS_COMPARED, DataParallel, data_parallel
 from ._recipe import (
     MIN_CONVERGED_STEPS,
     STREAM_TOKENS,
@@ -897,6 +897,10 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         rate decays at the end and a latent silent for a whole pass counts as dead.
         ``in_progress``: the checkpoint of a `partial_fit` call that stopped midway.
         """
+        parallel = data_parallel()
+        if parallel is not None:  # before any work: the same data on every rank
+            first_HD = next(iter(data.blocks(FIRST_ROWS_COMPARED, torch.device("cpu"))))
+            parallel.check_same_data(data.n_rows, first_HD)
         start = None
         if self.checkpoint_path is not None and not whole_fit:
             start = self._checkpointed_state()  # where a partial_fit call starts from
@@ -1008,11 +1012,6 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         use_aux = module.supports_aux_loss and self.aux_coefficient > 0
         resample = self.resample_dead and module.supports_resampling
         parallel = data_parallel()
-        if parallel is not None and resample:
-            raise ValueError(
-                "resample_dead=True is not supported in a data-parallel fit (it resamples "
-                "from one rank's batch); set resample_dead=False."
-            )
         run = _TrainingRun(
             data=data,
             module=module,
@@ -1038,11 +1037,14 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             scale=self.input_scale_,
             parallel=parallel,
         )
-        if parallel is not None and hasattr(module, "select_flat"):
-            # BatchTopK and Matryoshka: the cut of the global batch, over the ranks.
-            module.batch_cut = lambda values_N, k: parallel.global_top_cut(
-                values_N, k * run.global_rows
-            )
+        if hasattr(module, "select_flat"):
+            # BatchTopK and Matryoshka: the cut of the global batch, over the ranks (and
+            # none in one process, should the module have trained under a group before).
+            module.batch_cut = None
+            if parallel is not None:
+                module.batch_cut = lambda values_N, k: parallel.global_top_cut(
+                    values_N, k * run.global_rows
+                )
         # Indices of the dead latents as of the last check (a host sync, every 32 steps).
         run.dead_latents = _dead_latents(tracker) if (use_aux or resample) else None
         # Weights are good once a window of steps from them passed a check.
@@ -1110,9 +1112,12 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         """
         module, optimizer = run.module, run.optimizer
         global_rows = run.global_rows = x_BD.shape[0]
+        x_BD = _training_units(run, x_BD)
+        # The whole global batch, which every rank holds: resampling draws from it, so
+        # every rank resamples as one process would (and alike).
+        run.last_batch_BD = x_BD
         if run.parallel is not None:
             x_BD = run.parallel.share(x_BD)
-        x_BD = _training_units(run, x_BD)
         run.schedule.apply(optimizer, self.n_steps_ - run.steps_before)
         optimizer.zero_grad(set_to_none=True)
         if x_BD.shape[0]:
@@ -1135,7 +1140,6 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         stats.update(x_BD, terms)  # this rank's rows; summed over the ranks at the check
         run.tracker.update(fires_F, global_rows)
         run.schedule.observe(fires_F, global_rows)
-        run.last_batch_BD = x_BD
 
     def _check(self, run, window):
         """The periodic host sync: stop a diverging run, find dead latents, keep a snapshot.
@@ -1571,7 +1575,7 @@ class _TrainingRun:
     # and the rows of the current global batch.
     parallel: DataParallel | None = None
     global_rows: int = 0
-    # Dead latents as of the last check, and the last batch (for resampling).
+    # Dead latents as of the last check, and the last (global) batch, for resampling.
     dead_latents: torch.Tensor | None = None
     last_batch_BD: torch.Tensor | None = None
     # The latest snapshot (`candidate`), and the one a later window of steps passed a

@@ -1,5 +1,7 @@
 """The torch modules on their own: each fast path against a plain float64 reference."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -281,3 +283,47 @@ def test_fires_count_rows_per_latent():
     with torch.no_grad():
         codes = torch.relu(x_BD @ module.W_enc_DF + module.b_enc_F)
     np.testing.assert_array_equal(terms.fires_F.numpy(), (codes > 0).sum(0).numpy())
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_gradients_are_the_row_weighted_sum_of_the_shares_gradients(name):
+    # What a data-parallel fit rests on (`skSAE._distributed`): every loss term, AuxK
+    # on dead latents included, is a mean over rows, so the gradient of a batch is its
+    # shares' gradients weighted by their rows and summed, and the counts add up.
+    # BatchTopK and Matryoshka cut the codes of the whole batch (`batch_cut`, as the
+    # ranks' all-gather gives it) and feed its smallest kept code to the threshold.
+    options = {
+        "topk": {"k": 3},
+        "batchtopk": {"k": 3},
+        "matryoshka": {"k": 3, "prefix_sizes": (4, 9, F)},
+        "jumprelu": {"bandwidth": 0.5},
+    }.get(name, {})
+    module = make_module(ARCHITECTURES[name], **options)
+    module.sparsity_coefficient.fill_(0.2)
+    module.aux_coefficient = 0.5  # AuxK where the architecture has it
+    dead_latents = torch.arange(0, F, 3)
+    x_BD = batch()
+    start = copy.deepcopy(module)
+    whole, whole_grads = loss_and_grads(module, x_BD, dead_latents)
+    whole_state = module.state_dict()
+    summed_grads, fires_F, squared_error = {}, torch.zeros(F), 0.0
+    for share in (slice(0, 7), slice(7, B)):  # 7 and 9 rows
+        module = copy.deepcopy(start)  # each rank starts the step from the same state
+        if hasattr(module, "select_flat"):
+            with torch.no_grad():
+                flat = torch.relu(x_BD @ module.W_enc_DF + module.b_enc_F).flatten()
+                cut = flat.topk(module.k * B).values[-1]
+            module.batch_cut = lambda values_N, k, cut=cut: (cut, cut)
+        terms, grads = loss_and_grads(module, x_BD[share], dead_latents)
+        rows = x_BD[share].shape[0]
+        for key, grad in grads.items():
+            summed_grads[key] = summed_grads.get(key, 0) + grad * rows / B
+        fires_F += terms.fires_F
+        squared_error += terms.squared_error
+        for key, value in module.state_dict().items():  # the threshold moved as in one
+            torch.testing.assert_close(value, whole_state[key], msg=key)
+    assert summed_grads.keys() == whole_grads.keys()
+    for key, grad in whole_grads.items():
+        torch.testing.assert_close(summed_grads[key], grad, msg=key)
+    torch.testing.assert_close(fires_F, whole.fires_F)
+    torch.testing.assert_close(squared_error, whole.squared_error)
