@@ -342,6 +342,9 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
             If a text is not valid Unicode (a lone surrogate), or no token is kept (the
             texts are too short once special tokens and the first position of each
             context are dropped); with `store`, nothing is then written.
+        OSError
+            With `store`, if the file system refuses a write (a full disk): the store
+            keeps the rows written so far, unfinished, and the same call continues it.
         """
         texts = _check_texts(texts)
         if store is not None:
