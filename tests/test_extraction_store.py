@@ -389,3 +389,50 @@ def test_an_unfinished_store_is_refused_for_training(tiny_model_dir, tmp_path, m
     err = capsys.readouterr().err
     assert status == 1 and not output.exists()
     assert "unfinished" in err and "skSAE extract" in err
+
+
+# ------------------------------------------------------------- loaded model objects
+
+
+def test_two_model_objects_of_one_class_never_share_a_store(tmp_path):
+    import copy
+
+    tokenizer = make_char_tokenizer()
+    model_a = make_tiny_model("llama", vocab_size=len(tokenizer))
+    model_b = make_tiny_model("llama", vocab_size=len(tokenizer))
+    with torch.no_grad():
+        model_b.model.layers[0].mlp.down_proj.weight.mul_(2.0)  # other weights, same class
+    assert model_a.config.name_or_path == model_b.config.name_or_path
+
+    def extractor(model):
+        return ActivationExtractor(
+            model, tokenizer=tokenizer, layer=1, context_size=16, batch_size=3, device="cpu"
+        )
+
+    store = tmp_path / "acts.h5"
+    rows_a = extractor(model_a).extract(TEXTS, store=store).read()
+    assert extractor(model_b).extraction_key() != extractor(model_a).extraction_key()
+    with pytest.raises(ValueError, match=r"differs in \['model'\].*LlamaForCausalLM \(weights"):
+        extractor(model_b).extract(TEXTS, store=store)
+    rows_b = extractor(model_b).extract(TEXTS, store=tmp_path / "b.h5").read()
+    assert not np.allclose(rows_b.activations, rows_a.activations)
+    # The same weights in another object are the same model: its store is reused.
+    same = extractor(copy.deepcopy(model_a)).extract(TEXTS, store=store).read()
+    assert_same_rows(same, rows_a)
+
+
+def test_a_model_object_keeps_its_key_when_loading_casts_it(tmp_path):
+    # load() casts a model object to `dtype` in place: the key must not change with it,
+    # or the store written before the cast would be refused when resumed after it.
+    tokenizer = make_char_tokenizer()
+    extractor = ActivationExtractor(
+        make_tiny_model("gpt2", vocab_size=len(tokenizer)),
+        tokenizer=tokenizer,
+        layer=1,
+        dtype="bfloat16",
+        device="cpu",
+    )
+    key = extractor.extraction_key()
+    extractor.load()
+    assert next(extractor.model_.parameters()).dtype == torch.bfloat16
+    assert extractor.extraction_key() == key
