@@ -24,7 +24,7 @@ from typing import NamedTuple
 import h5py
 import numpy as np
 
-__all__ = ["ActivationCache", "Extraction", "StoredRows", "check_complete", "iter_chunks"]
+__all__ = ["ActivationCache", "Extraction", "StoredRows", "iter_chunks"]
 
 # Disk set aside while a store is open for writing, and given back to HDF5 when a write
 # fails so that it can still close the file (see `_StoreWriter`): more than its caches
@@ -353,8 +353,8 @@ def check_complete(data):
     ValueError
         Naming the file, how many of its texts it holds, and how to finish it.
     """
-    if not isinstance(data, h5py.Dataset):
-        return
+    if not isinstance(data, h5py.Dataset) or not data.id.valid:
+        return  # (a dataset of a closed file is refused where it is read)
     attrs = data.file.attrs
     if "complete" in attrs and not attrs["complete"]:
         raise ValueError(
