@@ -427,11 +427,16 @@ def _writing(action, *args):
     try:
         return action(*args)
     except (OSError, RuntimeError) as exc:  # h5py raises either, by where HDF5 failed
-        # HDF5 quotes the C errno in its message; Python's own OSError carries it.
-        found = re.search(r"errno = (\d+)", str(exc))
-        code = int(found.group(1)) if found else getattr(exc, "errno", None)
-        reason = os.strerror(code) if code else " ".join(str(exc).split())
-        raise _StoreWriteError(f"{reason}, errno {code}" if code else reason, code) from exc
+        raise _write_error(exc) from exc
+
+
+def _write_error(exc):
+    """The `_StoreWriteError` of an exception raised by a write."""
+    # HDF5 quotes the C errno in its message; Python's own OSError carries it.
+    found = re.search(r"errno = (\d+)", str(exc))
+    code = int(found.group(1)) if found else getattr(exc, "errno", None)
+    reason = os.strerror(code) if code else " ".join(str(exc).split())
+    return _StoreWriteError(f"{reason}, errno {code}" if code else reason, code)
 
 
 class _StoreWriter:
@@ -461,8 +466,13 @@ class _StoreWriter:
         _writing(_set_aside, self._reserve, _RESERVE_BYTES)
         try:
             self.file = h5py.File(self.path, mode)
-        except BaseException:
+        except BaseException as exc:
             self._reserve.unlink(missing_ok=True)
+            # Creating a file writes its header; other failures to open (a lock held by
+            # another process) are h5py's to explain.
+            error = _write_error(exc) if isinstance(exc, OSError) else None
+            if error is not None and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise error from exc
             raise
         self._datasets = {name: self.file[name] for name in _COLUMNS if name in self.file}
         stored = self._datasets["activations"].shape[0] if self._datasets else 0
@@ -516,8 +526,9 @@ class _StoreWriter:
                 self.rows / chunk_rows
             )
             need += new_chunks * math.prod(dataset.chunks) * dataset.dtype.itemsize
-        free = shutil.disk_usage(self.path.parent).free
-        if free < need:
+        usage = shutil.disk_usage(self.path.parent)
+        free = usage.free
+        if usage.total and free < need:  # (a total of 0: the file system does not say)
             raise _StoreWriteError(
                 f"{os.strerror(errno.ENOSPC)}: {free / 2**20:.1f} MiB free, the next "
                 f"{n_rows} rows need {need / 2**20:.1f} MiB",
