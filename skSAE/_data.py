@@ -19,7 +19,7 @@ from sklearn.utils import check_array
 from sklearn.utils.validation import validate_data
 
 from ._utils import is_streamed, is_torch_tensor, read_only_tensor
-from .cache import StoredRows, iter_chunks
+from .cache import StoredRows, check_complete, iter_chunks
 
 # Bytes of one chunk read from disk.
 CHUNK_BYTES = 64 * 2**20
@@ -45,6 +45,7 @@ def validated_data(estimator, X, *, reset, device):
     if isinstance(X, StoredRows):  # read in chunks like the h5py.Dataset it names
         _, X = X.open_dataset()  # the dataset keeps its file open while in use
     if is_streamed(X):
+        check_complete(X)  # an interrupted store's rows are not the data asked for
         return StreamedData(estimator, X, reset=reset)
     if is_torch_tensor(X):
         X = X.detach()

@@ -10,6 +10,7 @@ Shape suffixes::
     D n_features (d_model)            V vocabulary
 """
 
+import bisect
 import functools
 import hashlib
 import os
@@ -35,8 +36,10 @@ from .cache import ActivationCache, Extraction
 
 HOOKS = ("resid_post", "attn_out", "mlp_out")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Documents tokenised per call to the tokenizer (bounds memory for any corpus size).
+# Documents and characters tokenised per call to the tokenizer (memory grows with both:
+# one 2 MB text in one call peaked at 1.3 GB); a longer text goes in windows of this size.
 _DOCUMENTS_PER_GROUP = 256
+_TOKENIZER_CHARS = 2**16
 
 
 __all__ = ["ActivationExtractor", "BaselineLosses", "ExtractedBatch", "Extraction", "SplicedLosses"]
@@ -200,6 +203,13 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
     at the hook in the spliced forward pass itself, which is the activation `extract`
     returns for the same texts (the same batches of contexts).
 
+    Texts go to the tokenizer in bounded pieces, as they go to the model in contexts:
+    at most 65,536 characters per call, so memory stays bounded whatever a text's
+    length (one 2 MB text tokenised whole took 1.3 GB). A longer text is tokenised in
+    overlapping windows joined where both windows start the same token, which gives
+    the tokens of the whole text (a stretch of 8,192 characters with no such common
+    start, one unbroken "word", is the exception); a shorter one is tokenised whole.
+
     A store resumed by `extract` with ``store=`` restarts its batches at a text, so
     with `max_norm_ratio` set, a token near the limit may fall on the other side of it
     than in an uninterrupted extraction. The same holds for any extraction of a subset
@@ -342,6 +352,9 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
             If a text is not valid Unicode (a lone surrogate), or no token is kept (the
             texts are too short once special tokens and the first position of each
             context are dropped); with `store`, nothing is then written.
+        OSError
+            With `store`, if the file system refuses a write (a full disk): the store
+            keeps the rows written so far, unfinished, and the same call continues it.
         """
         texts = _check_texts(texts)
         if store is not None:
@@ -419,15 +432,18 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
             HDF5 attributes hold no None) and ``sksae_version``. A local file or folder is
             identified by its name and the SHA-256 of its content (so the key survives
             a move, e.g. into a new virtual environment, and changes with the weights),
-            a hub name by itself, a loaded model by its ``name_or_path`` and a loaded
-            tokenizer by the SHA-256 of its vocabulary and rules. ``tokenizer`` is
-            ``"the model's"`` when it is None.
+            a hub name by itself, a loaded model by its name (``name_or_path``, else its
+            class) and the SHA-256 of its weights in `dtype` (never by its name alone,
+            so two models of one class have two keys; it costs one pass over the
+            weights, about 1.2 s for SmolLM2-135M), and a loaded tokenizer by the
+            SHA-256 of its vocabulary and rules. ``tokenizer`` is ``"the model's"`` when
+            it is None.
         """
         self._validate_params()  # the parameters are read here without load()
         tokenizer = self.tokenizer
         ratio = self.max_norm_ratio
         return {
-            "model": _model_identity(self.model),
+            "model": _model_identity(self.model, self.dtype),
             "tokenizer": "the model's" if tokenizer is None else _tokenizer_identity(tokenizer),
             "hook": self.hook,
             "layer": int(self.layer),
@@ -778,9 +794,11 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
         if pad_id is None:
             pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         pending = []
-        for group_start in range(first_document, len(texts), _DOCUMENTS_PER_GROUP):
-            group = texts[group_start : group_start + _DOCUMENTS_PER_GROUP]
-            encoded = tokenizer(group, add_special_tokens=False)["input_ids"]
+        for group_start, group in _text_groups(texts, first_document):
+            if len(group[0]) > _TOKENIZER_CHARS:  # a long text, alone in its group
+                encoded = [_long_text_ids(tokenizer, group[0])]
+            else:
+                encoded = tokenizer(group, add_special_tokens=False)["input_ids"]
             for offset, ids in enumerate(encoded):
                 doc = group_start + offset
                 for start in range(0, len(ids), content):
@@ -1091,11 +1109,29 @@ def _is_model_object(model):
     return isinstance(model, torch.nn.Module)
 
 
-def _model_identity(model):
-    """`extraction_key`'s ``model``: name and content digest, hub name, or name_or_path."""
+def _model_identity(model, dtype):
+    """`extraction_key`'s ``model``: a path by name and content, a loaded model by weights."""
     if _is_model_object(model):
-        return getattr(model.config, "name_or_path", "") or type(model).__name__
+        name = getattr(model.config, "name_or_path", "") or type(model).__name__
+        return f"{name} (weights sha256 {_weights_sha256(model, _DTYPES[dtype])[:16]})"
     return _path_identity(model)
+
+
+def _weights_sha256(model, dtype):
+    """SHA-256 of a model's state dict (names, shapes, dtypes and bytes) as run in ``dtype``.
+
+    Floating-point tensors are hashed in ``dtype``, the precision `ActivationExtractor.load`
+    casts the model to, so the digest is the same before and after that cast. One pass
+    over the weights: about 1.2 s for SmolLM2-135M (540 MB in float32) on one core here.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        digest.update(f"{name}\0{tuple(tensor.shape)}\0{tensor.dtype}\0".encode())
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _tokenizer_identity(tokenizer):
@@ -1177,6 +1213,77 @@ def _check_texts(texts):
 def _check_y(y):
     if y is not None:
         raise ValueError("ActivationExtractor takes no y: its rows are tokens, not texts.")
+
+
+def _text_groups(texts, first_document):
+    """Consecutive texts from ``first_document``, grouped for one call to the tokenizer.
+
+    A group holds at most `_DOCUMENTS_PER_GROUP` texts and `_TOKENIZER_CHARS` characters;
+    a longer text is a group of its own (`_long_text_ids` cuts it). Yields the index of
+    each group's first text and the group.
+    """
+    start = first_document
+    while start < len(texts):
+        stop, n_chars = start + 1, len(texts[start])
+        while (
+            stop < len(texts)
+            and stop - start < _DOCUMENTS_PER_GROUP
+            and n_chars + len(texts[stop]) <= _TOKENIZER_CHARS
+        ):
+            n_chars += len(texts[stop])
+            stop += 1
+        yield start, texts[start:stop]
+        start = stop
+
+
+def _long_text_ids(tokenizer, text):
+    """The token ids of a text longer than `_TOKENIZER_CHARS`, in bounded memory.
+
+    The text is tokenised in windows of `_TOKENIZER_CHARS` characters, each starting a
+    quarter window before the previous one ends. In each overlap, the tokens switch from
+    one window's to the next's at the first character where both windows start a token,
+    at least an eighth of a window (8,192 characters) inside both. A cut changes the
+    tokens only near it (tokenizers split text at spaces and punctuation before merging),
+    so the ids are those of the whole text, unless a stretch of 8,192 characters holds
+    no token start common to both windows (one unbroken "word"): it is switched at its
+    middle, and the tokens there may differ from the whole text's. A tokenizer without
+    character offsets (``is_fast`` false) gets pieces cut before the last space of each
+    window instead, whose tokens can differ from the whole text's at each cut (at most
+    one per `_TOKENIZER_CHARS` characters).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        ids, start = [], 0
+        while start < len(text):
+            stop = len(text)
+            if stop - start > _TOKENIZER_CHARS:
+                space = text.rfind(" ", start + 1, start + _TOKENIZER_CHARS)
+                stop = space if space > 0 else start + _TOKENIZER_CHARS
+            ids += tokenizer(text[start:stop], add_special_tokens=False)["input_ids"]
+            start = stop
+        return ids
+    overlap = _TOKENIZER_CHARS // 4
+    ids, starts = [], []  # the tokens so far, and the character each starts at
+    start = 0
+    while True:
+        stop = min(len(text), start + _TOKENIZER_CHARS)
+        window = tokenizer(text[start:stop], add_special_tokens=False, return_offsets_mapping=True)
+        new_ids = list(window["input_ids"])
+        new_starts = [start + first for first, _ in window["offset_mapping"]]
+        if start > 0:  # the overlap is start..start + overlap; switch in its middle half
+            low, high = start + overlap // 4, start + overlap - overlap // 4
+            common = set(starts[bisect.bisect_left(starts, low) :]).intersection(
+                first for first in new_starts if low <= first < high
+            )
+            switch = min(common, default=(low + high) // 2)
+            kept = bisect.bisect_left(starts, switch)
+            del ids[kept:], starts[kept:]
+            taken = bisect.bisect_left(new_starts, switch)
+            new_ids, new_starts = new_ids[taken:], new_starts[taken:]
+        ids += new_ids
+        starts += new_starts
+        if stop == len(text):
+            return ids
+        start = stop - overlap
 
 
 def _special_template(tokenizer):

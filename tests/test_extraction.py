@@ -731,3 +731,57 @@ def test_progress_bars_have_a_total_and_reach_it(capsys):
     loss_recovered(sae, extractor, texts)
     out = capsys.readouterr().out
     assert f"loss recovered: 100%|██████████| {n_chars / 1000:.2f}k/" in out
+
+
+# ------------------------------------------------------------------ long texts
+
+
+class RecordingTokenizer:
+    """A tokenizer that records the longest text it was called with."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.longest = 0
+
+    def __call__(self, text, *args, **kwargs):
+        texts = [text] if isinstance(text, str) else text
+        self.longest = max(self.longest, sum(map(len, texts)))
+        return self._tokenizer(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+@pytest.mark.parametrize("kind", ["char", "byte-level"])
+def test_a_long_text_is_tokenised_in_bounded_pieces_into_the_same_rows(kind, monkeypatch):
+    from conftest import BYTE_TEXTS, make_byte_level_tokenizer
+
+    from skSAE import extraction
+
+    if kind == "char":
+        tokenizer = make_char_tokenizer()
+        long = "the quick brown fox jumps over the lazy dog, twice.  " * 40
+    else:
+        tokenizer = make_byte_level_tokenizer()
+        long = "".join(BYTE_TEXTS)
+    texts = ["a short text.", long, "another short one, after it."]
+    model = make_tiny_model("gpt2", vocab_size=len(tokenizer), n_positions=32)
+
+    def extract(bound):
+        monkeypatch.setattr(extraction, "_TOKENIZER_CHARS", bound, raising=False)
+        recording = RecordingTokenizer(tokenizer)
+        extractor = ActivationExtractor(
+            model, tokenizer=recording, layer=1, context_size=32, batch_size=4, device="cpu"
+        )
+        return extractor.extract(texts), recording.longest
+
+    whole, longest = extract(10**9)
+    assert longest >= len(long) > 2000
+    pieces, longest = extract(400)
+    assert longest <= 400
+    # The rows of every text, the long one included, are those of tokenising it whole.
+    ids = tokenizer(long, add_special_tokens=False)["input_ids"]
+    rows = pieces.doc_index == 1
+    np.testing.assert_array_equal(pieces.token_ids[rows], np.asarray(ids)[pieces.position[rows]])
+    for name in whole._fields:
+        np.testing.assert_array_equal(getattr(pieces, name), getattr(whole, name), err_msg=name)
