@@ -256,6 +256,30 @@ def test_partial_fit_keeps_input_scale_of_first_call(small_X):
     assert sae.input_scale_ == scale
 
 
+@pytest.mark.parametrize(
+    "architecture", ["topk", "batchtopk", "matryoshka", "jumprelu", "gated", "relu"]
+)
+@pytest.mark.parametrize("block", ["one row", "identical rows"])
+def test_partial_fit_trains_on_a_block_whose_rows_do_not_vary(small_X, architecture, block):
+    # A stream's last block can hold one row. Its variance is zero, and the divergence
+    # check measured the error against it (floored at 1e-3 of the squared norm): every
+    # architecture raised TrainingDivergedError ("500 times the variance of the rows").
+    sae = SparseAutoencoder(**{**FAST, "architecture": architecture})
+    for _, rows in iter_chunks(small_X, 64):
+        sae.partial_fit(rows)
+    components, n_steps = sae.components_.copy(), sae.n_steps_
+    rows = small_X[:1] if block == "one row" else np.repeat(small_X[:1], 50, axis=0)
+    sae.partial_fit(rows)
+    assert sae.n_steps_ == n_steps + 1 and not np.array_equal(sae.components_, components)
+    assert np.isfinite(sae.components_).all() and sae.score(small_X) > 0.2
+
+
+def test_partial_fit_on_one_row_still_detects_divergence(small_X):
+    sae = SparseAutoencoder(**FAST).fit(small_X)
+    with pytest.raises(TrainingDivergedError, match="left as it was"):
+        sae.set_params(learning_rate=1e30).partial_fit(small_X[:1] * 1e18)
+
+
 def test_warm_start_continues_training(small_X):
     # Without the per-fit learning-rate decay, a continued fit is one long fit.
     sae = SparseAutoencoder(**FAST, decay_fraction=0.0, warm_start=True).fit(small_X)
