@@ -141,11 +141,29 @@ def test_input_scale_normalises_mean_squared_norm(small_X):
 
 
 def test_score_equals_sklearn_variance_weighted_r2(small_X):
-    X = small_X + np.arange(8, dtype=np.float32) * 10  # offsets test the shifted sums
+    X = small_X + np.arange(8, dtype=np.float32) * 10  # offsets test the stable sums
     sae = SparseAutoencoder(**FAST).fit(X)
     X_hat = sae.inverse_transform(sae.transform(X))
     expected = r2_score(X, X_hat, multioutput="variance_weighted")
     assert sae.score(X) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("rows", ["constant", "nearly constant"])
+def test_score_of_rows_that_barely_vary_equals_r2_score(small_X, rows):
+    # Before: about -1e14 on constant rows (float64 rounding of sum(x**2) - n * mean**2
+    # around the decoder bias), where r2_score gives 0.0.
+    # (Measured before: seeds 0, 2 and 3 gave -1.6e15, -1.7e16 and -4.3e14.)
+    sae = SparseAutoencoder(**FAST).fit(small_X)
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        X = np.tile(rng.normal(size=(1, 8)).astype(np.float32), (100, 1))
+        if rows == "nearly constant":
+            X += (1e-4 * rng.normal(size=X.shape)).astype(np.float32)
+        X_hat = sae.inverse_transform(sae.transform(X)).astype(np.float64)
+        expected = r2_score(X.astype(np.float64), X_hat, multioutput="variance_weighted")
+        assert sae.score(X) == pytest.approx(expected, rel=1e-5)
+        if rows == "constant":
+            assert expected == 0.0
 
 
 def test_inverse_transform_of_zeros_is_decoder_bias(small_X):
