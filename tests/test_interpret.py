@@ -500,6 +500,12 @@ def test_generate_with_steering_same_seed_same_text(fitted):
             r"must be an int in the range \[1, inf\)\. Got 0 instead\.",
         ),
         ({"prompt": ["a"]}, "prompt", r"must be an instance of 'str'"),
+        # Before: a bare TypeError from the tokenizers library.
+        (
+            {"prompt": "ab\ud800c"},
+            "prompt",
+            r"must be valid Unicode.*Got a lone surrogate '\\ud800' at character 2 instead\.",
+        ),
     ],
 )
 def test_generate_with_steering_rejects_invalid_arguments(fitted, kwargs, name, rest):
