@@ -9,7 +9,12 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import mean_max_cosine
+from conftest import (
+    assert_codes_match,
+    assert_same_codes,
+    explained_variance_slack,
+    mean_max_cosine,
+)
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.metrics import r2_score
@@ -72,29 +77,10 @@ def test_topk_codes_have_at_most_k_nonzeros(small_X):
     assert ((sae.transform(small_X) != 0).sum(axis=1) <= 4).all()
 
 
-def assert_codes_match(codes, pre, threshold=0.0):
-    """``codes == pre * (pre > threshold)`` up to float32 rounding, whatever BLAS kernel runs.
-
-    The SAE's matmul and NumPy's may round differently (by ~1e-7 relative), so values
-    get a tolerance, and a pre-activation within it of the threshold may fall either way.
-    """
-    pre = np.asarray(pre, dtype=np.float64)
-    tolerance = 1e-5 * max(1.0, float(np.abs(pre).max()))
-    undecided = np.abs(pre - threshold) <= tolerance
-    expected = np.where(pre > threshold, pre, 0.0)
-    np.testing.assert_allclose(
-        np.where(undecided, 0.0, codes),
-        np.where(undecided, 0.0, expected),
-        rtol=1e-5,
-        atol=tolerance,
-    )
-    assert ((codes == 0) | (codes > threshold - tolerance)).all()
-
-
 def test_k_above_n_components_keeps_every_latent(small_X):
     sae = SparseAutoencoder(n_components=4, k=10, max_iter=1, random_state=0).fit(small_X)
     codes = sae.transform(small_X)
-    assert_codes_match(codes, small_X.astype(np.float64) @ sae.W_enc_ + sae.b_enc_)
+    assert_codes_match(codes, sae, small_X)
 
 
 def test_relu_codes_follow_public_formula(small_X):
@@ -347,8 +333,11 @@ def test_h5py_dataset_is_streamed_in_chunks(tmp_path, monkeypatch, small_X):
     assert max(reads) <= 64
     assert sae.n_features_in_ == 8
     assert sae.n_steps_ == 2 * 4  # 200 rows in full batches of 64 carried across chunks
-    np.testing.assert_array_equal(codes, sae.transform(small_X))
-    assert score == pytest.approx(sae.score(small_X), abs=1e-6)
+    # 48-row blocks against one of 200: other kernels, so a code at a cut may flip.
+    undecided = assert_same_codes(codes, sae.transform(small_X), sae, small_X)
+    assert score == pytest.approx(
+        sae.score(small_X), abs=1e-6 + explained_variance_slack(sae, small_X, undecided)
+    )
 
 
 def test_memmap_is_streamed(tmp_path, small_X):
@@ -599,7 +588,7 @@ def test_batchtopk_keeps_k_per_row_on_average(sparse_dataset):
     # Inference uses the learned threshold, which lags the growing codes a little;
     # measured L0 3.87, mean max cosine 0.909, variance explained 0.826 here.
     assert 3.0 < (codes > 0).sum(axis=1).mean() < 6.0
-    assert_codes_match(codes, X.astype(np.float64) @ sae.W_enc_ + sae.b_enc_, sae.threshold_)
+    assert_codes_match(codes, sae, X)
     assert not np.signbit(codes).any()  # no -0.0 entries
     assert mean_max_cosine(directions, sae.components_) > 0.88
 

@@ -20,9 +20,15 @@ def fitted_and_X():
     return sae, X
 
 
-def reference_diagnostics(sae, X):
-    """The diagnostics in float64, from the codes, with nothing streamed."""
-    codes = sae.transform(X).astype(np.float64)
+def reference_diagnostics(sae, X, chunk_rows):
+    """The diagnostics in float64, from the codes, with nothing streamed.
+
+    The codes come from the blocks of ``chunk_rows`` rows that the streamed pass
+    encodes: the same computation, so no code at a cut falls another way.
+    """
+    blocks = range(0, X.shape[0], chunk_rows)
+    codes = np.concatenate([sae.transform(X[i : i + chunk_rows]) for i in blocks])
+    codes = codes.astype(np.float64)
     X = X.astype(np.float64)
     X_hat = codes @ sae.components_.astype(np.float64) + sae.b_dec_
     norms, hat_norms = np.linalg.norm(X, axis=1), np.linalg.norm(X_hat, axis=1)
@@ -48,7 +54,7 @@ def reference_diagnostics(sae, X):
 
 def test_streamed_diagnostics_equal_a_float64_reference(fitted_and_X, tmp_path):
     sae, X = fitted_and_X
-    reference = reference_diagnostics(sae, X)
+    reference = reference_diagnostics(sae, X, chunk_rows=333)
     with h5py.File(tmp_path / "X.h5", "w") as file:
         file["X"] = X
     with h5py.File(tmp_path / "X.h5") as file:
