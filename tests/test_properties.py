@@ -11,8 +11,9 @@ from sklearn.metrics import r2_score
 from skSAE import SparseAutoencoder
 from skSAE._architectures import ARCHITECTURES
 
-# An example may be one row of one latent: at most half its codes may sit at a cut
-# (measured: none of the examples here has one; the limit keeps each check a check).
+# An example may be one row of one latent, so a single code at a cut can be most of
+# it: at most half may sit at one (measured on 150 draws like these: at most 5% of one
+# example's codes, none in the others), so each check stays a check.
 UNDECIDED_EXAMPLE = 0.5
 
 
