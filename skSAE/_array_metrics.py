@@ -45,7 +45,9 @@ def explained_variance(X, X_hat):
     running over all rows and columns. This is exactly
     ``sklearn.metrics.r2_score(X, X_hat, multioutput="variance_weighted")``: the
     per-column R² weighted by each column's variance. It is not the mean of per-row or
-    per-column ratios, which weight low-variance directions too much.
+    per-column ratios, which weight low-variance directions too much. Sums are taken in
+    float64 (scikit-learn keeps float32 inputs in float32, where rounding alone gives a
+    constant column a variance: compare with float64 copies).
 
     Parameters
     ----------
@@ -59,6 +61,8 @@ def explained_variance(X, X_hat):
     score : float
         1.0 for a perfect reconstruction, 0.0 for predicting the column means; NaN
         (with an `UndefinedMetricWarning`) for fewer than two rows, as in sklearn.
+        Constant columns follow sklearn too: they carry no weight, and when every
+        column is constant the score is the fraction of columns reconstructed exactly.
 
     Examples
     --------
@@ -66,7 +70,7 @@ def explained_variance(X, X_hat):
     1.0
     """
     X, X_hat = _paired(X, X_hat, "explained_variance")
-    accumulator = ExplainedVarianceAccumulator(shift=X[0])
+    accumulator = ExplainedVarianceAccumulator()
     accumulator.update(X, X_hat)
     return accumulator.result()
 
@@ -198,34 +202,66 @@ def _paired(X, X_hat, caller):
 class ExplainedVarianceAccumulator:
     """Streamed `explained_variance`: feed chunks with `update`, then call `result`.
 
-    Keeps float64 sums of squared errors and of the shifted inputs and their squares
-    per column. Shifting by a value near the mean (the decoder bias, the first row)
-    avoids the cancellation of ``sum(x**2) - n * mean**2`` for offset data.
+    Keeps, per column and in float64, the mean of the inputs, the sum of their squared
+    deviations from it and the sum of squared errors. Each chunk's deviations are taken
+    around its own mean and merged exactly (Chan, Golub and LeVeque 1979), so offset
+    inputs lose no precision and constant columns have a variance of exactly zero:
+    ``sum(x**2) - n * mean**2`` left float64 rounding there, and a score of -6e15 for an
+    imperfect reconstruction of constant rows.
 
     Parameters
     ----------
-    shift : array-like of shape (n_features,)
-        Subtracted from the inputs before their sums are taken.
+    shift : array-like of shape (n_features,), default=None
+        Ignored: the sums no longer need the inputs shifted near their mean. Accepted
+        so that existing calls keep working.
     """
 
-    def __init__(self, shift):
-        self.shift = np.asarray(shift, dtype=np.float64)
+    def __init__(self, shift=None):
+        self.shift = shift
         self.n_rows = 0
-        self.squared_error = 0.0
-        self.sum_D = np.zeros_like(self.shift)
-        self.sum_squares_D = np.zeros_like(self.shift)
+        self.mean_D = None
+        self.squared_deviations_D = None
+        self.squared_error_D = None
+        # Columns whose inputs so far all equal the first row's: their variance is 0.
+        self.first_row_D = None
+        self.constant_D = None
 
     def update(self, X, X_hat):
         """Add a chunk of inputs and their reconstructions (arrays of equal shape)."""
         X = np.asarray(X, dtype=np.float64)
-        self.squared_error += float(np.square(X - np.asarray(X_hat, dtype=np.float64)).sum())
-        centred = X - self.shift
-        self.sum_D += centred.sum(axis=0)
-        self.sum_squares_D += np.square(centred).sum(axis=0)
-        self.n_rows += X.shape[0]
+        n_rows = X.shape[0]
+        if n_rows == 0:
+            return
+        squared_error_D = np.square(X - np.asarray(X_hat, dtype=np.float64)).sum(axis=0)
+        mean_D = X.mean(axis=0)
+        squared_deviations_D = np.square(X - mean_D).sum(axis=0)
+        if self.n_rows == 0:
+            self.first_row_D = X[0].copy()
+            self.constant_D = (X == self.first_row_D).all(axis=0)
+            self.mean_D = mean_D
+            self.squared_deviations_D = squared_deviations_D
+            self.squared_error_D = squared_error_D
+        else:
+            self.constant_D &= (X == self.first_row_D).all(axis=0)
+            n_total = self.n_rows + n_rows
+            delta_D = mean_D - self.mean_D
+            self.squared_deviations_D += squared_deviations_D + np.square(delta_D) * (
+                self.n_rows * n_rows / n_total
+            )
+            self.mean_D += delta_D * (n_rows / n_total)
+            self.squared_error_D += squared_error_D
+        self.n_rows += n_rows
 
     def result(self):
-        """The explained variance of everything fed so far (float)."""
+        """The explained variance of everything fed so far (float).
+
+        As ``r2_score(X, X_hat, multioutput="variance_weighted")`` (its default
+        ``force_finite=True``): each column scores ``1 - error / variance``, 1.0 when
+        reconstructed exactly, and 0.0 when constant but not reconstructed exactly;
+        the scores are averaged with the columns' variances as weights, or uniformly
+        when every column is constant. NaN, with an `UndefinedMetricWarning`, for
+        fewer than two rows.
+        """
         if self.n_rows < 2:
             warnings.warn(
                 "explained variance is not well-defined with fewer than two samples.",
@@ -233,8 +269,14 @@ class ExplainedVarianceAccumulator:
                 stacklevel=3,
             )
             return float("nan")
-        total = float((self.sum_squares_D - np.square(self.sum_D) / self.n_rows).sum())
-        if total <= 0.0:
-            # Constant inputs: sklearn's force_finite convention.
-            return 1.0 if self.squared_error == 0.0 else 0.0
-        return float(1.0 - self.squared_error / total)
+        numerator_D = self.squared_error_D
+        denominator_D = np.where(self.constant_D, 0.0, self.squared_deviations_D)
+        nonzero_denominator_D = denominator_D != 0
+        nonzero_numerator_D = numerator_D != 0
+        valid_D = nonzero_denominator_D & nonzero_numerator_D
+        scores_D = np.ones_like(numerator_D)
+        scores_D[valid_D] = 1 - numerator_D[valid_D] / denominator_D[valid_D]
+        scores_D[nonzero_numerator_D & ~nonzero_denominator_D] = 0.0
+        if not nonzero_denominator_D.any():
+            return float(np.mean(scores_D))
+        return float(np.average(scores_D, weights=denominator_D))

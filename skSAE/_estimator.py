@@ -1502,10 +1502,12 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         -------
         score : float
             1.0 is a perfect reconstruction, 0.0 no better than the mean of ``X``.
+            Constant columns of ``X`` follow ``r2_score``: they carry no weight, and
+            rows that are all equal score 0.0 (1.0 if reconstructed exactly).
         """
         check_is_fitted(self)
         self._check_transform_params()
-        accumulator = ExplainedVarianceAccumulator(shift=self.b_dec_)
+        accumulator = ExplainedVarianceAccumulator()
         if self.transform_algorithm != "encoder":
             for x_HD, codes_HF in self._code_blocks(X):
                 x_hat_HD = codes_HF.numpy() @ self.components_ + self.b_dec_

@@ -66,6 +66,13 @@ def loss_recovered(sae, extractor, texts, ablation="zero"):
     -------
     score : float
 
+    Raises
+    ------
+    ValueError
+        When the ablation leaves the cross-entropy exactly unchanged, so the ratio is
+        0/0: no token of ``texts`` was spliced, or none that a next-token prediction
+        depends on (a text of two tokens splices only its last).
+
     Notes
     -----
     The splice is ``sae.inverse_transform(sae.transform(activations))``, so it follows
@@ -76,7 +83,37 @@ def loss_recovered(sae, extractor, texts, ablation="zero"):
     reconstruct = _reconstruction(sae, extractor)
     baselines = extractor.baseline_cross_entropies(texts, ablation)
     ce_sae = extractor.cross_entropy(texts, reconstruct)
-    return (baselines.ablated - ce_sae) / (baselines.ablated - baselines.clean)
+    return _score(baselines.clean, ce_sae, baselines.ablated, extractor, texts, ablation)
+
+
+def _score(ce_clean, ce_sae, ce_ablated, extractor, texts, ablation):
+    """``(CE_ablated - CE_sae) / (CE_ablated - CE_clean)``, or a ValueError saying why
+    the ablation left the loss exactly unchanged (the ratio is then 0/0)."""
+    if ce_ablated != ce_clean:
+        return (ce_ablated - ce_sae) / (ce_ablated - ce_clean)
+    # Only here, so the count costs one more forward pass on this failure path alone.
+    n_spliced = sum(part.activations.shape[0] for part in extractor.iter_batches(texts))
+    if n_spliced == 0:
+        reason = (
+            "no token was spliced: the first position of each context and special tokens "
+            "are never spliced"
+        )
+        if extractor.max_norm_ratio is not None:
+            reason += f", nor tokens above max_norm_ratio={extractor.max_norm_ratio}"
+    else:
+        reason = (
+            f"{n_spliced} token(s) were spliced, and none changes a next-token prediction: "
+            "a splice changes only the predictions after it in its context, and a text of "
+            "two tokens splices only its last"
+        )
+        if ablation == "mean":
+            reason += " (or the mean ablation equals every spliced activation)"
+    raise ValueError(
+        f"loss recovered is undefined on these texts ({len(texts)} given): the ablation "
+        f"leaves their cross-entropy unchanged ({ce_clean:.6g} nats), so the ratio is 0/0; "
+        f"{reason}. Pass longer texts: a splice changes the loss only at a token that is "
+        "neither special nor the first of its context, and that another token follows."
+    )
 
 
 def _reconstruction(sae, extractor):
@@ -127,6 +164,11 @@ def loss_recovered_details(sae, extractor, texts, ablation="zero"):
     Returns
     -------
     details : LossRecovered
+
+    Raises
+    ------
+    ValueError
+        As in `loss_recovered`.
     """
     replacements = {
         "sae": _reconstruction(sae, extractor),
@@ -135,7 +177,7 @@ def loss_recovered_details(sae, extractor, texts, ablation="zero"):
     losses = extractor.spliced_losses(texts, replacements)
     ce_sae, ce_ablated = losses.spliced["sae"], losses.spliced["ablated"]
     return LossRecovered(
-        score=(ce_ablated - ce_sae) / (ce_ablated - losses.clean),
+        score=_score(losses.clean, ce_sae, ce_ablated, extractor, texts, ablation),
         ce_clean=losses.clean,
         ce_sae=ce_sae,
         ce_ablated=ce_ablated,

@@ -424,19 +424,37 @@ class TrainingStatistics:
             (mean per row), ``"l0"``, ``"explained_variance"`` and ``"error_ratio"``:
             the squared error over the variance of the rows (floored at 1e-3 times
             their squared norm, so constant rows give no huge ratio); a useful model
-            stays near or below 1.
+            stays near or below 1. Rows that do not vary (a single row, or identical
+            rows) have no variance to measure against: their explained variance is
+            1.0 for an exact reconstruction and 0.0 otherwise (scikit-learn's
+            convention for constant targets), and their error ratio is taken against
+            the scale of the training normalisation, in which rows have a mean
+            squared norm of n_features.
         """
         finite = torch.isfinite(self.loss_sum)
         for parameter in module.parameters():
             finite = finite & torch.isfinite(parameter).all()
         total = self.x_squares - self.x_sum_D.square().sum() / self.n_rows
+        # Identical rows leave only float64 rounding in `total` (about 1e-11 of the
+        # squared norm at a million rows), which would give an explained variance of
+        # -1e15 and a "divergence" of any imperfect model on a one-row block.
+        steady = total <= 1e-6 * self.x_squares
+        reference = torch.maximum(total, 1e-3 * self.x_squares)
+        reference = torch.where(
+            steady, torch.clamp_min(reference, float(self.n_rows * self.x_sum_D.numel())), reference
+        )
+        explained = torch.where(
+            steady,
+            (self.squared_error == 0).double(),
+            1 - self.squared_error / total.clamp_min(1e-30),
+        )
         values = torch.stack(
             [
                 finite.double(),
                 self.loss_sum / self.n_rows,
                 self.fires_F.sum().double() / self.n_rows,
-                1 - self.squared_error / total.clamp_min(1e-30),
-                self.squared_error / torch.maximum(total, 1e-3 * self.x_squares).clamp_min(1e-30),
+                explained,
+                self.squared_error / reference.clamp_min(1e-30),
             ]
         ).tolist()
         return {

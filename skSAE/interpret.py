@@ -101,8 +101,8 @@ def generate_with_steering(
     Raises
     ------
     ValueError
-        When a latent is out of range, the prompt is not a string, or the model has no
-        language-model head.
+        When a latent is out of range, the prompt is not a string (or not valid
+        Unicode: a lone surrogate), or the model has no language-model head.
 
     Notes
     -----
@@ -116,6 +116,17 @@ def generate_with_steering(
     >>> generate_with_steering(sae, extractor, "The cat", latent=5, scale=8.0)  # doctest: +SKIP
     """
     check_is_fitted(sae)
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # The tokenizers library would raise a bare TypeError on it.
+        raise invalid_parameter(
+            "prompt",
+            "generate_with_steering",
+            "valid Unicode, which no lone surrogate is (no tokenizer can encode one; "
+            "decode the source with errors='replace' or drop the character)",
+            f"a lone surrogate {prompt[exc.start]!r} at character {exc.start}",
+        ) from None
     model, tokenizer = extractor.load()
     if model.get_output_embeddings() is None:
         raise ValueError(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import TEXTS
+from conftest import TEXTS, code_statistics_slack
 from sklearn.base import clone
 from sklearn.linear_model import Lasso
 from sklearn.pipeline import Pipeline
@@ -296,9 +296,16 @@ def test_amortisation_gap_in_chunks_equals_one_pass(monkeypatch, tmp_path, fitte
     monkeypatch.setattr(amortisation_module, "CHUNK_BYTES", 4 * 8 * 32 * 40)  # 40-row chunks
     with h5py.File(path, "r") as file:
         chunked = amortisation_gap(fitted, file["activations"], n_nonzero_coefs=2, alpha=0.6)
+    # The encoder's codes of 40-row blocks against one block of 256: a code at a cut may
+    # fall either way. (The solvers work in float64: a cut within its rounding, 1e-16,
+    # is not to be expected.)
+    slack = code_statistics_slack(fitted, X)
     for one, other in zip(whole, chunked, strict=True):
-        assert one["mean_l0"] == other["mean_l0"]
-        assert one["explained_variance"] == pytest.approx(other["explained_variance"], abs=1e-6)
+        encoder = one["algorithm"] == "encoder"
+        assert abs(one["mean_l0"] - other["mean_l0"]) <= (slack["l0"] if encoder else 0.0)
+        assert one["explained_variance"] == pytest.approx(
+            other["explained_variance"], abs=1e-6 + (slack["explained_variance"] if encoder else 0)
+        )
         assert one["cosine_similarity"] == pytest.approx(other["cosine_similarity"], abs=1e-6)
 
 

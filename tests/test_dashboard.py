@@ -319,6 +319,8 @@ def test_write_dashboard_runs_each_forward_batch_once(fitted_tiny, tmp_path, mon
 def test_write_dashboard_overview_equals_the_metrics_of_the_whole_extraction(
     fitted_tiny, tmp_path, monkeypatch
 ):
+    from conftest import code_statistics_slack
+
     from skSAE import dashboard
     from skSAE.metrics import dead_fraction, latent_density, mean_l0
 
@@ -332,14 +334,18 @@ def test_write_dashboard_overview_equals_the_metrics_of_the_whole_extraction(
 
     monkeypatch.setattr(dashboard, "render_dashboard", capture)
     write_dashboard(sae, extractor, texts, tmp_path / "d.html", n_latents=5, k=3)
-    # What write_dashboard computed before, from the whole extraction and its codes.
+    # What write_dashboard computed before, from the whole extraction and its codes. Its
+    # pass encodes batches of contexts: a code at a cut may fall another way (slack).
     activations = extractor.extract(texts).activations
     codes = sae.transform(activations)
+    slack = code_statistics_slack(sae, activations)
     assert shown["n_tokens"] == len(codes)
-    assert shown["l0"] == pytest.approx(mean_l0(codes), rel=1e-12)
-    assert shown["dead_fraction"] == dead_fraction(codes)
-    np.testing.assert_array_equal(shown["density"], latent_density(codes))
-    assert shown["explained_variance"] == pytest.approx(sae.score(activations), rel=1e-6)
+    assert shown["l0"] == pytest.approx(mean_l0(codes), rel=1e-12, abs=slack["l0"])
+    assert abs(shown["dead_fraction"] - dead_fraction(codes)) <= slack["dead_fraction"]
+    assert (np.abs(shown["density"] - latent_density(codes)) <= slack["density"]).all()
+    assert shown["explained_variance"] == pytest.approx(
+        sae.score(activations), rel=1e-6, abs=slack["explained_variance"]
+    )
     assert shown["n_components"] == 32
 
 

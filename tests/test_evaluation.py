@@ -3,12 +3,13 @@
 import h5py
 import numpy as np
 import pytest
+from conftest import make_char_tokenizer, make_tiny_model
 from sklearn.linear_model import LogisticRegression
 
 from skSAE import ActivationExtractor, SparseAutoencoder
 from skSAE import evaluation as E  # noqa: N812 - as test_scoring names metrics M
 from skSAE.corpora import labelled_texts
-from skSAE.metrics import loss_recovered_details
+from skSAE.metrics import loss_recovered, loss_recovered_details
 
 
 @pytest.fixture(scope="module")
@@ -19,9 +20,15 @@ def fitted_and_X():
     return sae, X
 
 
-def reference_diagnostics(sae, X):
-    """The diagnostics in float64, from the codes, with nothing streamed."""
-    codes = sae.transform(X).astype(np.float64)
+def reference_diagnostics(sae, X, chunk_rows):
+    """The diagnostics in float64, from the codes, with nothing streamed.
+
+    The codes come from the blocks of ``chunk_rows`` rows that the streamed pass
+    encodes: the same computation, so no code at a cut falls another way.
+    """
+    blocks = range(0, X.shape[0], chunk_rows)
+    codes = np.concatenate([sae.transform(X[i : i + chunk_rows]) for i in blocks])
+    codes = codes.astype(np.float64)
     X = X.astype(np.float64)
     X_hat = codes @ sae.components_.astype(np.float64) + sae.b_dec_
     norms, hat_norms = np.linalg.norm(X, axis=1), np.linalg.norm(X_hat, axis=1)
@@ -47,7 +54,7 @@ def reference_diagnostics(sae, X):
 
 def test_streamed_diagnostics_equal_a_float64_reference(fitted_and_X, tmp_path):
     sae, X = fitted_and_X
-    reference = reference_diagnostics(sae, X)
+    reference = reference_diagnostics(sae, X, chunk_rows=333)
     with h5py.File(tmp_path / "X.h5", "w") as file:
         file["X"] = X
     with h5py.File(tmp_path / "X.h5") as file:
@@ -235,6 +242,47 @@ def test_evaluate_reports_every_metric_consistently(tiny_extractor_and_sae):
     assert all(np.isscalar(value) for value in report.values())
     with pytest.raises(ValueError, match="one label per text"):
         E.evaluate(sae, extractor, held_out, labelled=(list(texts), list(labels)[:-1]))
+
+
+@pytest.fixture(scope="module")
+def char_extractor_and_sae():
+    """A random 2-block GPT-2 over characters (no BOS), and an SAE of its width."""
+    tokenizer = make_char_tokenizer()
+    model = make_tiny_model("gpt2", n_layers=2, vocab_size=len(tokenizer))
+    extractor = ActivationExtractor(model, tokenizer=tokenizer, layer=1, context_size=16)
+    X = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+    sae = SparseAutoencoder(n_components=32, k=4, max_iter=1, random_state=0).fit(X)
+    return extractor.set_params(device="cpu"), sae
+
+
+@pytest.mark.parametrize(
+    ("texts", "ablation", "message"),
+    [
+        # "b" is spliced but ends its context: no prediction reads it.
+        (["ab"], "zero", "1 given.*1 token.s. were spliced, and none changes a next-token"),
+        (["ab"], "mean", "1 given.*1 token.s. were spliced, .*or the mean ablation equals"),
+        (["ab", "c"], "zero", "2 given.*1 token.s. were spliced, and none changes"),
+        # Two predictions, but both tokens are special: nothing is spliced.
+        (["<eos><eos>"], "zero", "1 given.*no token was spliced: the first position"),
+        # The mean ablation extracts first, and says so itself.
+        (["<eos><eos>"], "mean", "No token was kept"),
+    ],
+)
+def test_loss_recovered_with_nothing_spliced_says_why(
+    char_extractor_and_sae, texts, ablation, message
+):
+    # Before: ZeroDivisionError (float division by zero) from (ablated - sae) / 0.
+    extractor, sae = char_extractor_and_sae
+    for function in (loss_recovered, loss_recovered_details):
+        with pytest.raises(ValueError, match=message):
+            function(sae, extractor, texts, ablation=ablation)
+
+
+def test_loss_recovered_with_one_token_spliced_before_a_prediction(char_extractor_and_sae):
+    # One more token than above, and the splice of "b" changes the prediction of "c".
+    extractor, sae = char_extractor_and_sae
+    details = loss_recovered_details(sae, extractor, ["abc"])
+    assert details.ce_ablated != details.ce_clean and np.isfinite(details.score)
 
 
 def test_pooled_activations_are_means_over_each_texts_kept_tokens(tiny_extractor_and_sae):

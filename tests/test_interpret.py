@@ -6,11 +6,15 @@ import torch
 from conftest import (
     BYTE_TEXTS,
     TEXTS,
+    assert_ranked,
     byte_level_extractor_and_sae,
+    code_activation,
+    encoder_pre_activations,
     make_byte_level_tokenizer,
     make_char_tokenizer,
     make_tiny_model,
     smollm2_extractor,
+    undecided_codes,
 )
 
 from skSAE import ActivationExtractor, SparseAutoencoder
@@ -93,9 +97,19 @@ def test_top_activating_examples_returns_reports_in_requested_order(fitted):
     assert all(isinstance(example, ActivatingExample) for example in report.top)
 
 
+def settled_latents(sae, extraction, latents):
+    """``latents`` less those with a code at a cut: the pass over the corpus encodes
+    batches of contexts, not the whole extraction, and such a code may fall either way."""
+    pre, bound = encoder_pre_activations(sae, extraction.activations)
+    undecided = undecided_codes(pre, bound, **code_activation(sae)).any(axis=0)
+    kept = [latent for latent in latents if not undecided[latent]]
+    assert len(kept) >= len(latents) // 2
+    return kept
+
+
 def test_top_activating_examples_top_is_the_brute_force_top_k(fitted):
     extractor, sae, extraction, codes = fitted
-    latents = alive_latents(codes)
+    latents = settled_latents(sae, extraction, alive_latents(codes))
     reports = top_activating_examples(sae, extractor, CORPUS, latents, k=5)
     rows = code_at(extraction, codes)
     for latent in latents:
@@ -113,8 +127,8 @@ def test_top_activating_examples_top_is_the_brute_force_top_k(fitted):
 
 
 def test_top_activating_examples_density_and_max_match_codes(fitted):
-    extractor, sae, _, codes = fitted
-    latents = list(range(N_COMPONENTS))
+    extractor, sae, extraction, codes = fitted
+    latents = settled_latents(sae, extraction, list(range(N_COMPONENTS)))
     reports = top_activating_examples(sae, extractor, CORPUS, latents, k=2, n_quantile_samples=0)
     density = (codes > 0).mean(axis=0)
     for latent in latents:
@@ -213,8 +227,9 @@ def test_top_activating_examples_promoted_tokens_follow_the_unembedding(fitted):
     np.testing.assert_allclose(
         [value for _, value in report.suppressed], np.sort(effect_V)[:5], rtol=1e-4
     )
-    best = int(np.argmax(effect_V))
-    assert report.promoted[0][0] == token_texts(extractor.tokenizer_, [best])[0]
+    tolerance = 1e-5 * np.abs(effect_V).max()
+    text_of = lambda ids: token_texts(extractor.tokenizer_, ids)  # noqa: E731
+    assert_ranked([text for text, _ in report.promoted], effect_V, text_of, tolerance)
 
 
 def random_lm(family, tied):
@@ -243,8 +258,11 @@ def test_logit_effects_equal_a_float64_logit_lens_through_the_final_norm(family,
     ):
         top = np.argsort(-effect_V, kind="stable")[:6]
         bottom = np.argsort(effect_V, kind="stable")[:6]
-        assert [t for t, _ in promoted] == [token_texts(tokenizer, [i])[0] for i in top]
-        assert [t for t, _ in suppressed] == [token_texts(tokenizer, [i])[0] for i in bottom]
+        # In order, near-ties (float32 against float64) either way.
+        tolerance = 1e-5 * np.abs(effect_V).max()
+        text_of = lambda ids: token_texts(tokenizer, ids)  # noqa: E731
+        assert_ranked([t for t, _ in promoted], effect_V, text_of, tolerance)
+        assert_ranked([t for t, _ in suppressed], effect_V, text_of, tolerance, largest=False)
         np.testing.assert_allclose([v for _, v in promoted], effect_V[top], rtol=1e-5)
         np.testing.assert_allclose([v for _, v in suppressed], effect_V[bottom], rtol=1e-5)
         raw_V = model.lm_head.weight.detach().double().numpy() @ direction_D
@@ -423,8 +441,14 @@ def test_generate_with_steering_ablating_one_latent_removes_its_contribution(fit
         code = sae.transform(x)[:, latent]
         fired |= bool((code > 0).any())
         expected = -code[:, None] * direction[None, :]
+        # Rows whose code sits at a cut (it may fall another way in the splice) aside.
+        pre, bound = encoder_pre_activations(sae, x)
+        settled = ~undecided_codes(pre, bound, **code_activation(sae))[:, latent]
         np.testing.assert_allclose(
-            (after - before).reshape(x.shape).numpy(), expected, rtol=1e-4, atol=1e-5
+            (after - before).reshape(x.shape).numpy()[settled],
+            expected[settled],
+            rtol=1e-4,
+            atol=1e-5,
         )
     assert fired
 
@@ -463,7 +487,10 @@ def test_steering_replacement_ablating_silent_latents_changes_no_logit(fitted):
     with torch.inference_mode():
         _, clean, _ = run_capturing(extractor, lambda: model(input_ids=ids))
     hooked = clean[0].reshape(-1, clean[0].shape[-1]).numpy()
-    silent = np.flatnonzero((sae.transform(hooked) == 0).all(axis=0)).tolist()
+    # Silent here, and not by a code at its cut (which the splice may compute as active).
+    pre, bound = encoder_pre_activations(sae, hooked)
+    undecided = undecided_codes(pre, bound, **code_activation(sae)).any(axis=0)
+    silent = np.flatnonzero((sae.transform(hooked) == 0).all(axis=0) & ~undecided).tolist()
     assert silent
     with torch.inference_mode():
         clean_logits = model(input_ids=ids).logits
@@ -500,6 +527,12 @@ def test_generate_with_steering_same_seed_same_text(fitted):
             r"must be an int in the range \[1, inf\)\. Got 0 instead\.",
         ),
         ({"prompt": ["a"]}, "prompt", r"must be an instance of 'str'"),
+        # Before: a bare TypeError from the tokenizers library.
+        (
+            {"prompt": "ab\ud800c"},
+            "prompt",
+            r"must be valid Unicode.*Got a lone surrogate '\\ud800' at character 2 instead\.",
+        ),
     ],
 )
 def test_generate_with_steering_rejects_invalid_arguments(fitted, kwargs, name, rest):
@@ -611,9 +644,9 @@ def test_logit_effects_of_smollm2_equal_a_float64_logit_lens(smollm2):
     reference_LV = logit_lens_reference(model, directions_LD)
     for (promoted, suppressed), effect_V in zip(effects, reference_LV, strict=True):
         top = np.argsort(-effect_V, kind="stable")[:10]
-        bottom = np.argsort(effect_V, kind="stable")[:10]
-        assert [t for t, _ in promoted] == token_texts(tokenizer, top.tolist(), byte_level=True)
-        assert [t for t, _ in suppressed] == token_texts(
-            tokenizer, bottom.tolist(), byte_level=True
-        )
+        # In order, near-ties (float32 against float64) either way.
+        tolerance = 1e-4 * np.abs(effect_V).max()
+        text_of = lambda ids: token_texts(tokenizer, ids, byte_level=True)  # noqa: E731
+        assert_ranked([t for t, _ in promoted], effect_V, text_of, tolerance)
+        assert_ranked([t for t, _ in suppressed], effect_V, text_of, tolerance, largest=False)
         np.testing.assert_allclose([v for _, v in promoted], effect_V[top], rtol=1e-4)

@@ -205,14 +205,38 @@ def test_training_statistics_match_a_float64_reference():
     assert summary["error_ratio"] == pytest.approx(squared_error / variance, rel=1e-5)
 
 
+def test_training_statistics_keep_the_squared_norm_floor_for_rows_that_vary():
+    # Rows far from zero that vary a little (offset 100, spread 0.01): their variance is
+    # below 1e-3 of their squared norm, which stays the reference (as before).
+    x = 100 + 0.01 * torch.from_numpy(np.random.default_rng(0).normal(size=(64, 3))).float()
+    statistics = TrainingStatistics(5, "cpu")
+    statistics.update(x, LossTerms(torch.tensor(0.1), torch.tensor(30.0), torch.zeros(5)))
+    squared_norm = float(x.double().square().sum())
+    summary = statistics.summary(ReLUModule(3, 5))
+    assert summary["error_ratio"] == pytest.approx(30.0 / (1e-3 * squared_norm), rel=1e-4)
+
+
+def test_training_statistics_of_one_row_measure_against_the_training_scale():
+    statistics = TrainingStatistics(5, "cpu")
+    x = torch.tensor([[3.0, -1.0, 2.0]])
+    statistics.update(x, LossTerms(torch.tensor(0.1), torch.tensor(1.5), torch.zeros(5)))
+    summary = statistics.summary(ReLUModule(3, 5))
+    assert summary["error_ratio"] == pytest.approx(1.5 / 3) and summary["finite"]
+    exact = TrainingStatistics(5, "cpu")
+    exact.update(x, LossTerms(torch.tensor(0.0), torch.tensor(0.0), torch.zeros(5)))
+    assert exact.summary(ReLUModule(3, 5))["explained_variance"] == 1.0
+
+
 def test_training_statistics_flag_non_finite_weights_and_floor_constant_rows():
     module = ReLUModule(3, 5)
     statistics = TrainingStatistics(5, "cpu")
-    x = torch.ones(4, 3)  # constant rows: zero variance
+    x = torch.full((4, 3), 0.1)  # constant rows: zero variance (float64 rounding aside)
     statistics.update(x, LossTerms(torch.tensor(0.1), torch.tensor(1e-6), torch.zeros(5)))
     summary = statistics.summary(module)
-    # Floored at 1e-3 times the squared norm (12), not divided by zero.
-    assert summary["error_ratio"] == pytest.approx(1e-6 / (1e-3 * 12), rel=1e-4)
+    # Against the scale of the training units (4 rows of mean squared norm 3), not
+    # divided by zero nor by 1e-3 of their squared norm (a one-row block "diverged").
+    assert summary["error_ratio"] == pytest.approx(1e-6 / 12, rel=1e-4)
+    assert summary["explained_variance"] == 0.0  # scikit-learn's convention, not -1e10
     with torch.no_grad():
         module.W_enc_DF[0, 0] = float("nan")
     assert not statistics.summary(module)["finite"]
