@@ -20,6 +20,7 @@ Shape suffixes: D input width (``d_in``), F latents (``d_sae``).
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -87,6 +88,34 @@ def read_safetensors(path):
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise FormatError(f"{path} is not a readable safetensors file ({exc}).") from exc
     return _TensorFile(tensors, path)
+
+
+def write_safetensors(arrays, path):
+    """Write ``arrays`` to ``path`` (safetensors) and flush it to the disk.
+
+    A failed write raises the `OSError` it is (a full disk: ``errno.ENOSPC``), where
+    safetensors reports it as a ``SafetensorError`` with the OS error in its text.
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file
+
+    try:
+        save_file(arrays, os.fspath(path))
+    except SafetensorError as exc:
+        number = re.search(r"\(os error (\d+)\)", str(exc))
+        if number is None:
+            raise
+        raise OSError(int(number.group(1)), f"{path} could not be written ({exc})") from exc
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
+def write_json(value, path, default=None):
+    """Write ``value`` to ``path`` as indented JSON and flush it to the disk."""
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(value, file, indent=2, default=default)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def read_torch_state(path):
@@ -395,8 +424,6 @@ def write_saelens(folder, state, architecture, *, k=None, metadata=None):
     broadcast to every latent). The encoder bias already holds the input bias, so
     ``apply_b_dec_to_input`` is false.
     """
-    from safetensors.numpy import save_file
-
     folder = Path(folder)
     d_in, d_sae = state["W_enc_"].shape
     tensors = {"W_enc": state["W_enc_"], "W_dec": state["components_"], "b_dec": state["b_dec_"]}
@@ -425,13 +452,12 @@ def write_saelens(folder, state, architecture, *, k=None, metadata=None):
     if name == "topk":
         config["k"] = int(k)
         config["rescale_acts_by_decoder_norm"] = False
-    save_file(tensors, os.fspath(folder / SAELENS_WEIGHTS))
+    write_safetensors(tensors, folder / SAELENS_WEIGHTS)
     if "latent_frequency_" in state:
         frequency_F = np.asarray(state["latent_frequency_"], dtype=np.float64)
         sparsity = np.log10(frequency_F + SPARSITY_EPSILON).astype(np.float32)
-        save_file({"sparsity": sparsity}, os.fspath(folder / SAELENS_SPARSITY))
-    with open(folder / SAELENS_CONFIG, "w", encoding="utf-8") as file:
-        json.dump(config, file, indent=2)
+        write_safetensors({"sparsity": sparsity}, folder / SAELENS_SPARSITY)
+    write_json(config, folder / SAELENS_CONFIG)
 
 
 # ------------------------------------------------------------------------ sparsify

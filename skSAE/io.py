@@ -16,11 +16,13 @@ format                     read  write  architectures
 =========================  ====  =====  ================================================
 """
 
+import errno
 import json
 import os
 import shutil
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ from ._estimator import SAVED_ATTRIBUTES, SparseAutoencoder, exported_state, fit
 from ._formats import (
     DICTIONARY_LEARNING_WEIGHTS,
     SAELENS_CONFIG,
+    SAELENS_SPARSITY,
     SAELENS_WEIGHTS,
     SPARSIFY_CONFIG,
     SPARSIFY_WEIGHTS,
@@ -40,10 +43,17 @@ from ._formats import (
     read_saelens,
     read_safetensors,
     read_sparsify,
+    write_json,
     write_saelens,
+    write_safetensors,
 )
 from ._utils import resolve_device
 from ._version import __version__
+
+try:
+    import fcntl
+except ImportError:  # Windows: overwriting saves to one folder are not serialised
+    fcntl = None
 
 __all__ = ["FORMAT_VERSION", "FormatError", "detect_format", "load", "save"]
 
@@ -55,6 +65,15 @@ _CONFIG_FILE = "config.json"
 _OWN_ATTRIBUTES = (*SAVED_ATTRIBUTES, "feature_names_in_")
 _READ_FORMATS = ("skSAE", "saelens", "sparsify", "dictionary_learning")
 _WRITE_FORMATS = ("skSAE", "saelens")
+# The files `save` writes in each format: those that ``overwrite=True`` replaces.
+_SAVED_FILES = {
+    "skSAE": (_CONFIG_FILE, _MODEL_FILE),
+    "saelens": (SAELENS_CONFIG, SAELENS_WEIGHTS, SAELENS_SPARSITY),
+}
+# Where a replacement keeps the old files until the new ones are in (inside the scratch).
+_ASIDE = "previous"
+# A full disk, or a full quota (EDQUOT is not defined everywhere).
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 def load(path, format="auto", *, norm_scaling_factor=None):
@@ -180,8 +199,7 @@ def save(sae, path, format="skSAE", *, overwrite=False, **metadata):
     sae : SparseAutoencoder
         Fitted.
     path : str or path-like
-        The folder to create. An existing non-empty folder is replaced only with
-        ``overwrite=True``, and only once the new one is complete.
+        The folder to create, or an empty folder.
     format : {"skSAE", "saelens"}, default="skSAE"
         ``"skSAE"``: ``model.safetensors`` (the fitted arrays) and ``config.json``
         (parameters, fitted scalars, versions, metadata); `load` rebuilds the model
@@ -189,7 +207,11 @@ def save(sae, path, format="skSAE", *, overwrite=False, **metadata):
         (+ ``sparsity.safetensors`` when `latent_frequency_` is known), for
         ``sae_lens.SAE.load_from_disk``.
     overwrite : bool, default=False
-        Replace an existing folder.
+        Replace the SAE in an existing folder. Only the files of the SAE are replaced
+        (``config.json`` and ``model.safetensors``, or SAELens's three): any other
+        file or folder in it (notes, logs) is kept, as ``save_pretrained`` keeps them.
+        A folder that holds no SAE, or one of a format `save` does not write
+        (sparsify, dictionary_learning), is refused.
     **metadata
         JSON values recorded with the model, over those of ``sae.metadata_``; e.g.
         ``**extractor.hook_metadata()`` (model, hook in TransformerLens and Hugging
@@ -198,9 +220,24 @@ def save(sae, path, format="skSAE", *, overwrite=False, **metadata):
     Raises
     ------
     FileExistsError
-        When ``path`` exists and ``overwrite`` is false, or is a file.
+        When ``path`` is a file, or holds files and ``overwrite`` is false (also when
+        another process saved there while this save was writing: of several saves
+        to one new folder, exactly one succeeds), or when ``overwrite`` is true and
+        the folder holds no SAE that `save` writes.
+    OSError
+        When the disk is full (``errno.ENOSPC``; the message names the folder).
     ValueError
         When a metadata value is not JSON.
+
+    Notes
+    -----
+    The files are written to a hidden folder beside ``path`` and flushed to the disk
+    before anything at ``path`` changes, so an error while writing (a full disk) or
+    a kill leaves ``path`` as it was. A new folder then appears whole, in one
+    rename; with ``overwrite``, the old SAE's files move out (its config first) and
+    the new ones in (config last), so ``path`` never holds a config with the other
+    model's weights, and concurrent overwriting saves take turns (a lock on the
+    folder, where the system has ``fcntl``).
     """
     if not isinstance(sae, SparseAutoencoder):
         raise TypeError(f"save expects a SparseAutoencoder, got {type(sae).__name__}.")
@@ -217,43 +254,49 @@ def save(sae, path, format="skSAE", *, overwrite=False, **metadata):
         except TypeError as exc:
             raise ValueError(f"metadata {key!r} is not a JSON value: {value!r}.") from exc
     target = Path(path)
-    if target.is_file():
-        raise FileExistsError(f"{target} is a file; save writes a folder.")
-    if target.is_dir() and any(target.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"{target} exists and is not empty; pass overwrite=True to replace it."
-            )
-        try:
-            detect_format(target)
-        except FormatError:
-            raise FileExistsError(
-                f"{target} holds files that are not an SAE; overwrite=True replaces only "
-                "an SAE folder (or an empty one). Choose another path."
-            ) from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(scratch, 0o777 & ~umask)  # mkdtemp's folder is private to its owner
+    _replaced_files(target, overwrite)  # refuse before the work of writing
+    scratch = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(scratch, 0o777 & ~umask)  # mkdtemp's folder is private to its owner
         if format == "skSAE":
             _write_own(scratch, sae, saved, metadata)
         else:
             k = saved["fit_options"].get("k") if saved["architecture"] == "topk" else None
             write_saelens(scratch, saved["arrays"], saved["architecture"], k=k, metadata=metadata)
-        _replace_folder(scratch, target)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if _claim(scratch, target):
+            scratch = None  # it is the folder now
+        elif not overwrite:
+            raise FileExistsError(
+                f"{target} was written by another process while this save was writing; it "
+                "is left as that process wrote it. Pass overwrite=True to replace it, or "
+                "choose another path."
+            )
+        else:
+            _replace_files(scratch, target)
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            raise OSError(
+                exc.errno,
+                f"No space left on the disk of {target.parent} to save {target.name!r}: "
+                f"{target} is as it was before this save (its partial files are removed). "
+                "Free some space, or save elsewhere",
+            ) from exc
         raise
+    finally:
+        # An aside folder left in the scratch holds files that a failed replacement could
+        # not put back (its error names the folder): those are kept.
+        if scratch is not None and not (scratch / _ASIDE).exists():
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ own format
 
 
 def _write_own(folder, sae, saved, metadata):
-    from safetensors.numpy import save_file
-
     params = {name: _json_value(value) for name, value in sae.get_params(deep=False).items()}
     if params.get("prefix_sizes") is not None:
         params["prefix_sizes"] = [int(size) for size in params["prefix_sizes"]]
@@ -270,7 +313,7 @@ def _write_own(folder, sae, saved, metadata):
     training_scalars = {
         name: value for name, value in training.items() if not isinstance(value, np.ndarray)
     }
-    save_file(arrays, os.fspath(folder / _MODEL_FILE))
+    write_safetensors(arrays, folder / _MODEL_FILE)
     config = {
         "format": "skSAE",
         "format_version": FORMAT_VERSION,
@@ -288,8 +331,7 @@ def _write_own(folder, sae, saved, metadata):
         "scale_from_data": saved["scale_from_data"],
         "metadata": metadata,
     }
-    with open(folder / _CONFIG_FILE, "w", encoding="utf-8") as file:
-        json.dump(config, file, indent=2, default=_json_value)
+    write_json(config, folder / _CONFIG_FILE, default=_json_value)
 
 
 def _load_own(folder):
@@ -394,17 +436,100 @@ def _existing_folder(path):
     return folder
 
 
-def _replace_folder(new, target):
-    """Move the complete folder ``new`` to ``target``; an old ``target`` goes only after."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    os.rmdir(old)
-    os.replace(target, old)
+def _replaced_files(target, overwrite):
+    """The files of ``target`` that saving there with ``overwrite`` replaces.
+
+    Raises `FileExistsError` when ``target`` is a file, or holds files and
+    ``overwrite`` is false, or holds no SAE that `save` writes.
+    """
+    if target.is_file():
+        raise FileExistsError(f"{target} is a file; save writes a folder.")
+    names = {entry.name for entry in target.iterdir()} if target.is_dir() else set()
+    if not names:
+        return []
+    if not overwrite:
+        raise FileExistsError(
+            f"{target} exists and is not empty; pass overwrite=True to replace the SAE in it."
+        )
     try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old, target)
+        found = detect_format(target)
+    except FormatError:
+        found = None
+    if found not in _SAVED_FILES:
+        what = f"a {found} SAE" if found else "files that are not an SAE"
+        raise FileExistsError(
+            f"{target} holds {what}; overwrite=True replaces only an SAE that save writes "
+            f"(skSAE's or SAELens's files), never other files. Choose another path."
+        )
+    return [name for name in _SAVED_FILES[found] if name in names]
+
+
+def _claim(scratch, target):
+    """Rename the folder ``scratch`` to ``target`` if that is free (missing or empty).
+
+    One rename is atomic: of two saves to one new folder, the second finds it filled
+    by the first and gets False.
+    """
+    try:
+        os.rename(scratch, target)
+    except OSError as exc:
+        # A folder that is not empty, a file, or (Windows) any existing folder.
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+            return False
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
+def _replace_files(scratch, target):
+    """Swap the SAE files of ``target`` for those written in ``scratch`` (see `save`)."""
+    with _locked(target):
+        new = [entry.name for entry in scratch.iterdir()]
+        # Checked again (the folder may have changed), and with any file that a new
+        # one replaces, so that a failure puts back every file it moved.
+        old = set(_replaced_files(target, overwrite=True))
+        old.update(name for name in new if os.path.lexists(target / name))
+        aside = scratch / _ASIDE
+        os.mkdir(aside)
+        moved_out, moved_in = [], []
+        try:
+            # A folder loads only with its config: the old one goes first and the new
+            # one comes last, so the folder never pairs one model's config with
+            # another's weights.
+            for name in sorted(old, key=_is_config, reverse=True):
+                os.rename(target / name, aside / name)
+                moved_out.append(name)
+            for name in sorted(new, key=_is_config):
+                os.rename(scratch / name, target / name)
+                moved_in.append(name)
+        except BaseException as error:
+            try:
+                for name in reversed(moved_in):
+                    os.rename(target / name, scratch / name)
+                for name in reversed(moved_out):
+                    os.rename(aside / name, target / name)
+                os.rmdir(aside)
+            except OSError as failure:
+                raise OSError(
+                    f"Saving to {target} failed ({error!r}) and the previous SAE's files "
+                    f"could not be put back ({failure}): they are in {aside}."
+                ) from error
+            raise
+        shutil.rmtree(aside)
+
+
+def _is_config(name):
+    return name in (_CONFIG_FILE, SAELENS_CONFIG)
+
+
+@contextmanager
+def _locked(folder):
+    """Hold an exclusive lock on ``folder`` (``flock``; nothing where there is no fcntl)."""
+    if fcntl is None:
+        yield
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock

@@ -6,8 +6,12 @@ formula written out in float64 (not with our folding): codes equal the original'
 times the decoder row norms, reconstructions equal the original's.
 """
 
+import errno
 import json
 import os
+import shutil
+import subprocess
+import threading
 
 import numpy as np
 import pytest
@@ -183,25 +187,189 @@ def test_save_refuses_to_overwrite_and_replaces_only_when_asked(tmp_path):
     assert (tmp_path / "work" / "thesis.tex").read_text() == "years of work"
 
 
-def test_save_that_fails_midway_keeps_the_old_folder(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing_rename", [2, 3, 4, 5])
+def test_save_that_fails_midway_keeps_the_old_folder(failing_rename, tmp_path, monkeypatch):
     sae, X = fitted("topk")
     other, _ = fitted("relu")
     io.save(sae, tmp_path / "m")
-    real_replace = os.replace
+    real_rename = os.rename
     calls = []
 
-    def replace_then_fail(source, target):
+    def rename_then_fail(source, target):
+        # 1: the claim of the folder (refused: it exists); 2, 3: the old config and
+        # weights move aside; 4, 5: the new weights and config move in.
         calls.append((source, target))
-        if len(calls) == 2:  # the new folder onto the target, after the old moved aside
-            raise OSError("disk full")
-        return real_replace(source, target)
+        if len(calls) == failing_rename:
+            raise OSError("the device went away")
+        return real_rename(source, target)
 
-    monkeypatch.setattr(os, "replace", replace_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(os, "rename", rename_then_fail)
+    with pytest.raises(OSError, match="the device went away"):
         io.save(other, tmp_path / "m", overwrite=True)
     monkeypatch.undo()
     np.testing.assert_array_equal(io.load(tmp_path / "m").transform(X), sae.transform(X))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+
+
+@pytest.fixture(scope="module")
+def two_models():
+    """Two different fitted models (topk and relu) and their data."""
+    sae, X = fitted("topk")
+    other, _ = fitted("relu")
+    return sae, other, X
+
+
+def test_overwrite_replaces_only_the_sae_files(two_models, tmp_path):
+    sae, other, X = two_models
+    folder = tmp_path / "m"
+    io.save(sae, folder)
+    (folder / "notes.md").write_text("what I tried")
+    (folder / "runs").mkdir()
+    (folder / "runs" / "events").write_text("logs")
+    io.save(other, folder, overwrite=True)
+    np.testing.assert_array_equal(io.load(folder).transform(X), other.transform(X))
+    assert (folder / "notes.md").read_text() == "what I tried"
+    assert (folder / "runs" / "events").read_text() == "logs"
+    # In another format, the old format's files go and the user's stay.
+    io.save(sae, folder, format="saelens", overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "cfg.json",
+        "notes.md",
+        "runs",
+        "sae_weights.safetensors",
+        "sparsity.safetensors",
+    ]
+    np.testing.assert_allclose(io.load(folder).transform(X), sae.transform(X), rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no scratch folder left
+    # Another library's SAE is not one save writes: its config.json would be lost.
+    theirs = dl_folder(tmp_path / "dl", "AutoEncoder", {"bias": torch.zeros(D)})
+    with pytest.raises(FileExistsError, match="holds a dictionary_learning SAE"):
+        io.save(sae, theirs, overwrite=True)
+    assert sorted(p.name for p in theirs.iterdir()) == ["ae.pt", "config.json"]
+
+
+def test_two_saves_to_one_new_folder_one_wins(two_models, tmp_path, monkeypatch):
+    sae, other, X = two_models
+    both_written = threading.Barrier(2, timeout=120)
+    write_own = io._write_own
+
+    def write_then_wait(*args):
+        write_own(*args)
+        # Both saves have found the folder free and written their files: each moves
+        # them in only now, so the race is the same on every run.
+        both_written.wait()
+
+    monkeypatch.setattr(io, "_write_own", write_then_wait)
+    outcomes = {}
+
+    def save(name, model):
+        try:
+            io.save(model, tmp_path / "m")
+            outcomes[name] = "saved"
+        except FileExistsError as exc:
+            outcomes[name] = str(exc)
+
+    threads = [threading.Thread(target=save, args=args) for args in (("a", sae), ("b", other))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert sorted(outcomes) == ["a", "b"]
+    assert list(outcomes.values()).count("saved") == 1, outcomes
+    lost = next(value for value in outcomes.values() if value != "saved")
+    assert "was written by another process while this save was writing" in lost
+    winner = sae if outcomes["a"] == "saved" else other
+    np.testing.assert_array_equal(io.load(tmp_path / "m").transform(X), winner.transform(X))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_overwriting_saves_wait_for_the_folder_lock(two_models, tmp_path, monkeypatch):
+    fcntl = pytest.importorskip("fcntl", reason="the lock is flock, which this system lacks")
+    sae, other, X = two_models
+    io.save(sae, tmp_path / "m")
+    written = threading.Event()
+    write_own = io._write_own
+
+    def write_and_say(*args):
+        write_own(*args)
+        written.set()
+
+    monkeypatch.setattr(io, "_write_own", write_and_say)
+    descriptor = os.open(tmp_path / "m", os.O_RDONLY)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)  # as another overwriting save holds it
+    thread = threading.Thread(
+        target=io.save, args=(other, tmp_path / "m"), kwargs={"overwrite": True}
+    )
+    thread.start()
+    try:
+        assert written.wait(120)
+        thread.join(0.5)
+        assert thread.is_alive()  # waiting for the lock, the folder untouched
+        np.testing.assert_array_equal(io.load(tmp_path / "m").transform(X), sae.transform(X))
+    finally:
+        os.close(descriptor)
+        thread.join(120)
+    np.testing.assert_array_equal(io.load(tmp_path / "m").transform(X), other.transform(X))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs to fill (mounting one needs root), unmounted afterwards."""
+    if getattr(os, "geteuid", lambda: -1)() != 0 or shutil.which("mount") is None:
+        pytest.skip("a full disk is simulated with a small tmpfs, which needs root and mount")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", os.fspath(disk)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"could not mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", os.fspath(disk)], check=True)
+
+
+def free_bytes(folder):
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize
+
+
+@pytest.mark.parametrize("full_at", ["weights", "config"])
+@pytest.mark.parametrize("previous_save", [False, True])
+def test_save_on_a_full_disk_says_so_and_keeps_the_previous_save(
+    full_at, previous_save, small_disk, two_models, tmp_path
+):
+    sae, other, X = two_models
+    target = small_disk / "m"
+    if previous_save:
+        io.save(sae, target)
+    # tmpfs allocates whole pages: leave none, or just enough for the new weights.
+    io.save(other, tmp_path / "measured")
+    page = os.statvfs(small_disk).f_frsize
+    weights_pages = -(-(tmp_path / "measured" / "model.safetensors").stat().st_size // page)
+    leave = 0 if full_at == "weights" else weights_pages * page
+    with open(small_disk / "filler", "wb") as file:
+        file.write(bytes(free_bytes(small_disk) - leave))
+    assert free_bytes(small_disk) == leave
+    with pytest.raises(OSError) as raised:
+        io.save(other, target, overwrite=previous_save)
+    assert raised.value.errno == errno.ENOSPC
+    assert f"No space left on the disk of {small_disk} to save 'm'" in str(raised.value)
+    assert f"{target} is as it was" in str(raised.value)
+    # Nothing half-written is left, and the previous save loads as it was.
+    expected = ["filler", "m"] if previous_save else ["filler"]
+    assert sorted(p.name for p in small_disk.iterdir()) == expected
+    assert free_bytes(small_disk) == leave
+    if previous_save:
+        assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+        np.testing.assert_array_equal(io.load(target).transform(X), sae.transform(X))
 
 
 def test_saved_folder_is_readable_by_others(tmp_path):
