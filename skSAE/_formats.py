@@ -70,6 +70,11 @@ def read_json_object(path):
             value = json.load(file)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FormatError(f"{path} is not valid JSON: {exc}.") from exc
+    except RecursionError:
+        # The decoder recurses once per level: thousands of nested brackets exhaust it.
+        raise FormatError(
+            f"{path} nests its JSON values too deeply to read (no SAE config does)."
+        ) from None
     if not isinstance(value, dict):
         raise FormatError(f"{path} must hold a JSON object, got a {type(value).__name__}.")
     return value
@@ -597,10 +602,16 @@ def read_dictionary_learning(folder):
         architecture = "matryoshka"
         params["k"] = _dictionary_learning_k(state_dict, trainer, weights_path, config_path)
         group_sizes = state_dict.get("group_sizes")
-        if group_sizes is None or group_sizes.ndim != 1 or group_sizes.sum() != f:
+        if (
+            group_sizes is None
+            or group_sizes.ndim != 1
+            or not _positive_integers(group_sizes)
+            or group_sizes.sum() != f
+        ):
             raise FormatError(
-                f"{weights_path}: tensor 'group_sizes' must list group sizes summing to "
-                f"dict_size={f}."
+                f"{weights_path}: tensor 'group_sizes' is "
+                f"{None if group_sizes is None else group_sizes.tolist()}, expected positive "
+                f"integer group sizes summing to dict_size={f}."
             )
         params["prefix_sizes"] = [int(size) for size in np.cumsum(group_sizes.astype(np.int64))]
         state = public_form(
@@ -653,6 +664,19 @@ def read_dictionary_learning(folder):
 
 def _dictionary_learning_k(state_dict, trainer, weights_path, config_path):
     """``k`` from the state dict's buffer, else from the trainer config (as the library)."""
-    if "k" in state_dict:
-        return int(tensor(state_dict, "k", (), weights_path))
-    return field(trainer, "k", config_path, int)
+    if "k" not in state_dict:
+        k = field(trainer, "k", config_path, int)
+        if k < 1:
+            raise FormatError(f"{config_path}: field 'k' is {k}, expected a positive integer.")
+        return k
+    k = tensor(state_dict, "k", (), weights_path)
+    if not _positive_integers(k):  # never truncate: a k of 2.9 is not a k of 2
+        raise FormatError(
+            f"{weights_path}: tensor 'k' is {k.item():g}, expected a positive integer."
+        )
+    return int(k)
+
+
+def _positive_integers(values):
+    """Whether every value (float64, as read) is a whole number of at least 1."""
+    return bool(np.all((values >= 1) & (values == np.round(values))))

@@ -18,6 +18,7 @@ format                     read  write  architectures
 
 import errno
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -43,6 +44,7 @@ from ._formats import (
     read_saelens,
     read_safetensors,
     read_sparsify,
+    tensor,
     write_json,
     write_saelens,
     write_safetensors,
@@ -108,9 +110,13 @@ def load(path, format="auto", *, norm_scaling_factor=None):
     FileNotFoundError
         When ``path`` does not exist.
     FormatError
-        A `ValueError` naming the file and field: a file, not a folder; no known
-        layout; a missing or misshaped tensor; an unknown architecture; a truncated
-        file; a JSON file that is not an object; a newer skSAE format version.
+        A `ValueError` naming the file, the field and what was expected: a file, not
+        a folder; no known layout; a missing or misshaped tensor; an unknown
+        architecture; a truncated file; a JSON file that is not an object, or nested
+        too deeply to read; a newer skSAE format version. skSAE's own files are
+        checked field by field (every parameter within its constraint, every fitted
+        attribute, the random state and the tensors within their ranges), so that a
+        damaged file fails here rather than in a later call.
 
     Notes
     -----
@@ -335,26 +341,31 @@ def _write_own(folder, sae, saved, metadata):
 
 
 def _load_own(folder):
-    config_path = folder / _CONFIG_FILE
+    config_path, weights_path = folder / _CONFIG_FILE, folder / _MODEL_FILE
     config = read_json_object(config_path)
     if config.get("format") != "skSAE":
-        raise FormatError(
-            f"{config_path}: field 'format' is {config.get('format')!r}, expected 'skSAE'."
-        )
+        raise _invalid(config_path, "format", config.get("format"), "'skSAE'")
     version = config.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise FormatError(
-            f"{config_path}: field 'format_version' must be an integer, got {version!r}."
-        )
+    if not _whole(version):
+        raise _invalid(config_path, "format_version", version, "an integer")
+    versions = config.get("versions", {})
+    if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
+        raise _invalid(config_path, "versions", versions, "an object of version strings")
     if version > FORMAT_VERSION:
-        written_by = (config.get("versions") or {}).get("skSAE", "a newer skSAE")
+        written_by = versions.get("skSAE", "a newer skSAE")
         raise FormatError(
             f"{config_path} has format_version {version}, written by skSAE {written_by}; this "
             f"skSAE {__version__} reads format versions up to {FORMAT_VERSION}. Upgrade skSAE."
         )
     for name in ("params", "attributes", "fit_options", "metadata"):
         if not isinstance(config.get(name), dict):
-            raise FormatError(f"{config_path}: field {name!r} must be an object.")
+            raise _invalid(config_path, name, config.get(name), "an object")
+    training = config.get("training_state", {})
+    if not isinstance(training, dict):
+        raise _invalid(config_path, "training_state", training, "an object")
+    scale_from_data = config.get("scale_from_data", False)
+    if not isinstance(scale_from_data, bool):
+        raise _invalid(config_path, "scale_from_data", scale_from_data, "true or false")
     unknown_attributes = sorted(set(config["attributes"]) - set(_OWN_ATTRIBUTES))
     if unknown_attributes:
         raise FormatError(
@@ -370,6 +381,9 @@ def _load_own(folder):
             UserWarning,
             stacklevel=3,
         )
+    _check_parameters({"architecture": config.get("architecture")}, config_path, "")
+    _check_parameters(params, config_path, "params.")
+    _check_parameters(config["fit_options"], config_path, "fit_options.")
     if isinstance(params.get("device"), str):
         try:
             resolve_device(params["device"])
@@ -381,35 +395,196 @@ def _load_own(folder):
                 stacklevel=3,
             )
             params["device"] = "auto"
-    arrays = read_safetensors(folder / _MODEL_FILE)
-    for name in ("W_enc_", "b_enc_", "components_", "b_dec_"):
-        if name not in arrays:
-            raise FormatError(f"{folder / _MODEL_FILE} has no tensor {name!r}.")
-    training_state = None
-    if "training.random_keys" in arrays and isinstance(config.get("training_state"), dict):
-        training_state = {
-            **config["training_state"],
-            **{
-                name[len("training.") :]: value
-                for name, value in arrays.items()
-                if name.startswith("training.")
-            },
-        }
+    arrays = read_safetensors(weights_path)
+    _check_arrays(arrays, weights_path)
+    n_features = arrays["W_enc_"].shape[0]
+    _check_attributes(config["attributes"], config_path, n_features)
+    training_state = _training_state(training, arrays, config_path, weights_path)
     try:
         sae = fitted_estimator(
             params,
             {name: value for name, value in arrays.items() if not name.startswith("training.")},
-            architecture=config.get("architecture"),
+            architecture=config["architecture"],
             fit_options=config["fit_options"],
             attributes={**config["attributes"], "metadata_": config["metadata"]},
             training_state=training_state,
-            scale_from_data=bool(config.get("scale_from_data", False)),
+            scale_from_data=scale_from_data,
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise FormatError(f"{folder}: {exc}") from exc
     if not config["metadata"]:
         del sae.metadata_
     return sae
+
+
+# ---------------------------------------------------- checks of the own format
+
+# The tensors of model.safetensors: name -> shape, in terms of D (n_features) and F
+# (n_components); ``threshold_`` is () or (F,) by architecture (`fitted_estimator`).
+_OWN_TENSORS = {
+    "W_enc_": ("D", "F"),
+    "b_enc_": ("F",),
+    "components_": ("F", "D"),
+    "b_dec_": ("D",),
+    "threshold_": None,
+    "input_mean_": ("D",),
+    "latent_frequency_": ("F",),
+    "training.random_keys": (624,),  # NumPy's MT19937 key
+    "training.rows_since_fired": ("F",),
+}
+_REQUIRED_TENSORS = ("W_enc_", "b_enc_", "components_", "b_dec_")
+
+
+def _finite_number(value):
+    """A JSON number (not a boolean) that is finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _whole(value, low=0, high=2**63 - 1):
+    """A JSON integer (not a boolean) in [low, high]."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+# Each fitted attribute of config.json: the test it must pass and what that means.
+_ATTRIBUTE_CHECKS = {
+    "input_scale_": (lambda v: _finite_number(v) and v > 0, "a positive number"),
+    "sparsity_coefficient_": (lambda v: _finite_number(v) and v >= 0, "a number >= 0"),
+    "dead_fraction_": (lambda v: _finite_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "loss_curve_": (
+        lambda v: isinstance(v, list) and all(_finite_number(x) for x in v),
+        "a list of finite numbers",
+    ),
+    "batch_size_": (lambda v: _whole(v, low=1), "a positive integer"),
+    "learning_rate_": (lambda v: _finite_number(v) and v > 0, "a positive number"),
+    "warmup_steps_": (_whole, "an integer >= 0"),
+    "n_iter_": (_whole, "an integer >= 0"),
+    "n_steps_": (_whole, "an integer >= 0"),
+}
+# The random state and dead-latent counters in config.json's training_state.
+_TRAINING_CHECKS = {
+    "random_position": (lambda v: _whole(v, high=624), "an integer in [0, 624]"),
+    "random_has_gauss": (lambda v: _whole(v, high=1), "0 or 1"),
+    "random_cached_gaussian": (_finite_number, "a finite number"),
+    "rows_seen": (_whole, "an integer >= 0"),
+}
+
+
+def _invalid(path, field, value, expected):
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return FormatError(f"{path}: field {field!r} is {shown}, expected {expected}.")
+
+
+def _check_parameters(values, path, prefix):
+    """Each value within the constraint of the `SparseAutoencoder` parameter it names."""
+    known = SparseAutoencoder().get_params()
+    for name, value in values.items():
+        if name not in known:
+            raise FormatError(
+                f"{path}: field {prefix + name!r} is not a SparseAutoencoder parameter."
+            )
+        try:
+            SparseAutoencoder(**{name: value})._validate_params()
+        except ValueError as exc:
+            raise FormatError(f"{path}: field {prefix + name!r}: {exc}") from None
+
+
+def _check_arrays(arrays, path):
+    """The tensors of model.safetensors: known names, shapes, finite values, ranges."""
+    unknown = sorted(set(arrays) - set(_OWN_TENSORS))
+    if unknown:
+        raise FormatError(
+            f"{path} holds tensors {unknown}, which skSAE does not save (it saves "
+            f"{sorted(_OWN_TENSORS)})."
+        )
+    for name in _REQUIRED_TENSORS:
+        if name not in arrays:
+            raise FormatError(f"{path} has no tensor {name!r}.")
+    if arrays["W_enc_"].ndim != 2:
+        raise FormatError(
+            f"{path}: tensor 'W_enc_' has shape {arrays['W_enc_'].shape}, expected "
+            "(n_features, n_components)."
+        )
+    sizes = dict(zip("DF", arrays["W_enc_"].shape, strict=True))
+    for name, value in arrays.items():
+        shape = _OWN_TENSORS[name]
+        if shape is None:  # threshold_: one, or one per latent
+            if value.shape not in ((), (sizes["F"],)):
+                raise FormatError(
+                    f"{path}: tensor {name!r} has shape {value.shape}, expected () or "
+                    f"({sizes['F']},)."
+                )
+            shape = value.shape
+        tensor(arrays, name, tuple(sizes.get(size, size) for size in shape), path)
+    for name, valid, expected in (
+        ("latent_frequency_", lambda v: (v >= 0) & (v <= 1), "fractions in [0, 1]"),
+        ("training.rows_since_fired", lambda v: v >= 0, "counts >= 0"),
+        (
+            "training.random_keys",
+            lambda v: (v >= 0) & (v < 2**32) & (v == np.round(v)),
+            "integers in [0, 2**32)",
+        ),
+    ):
+        value = arrays.get(name)
+        if value is not None and not valid(value).all():
+            raise FormatError(
+                f"{path}: tensor {name!r} holds values from {value.min():.6g} to "
+                f"{value.max():.6g}, expected {expected}."
+            )
+
+
+def _check_attributes(attributes, path, n_features):
+    for name, value in attributes.items():
+        if name == "feature_names_in_":
+            valid = (
+                isinstance(value, list)
+                and len(value) == n_features
+                and all(isinstance(item, str) for item in value)
+            )
+            expected = f"a list of {n_features} strings (one per input feature)"
+        else:
+            check, expected = _ATTRIBUTE_CHECKS[name]
+            valid = check(value)
+        if not valid:
+            raise _invalid(path, f"attributes.{name}", value, expected)
+
+
+def _training_state(state, arrays, config_path, weights_path):
+    """`fitted_estimator`'s ``training_state`` from both files, checked; None when absent."""
+    counters = "training.rows_since_fired" in arrays
+    if "training.random_keys" not in arrays:
+        if state or counters:
+            raise FormatError(
+                f"{weights_path} has no tensor 'training.random_keys', which the training "
+                f"state in {config_path} needs."
+            )
+        return None
+    expected = {"random_position", "random_has_gauss", "random_cached_gaussian"}
+    if counters:
+        expected.add("rows_seen")
+    if set(state) != expected:
+        raise FormatError(
+            f"{config_path}: field 'training_state' has the fields {sorted(state)}, expected "
+            f"{sorted(expected)} (with the tensors in {weights_path.name})."
+        )
+    for name, value in state.items():
+        check, meaning = _TRAINING_CHECKS[name]
+        if not check(value):
+            raise _invalid(config_path, f"training_state.{name}", value, meaning)
+    return {
+        **state,
+        **{
+            name[len("training.") :]: value
+            for name, value in arrays.items()
+            if name.startswith("training.")
+        },
+    }
 
 
 # -------------------------------------------------------------------- helpers

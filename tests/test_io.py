@@ -432,16 +432,142 @@ def test_bad_files_get_clear_errors(tmp_path):
     with pytest.raises(FormatError, match="model.safetensors has no tensor 'b_dec_'"):
         io.load(folder)
     save_file({**arrays, "b_enc_": arrays["b_enc_"][:-1]}, folder / "model.safetensors")
-    with pytest.raises(FormatError, match=r"b_enc_ must have shape \(40,\)"):
+    with pytest.raises(FormatError, match=r"'b_enc_' has shape \(39,\), expected \(40,\)"):
         io.load(folder)
     save_file({**arrays, "input_mean_": arrays["input_mean_"][:3]}, folder / "model.safetensors")
-    with pytest.raises(FormatError, match=r"input_mean_ must have shape \(12,\)"):
+    with pytest.raises(FormatError, match=r"'input_mean_' has shape \(3,\), expected \(12,\)"):
         io.load(folder)
     save_file(arrays, folder / "model.safetensors")
     edited = json.loads(config)
     edited["attributes"]["n_features_in_"] = 7
     (folder / "config.json").write_text(json.dumps(edited))
     with pytest.raises(FormatError, match=r"names \['n_features_in_'\]"):
+        io.load(folder)
+
+
+@pytest.fixture(scope="module")
+def good_folders(tmp_path_factory):
+    """A saved topk model (k, random state, counters) and a jumprelu one (threshold_)."""
+    root = tmp_path_factory.mktemp("good")
+    for architecture in ("topk", "jumprelu"):
+        io.save(fitted(architecture)[0], root / architecture)
+    return root
+
+
+DELETE = object()
+
+
+# (architecture, field of config.json as a dotted path, bad value, what the error says)
+BAD_CONFIG_FIELDS = [
+    ("topk", "fit_options.k", -5, r"'fit_options.k': The 'k' parameter .* Got -5 instead"),
+    ("topk", "fit_options.k", 0, r"'fit_options.k': .*an int in the range \[1, inf\)\. Got 0"),
+    ("topk", "fit_options.k", 2.9, r"'fit_options.k': .*must be an int.* Got 2.9 instead"),
+    ("topk", "fit_options.kk", 3, "'fit_options.kk' is not a SparseAutoencoder parameter"),
+    ("topk", "params.k", -5, r"'params.k': The 'k' parameter .* Got -5 instead"),
+    ("topk", "architecture", "nope", r"'architecture': .* Got 'nope' instead"),
+    ("topk", "attributes.input_scale_", "x", "'attributes.input_scale_' is 'x', expected a pos"),
+    ("topk", "attributes.input_scale_", -1.0, "'attributes.input_scale_' is -1.0, expected a p"),
+    ("topk", "attributes.input_scale_", float("nan"), "'attributes.input_scale_' is nan, expe"),
+    ("topk", "attributes.loss_curve_", 5, "'attributes.loss_curve_' is 5, expected a list of f"),
+    ("topk", "attributes.loss_curve_", ["a"], r"'attributes.loss_curve_' is \['a'\], expected"),
+    ("topk", "attributes.n_iter_", -1, "'attributes.n_iter_' is -1, expected an integer >= 0"),
+    ("topk", "attributes.n_steps_", 2.5, "'attributes.n_steps_' is 2.5, expected an integer"),
+    ("topk", "attributes.batch_size_", 0, "'attributes.batch_size_' is 0, expected a positive"),
+    ("topk", "attributes.learning_rate_", -0.001, "'attributes.learning_rate_' is -0.001, ex"),
+    ("topk", "attributes.dead_fraction_", 2.0, r"'attributes.dead_fraction_' is 2.0, .*\[0, 1\]"),
+    ("topk", "attributes.warmup_steps_", True, "'attributes.warmup_steps_' is True, expected"),
+    ("topk", "attributes.feature_names_in_", ["a"], "'attributes.feature_names_in_' is .*12 str"),
+    ("jumprelu", "attributes.sparsity_coefficient_", "x", "'attributes.sparsity_coefficient_'"),
+    ("topk", "training_state", 5, "'training_state' is 5, expected an object"),
+    ("topk", "training_state.random_position", 9999, r"'training_state.random_position' is 9999"),
+    ("topk", "training_state.random_has_gauss", None, "'training_state.random_has_gauss' is No"),
+    ("topk", "training_state.random_cached_gaussian", "x", "'training_state.random_cached_gau"),
+    ("topk", "training_state.rows_seen", -4, "'training_state.rows_seen' is -4, expected an int"),
+    ("topk", "training_state.rows_seen", DELETE, r"'training_state' has the fields \['random_c"),
+    ("topk", "scale_from_data", "no", "'scale_from_data' is 'no', expected true or false"),
+    ("topk", "versions", 5, "'versions' is 5, expected an object of version strings"),
+    ("topk", "metadata", [1], r"'metadata' is \[1\], expected an object"),
+]
+
+
+@pytest.mark.parametrize("architecture, field, value, message", BAD_CONFIG_FIELDS)
+def test_load_refuses_a_bad_config_field(
+    architecture, field, value, message, good_folders, tmp_path
+):
+    folder = shutil.copytree(good_folders / architecture, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    *parents, name = field.split(".")
+    place = config
+    for parent in parents:
+        place = place[parent]
+    # A field of the file is corrupted, or one that it may hold is added.
+    assert name in place or field in ("fit_options.kk", "attributes.feature_names_in_")
+    if value is DELETE:
+        del place[name]
+    else:
+        place[name] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FormatError, match=f"config.json: field {message}"):
+        io.load(folder)
+
+
+# (architecture, tensor of model.safetensors, how it is corrupted, what the error says)
+BAD_TENSORS = [
+    ("topk", "latent_frequency_", lambda v: v * np.nan, ": tensor 'latent_frequency_' holds NaN"),
+    (
+        "topk",
+        "latent_frequency_",
+        lambda v: v + 1.5,
+        r": tensor 'latent_frequency_' holds va.*\[0, 1",
+    ),
+    ("topk", "input_mean_", lambda v: v + np.inf, ": tensor 'input_mean_' holds NaN or infinite"),
+    ("topk", "training.random_keys", lambda v: v[:10], r": tensor 'training.random_keys' has sh"),
+    (
+        "topk",
+        "training.random_keys",
+        lambda v: v + 0.5,
+        r": tensor 'training.random_keys' .*integers",
+    ),
+    (
+        "topk",
+        "training.rows_since_fired",
+        lambda v: -v - 1,
+        r": tensor 'training.rows_since_fired' .*>= 0",
+    ),
+    ("topk", "W_enc_", lambda v: v[0], r": tensor 'W_enc_' has shape \(40,\), expected \(n_fe"),
+    (
+        "jumprelu",
+        "threshold_",
+        lambda v: v[:3],
+        r": tensor 'threshold_' has shape \(3,\), expected \(\)",
+    ),
+    ("topk", "surplus", lambda v: np.zeros(3), r" holds tensors \['surplus'\], which skSAE does"),
+]
+
+
+@pytest.mark.parametrize("architecture, name, corrupt, message", BAD_TENSORS)
+def test_load_refuses_a_bad_tensor(architecture, name, corrupt, message, good_folders, tmp_path):
+    folder = shutil.copytree(good_folders / architecture, tmp_path / "m")
+    arrays = load_file(folder / "model.safetensors")
+    original = arrays.get(name, arrays["b_dec_"])
+    assert name in arrays or name == "surplus"
+    arrays[name] = np.ascontiguousarray(corrupt(original.astype(np.float64)))
+    save_file(arrays, folder / "model.safetensors")
+    with pytest.raises(FormatError, match=f"model.safetensors{message}"):
+        io.load(folder)
+
+
+def test_every_saved_attribute_is_checked_at_load():
+    from skSAE._estimator import SAVED_ATTRIBUTES
+
+    assert set(io._ATTRIBUTE_CHECKS) == set(SAVED_ATTRIBUTES)
+
+
+def test_deeply_nested_json_is_a_format_error(good_folders, tmp_path):
+    folder = shutil.copytree(good_folders / "topk", tmp_path / "m")
+    depth = 100_000
+    (folder / "config.json").write_text('{"metadata": ' + "[" * depth + "]" * depth + "}")
+    with pytest.raises(FormatError, match="config.json nests its JSON values too deeply"):
         io.load(folder)
 
 
@@ -909,6 +1035,34 @@ def test_dictionary_learning_bad_files(tmp_path):
     )
     with pytest.raises(FormatError, match="ae.pt is not a readable torch state dict"):
         io.load(folder)
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("k", torch.tensor(2.9), "tensor 'k' is 2.9, expected a positive integer"),
+        ("k", torch.tensor(0, dtype=torch.int), "tensor 'k' is 0, expected a positive integer"),
+        (
+            "group_sizes",
+            torch.tensor([8.5, 11.5, 20.0]),
+            r"tensor 'group_sizes' is \[8.5, 11.5, 20.0\], expected positive integer group",
+        ),
+    ],
+)
+def test_dictionary_learning_non_integers_are_refused(name, value, message, tmp_path):
+    W_enc, b_enc, W_dec, b_dec = as32(*weights(unit=True))
+    state = {
+        "W_enc": W_enc,
+        "b_enc": b_enc,
+        "W_dec": W_dec,
+        "b_dec": b_dec,
+        "k": torch.tensor(K, dtype=torch.int),
+        "threshold": torch.tensor(0.15),
+        "group_sizes": torch.tensor([8, 12, 20]),
+        name: value,
+    }
+    with pytest.raises(FormatError, match=f"ae.pt: {message}"):
+        io.load(dl_folder(tmp_path / "m", "MatryoshkaBatchTopKSAE", state))
 
 
 # --------------------------------------------------------- fine-tune and hooks
