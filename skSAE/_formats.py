@@ -20,6 +20,7 @@ Shape suffixes: D input width (``d_in``), F latents (``d_sae``).
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -69,6 +70,11 @@ def read_json_object(path):
             value = json.load(file)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FormatError(f"{path} is not valid JSON: {exc}.") from exc
+    except RecursionError:
+        # The decoder recurses once per level: thousands of nested brackets exhaust it.
+        raise FormatError(
+            f"{path} nests its JSON values too deeply to read (no SAE config does)."
+        ) from None
     if not isinstance(value, dict):
         raise FormatError(f"{path} must hold a JSON object, got a {type(value).__name__}.")
     return value
@@ -87,6 +93,34 @@ def read_safetensors(path):
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise FormatError(f"{path} is not a readable safetensors file ({exc}).") from exc
     return _TensorFile(tensors, path)
+
+
+def write_safetensors(arrays, path):
+    """Write ``arrays`` to ``path`` (safetensors) and flush it to the disk.
+
+    A failed write raises the `OSError` it is (a full disk: ``errno.ENOSPC``), where
+    safetensors reports it as a ``SafetensorError`` with the OS error in its text.
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file
+
+    try:
+        save_file(arrays, os.fspath(path))
+    except SafetensorError as exc:
+        number = re.search(r"\(os error (\d+)\)", str(exc))
+        if number is None:
+            raise
+        raise OSError(int(number.group(1)), f"{path} could not be written ({exc})") from exc
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
+def write_json(value, path, default=None):
+    """Write ``value`` to ``path`` as indented JSON and flush it to the disk."""
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(value, file, indent=2, default=default)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def read_torch_state(path):
@@ -395,8 +429,6 @@ def write_saelens(folder, state, architecture, *, k=None, metadata=None):
     broadcast to every latent). The encoder bias already holds the input bias, so
     ``apply_b_dec_to_input`` is false.
     """
-    from safetensors.numpy import save_file
-
     folder = Path(folder)
     d_in, d_sae = state["W_enc_"].shape
     tensors = {"W_enc": state["W_enc_"], "W_dec": state["components_"], "b_dec": state["b_dec_"]}
@@ -425,13 +457,12 @@ def write_saelens(folder, state, architecture, *, k=None, metadata=None):
     if name == "topk":
         config["k"] = int(k)
         config["rescale_acts_by_decoder_norm"] = False
-    save_file(tensors, os.fspath(folder / SAELENS_WEIGHTS))
+    write_safetensors(tensors, folder / SAELENS_WEIGHTS)
     if "latent_frequency_" in state:
         frequency_F = np.asarray(state["latent_frequency_"], dtype=np.float64)
         sparsity = np.log10(frequency_F + SPARSITY_EPSILON).astype(np.float32)
-        save_file({"sparsity": sparsity}, os.fspath(folder / SAELENS_SPARSITY))
-    with open(folder / SAELENS_CONFIG, "w", encoding="utf-8") as file:
-        json.dump(config, file, indent=2)
+        write_safetensors({"sparsity": sparsity}, folder / SAELENS_SPARSITY)
+    write_json(config, folder / SAELENS_CONFIG)
 
 
 # ------------------------------------------------------------------------ sparsify
@@ -571,10 +602,16 @@ def read_dictionary_learning(folder):
         architecture = "matryoshka"
         params["k"] = _dictionary_learning_k(state_dict, trainer, weights_path, config_path)
         group_sizes = state_dict.get("group_sizes")
-        if group_sizes is None or group_sizes.ndim != 1 or group_sizes.sum() != f:
+        if (
+            group_sizes is None
+            or group_sizes.ndim != 1
+            or not _positive_integers(group_sizes)
+            or group_sizes.sum() != f
+        ):
             raise FormatError(
-                f"{weights_path}: tensor 'group_sizes' must list group sizes summing to "
-                f"dict_size={f}."
+                f"{weights_path}: tensor 'group_sizes' is "
+                f"{None if group_sizes is None else group_sizes.tolist()}, expected positive "
+                f"integer group sizes summing to dict_size={f}."
             )
         params["prefix_sizes"] = [int(size) for size in np.cumsum(group_sizes.astype(np.int64))]
         state = public_form(
@@ -627,6 +664,19 @@ def read_dictionary_learning(folder):
 
 def _dictionary_learning_k(state_dict, trainer, weights_path, config_path):
     """``k`` from the state dict's buffer, else from the trainer config (as the library)."""
-    if "k" in state_dict:
-        return int(tensor(state_dict, "k", (), weights_path))
-    return field(trainer, "k", config_path, int)
+    if "k" not in state_dict:
+        k = field(trainer, "k", config_path, int)
+        if k < 1:
+            raise FormatError(f"{config_path}: field 'k' is {k}, expected a positive integer.")
+        return k
+    k = tensor(state_dict, "k", (), weights_path)
+    if not _positive_integers(k):  # never truncate: a k of 2.9 is not a k of 2
+        raise FormatError(
+            f"{weights_path}: tensor 'k' is {k.item():g}, expected a positive integer."
+        )
+    return int(k)
+
+
+def _positive_integers(values):
+    """Whether every value (float64, as read) is a whole number of at least 1."""
+    return bool(np.all((values >= 1) & (values == np.round(values))))

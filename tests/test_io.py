@@ -6,8 +6,12 @@ formula written out in float64 (not with our folding): codes equal the original'
 times the decoder row norms, reconstructions equal the original's.
 """
 
+import errno
 import json
 import os
+import shutil
+import subprocess
+import threading
 
 import numpy as np
 import pytest
@@ -200,25 +204,189 @@ def test_save_refuses_to_overwrite_and_replaces_only_when_asked(tmp_path):
     assert (tmp_path / "work" / "thesis.tex").read_text() == "years of work"
 
 
-def test_save_that_fails_midway_keeps_the_old_folder(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing_rename", [2, 3, 4, 5])
+def test_save_that_fails_midway_keeps_the_old_folder(failing_rename, tmp_path, monkeypatch):
     sae, X = fitted("topk")
     other, _ = fitted("relu")
     io.save(sae, tmp_path / "m")
-    real_replace = os.replace
+    real_rename = os.rename
     calls = []
 
-    def replace_then_fail(source, target):
+    def rename_then_fail(source, target):
+        # 1: the claim of the folder (refused: it exists); 2, 3: the old config and
+        # weights move aside; 4, 5: the new weights and config move in.
         calls.append((source, target))
-        if len(calls) == 2:  # the new folder onto the target, after the old moved aside
-            raise OSError("disk full")
-        return real_replace(source, target)
+        if len(calls) == failing_rename:
+            raise OSError("the device went away")
+        return real_rename(source, target)
 
-    monkeypatch.setattr(os, "replace", replace_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(os, "rename", rename_then_fail)
+    with pytest.raises(OSError, match="the device went away"):
         io.save(other, tmp_path / "m", overwrite=True)
     monkeypatch.undo()
     np.testing.assert_array_equal(io.load(tmp_path / "m").transform(X), sae.transform(X))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+
+
+@pytest.fixture(scope="module")
+def two_models():
+    """Two different fitted models (topk and relu) and their data."""
+    sae, X = fitted("topk")
+    other, _ = fitted("relu")
+    return sae, other, X
+
+
+def test_overwrite_replaces_only_the_sae_files(two_models, tmp_path):
+    sae, other, X = two_models
+    folder = tmp_path / "m"
+    io.save(sae, folder)
+    (folder / "notes.md").write_text("what I tried")
+    (folder / "runs").mkdir()
+    (folder / "runs" / "events").write_text("logs")
+    io.save(other, folder, overwrite=True)
+    np.testing.assert_array_equal(io.load(folder).transform(X), other.transform(X))
+    assert (folder / "notes.md").read_text() == "what I tried"
+    assert (folder / "runs" / "events").read_text() == "logs"
+    # In another format, the old format's files go and the user's stay.
+    io.save(sae, folder, format="saelens", overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "cfg.json",
+        "notes.md",
+        "runs",
+        "sae_weights.safetensors",
+        "sparsity.safetensors",
+    ]
+    np.testing.assert_allclose(io.load(folder).transform(X), sae.transform(X), rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no scratch folder left
+    # Another library's SAE is not one save writes: its config.json would be lost.
+    theirs = dl_folder(tmp_path / "dl", "AutoEncoder", {"bias": torch.zeros(D)})
+    with pytest.raises(FileExistsError, match="holds a dictionary_learning SAE"):
+        io.save(sae, theirs, overwrite=True)
+    assert sorted(p.name for p in theirs.iterdir()) == ["ae.pt", "config.json"]
+
+
+def test_two_saves_to_one_new_folder_one_wins(two_models, tmp_path, monkeypatch):
+    sae, other, X = two_models
+    both_written = threading.Barrier(2, timeout=120)
+    write_own = io._write_own
+
+    def write_then_wait(*args):
+        write_own(*args)
+        # Both saves have found the folder free and written their files: each moves
+        # them in only now, so the race is the same on every run.
+        both_written.wait()
+
+    monkeypatch.setattr(io, "_write_own", write_then_wait)
+    outcomes = {}
+
+    def save(name, model):
+        try:
+            io.save(model, tmp_path / "m")
+            outcomes[name] = "saved"
+        except FileExistsError as exc:
+            outcomes[name] = str(exc)
+
+    threads = [threading.Thread(target=save, args=args) for args in (("a", sae), ("b", other))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert sorted(outcomes) == ["a", "b"]
+    assert list(outcomes.values()).count("saved") == 1, outcomes
+    lost = next(value for value in outcomes.values() if value != "saved")
+    assert "was written by another process while this save was writing" in lost
+    winner = sae if outcomes["a"] == "saved" else other
+    np.testing.assert_array_equal(io.load(tmp_path / "m").transform(X), winner.transform(X))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_overwriting_saves_wait_for_the_folder_lock(two_models, tmp_path, monkeypatch):
+    fcntl = pytest.importorskip("fcntl", reason="the lock is flock, which this system lacks")
+    sae, other, X = two_models
+    io.save(sae, tmp_path / "m")
+    written = threading.Event()
+    write_own = io._write_own
+
+    def write_and_say(*args):
+        write_own(*args)
+        written.set()
+
+    monkeypatch.setattr(io, "_write_own", write_and_say)
+    descriptor = os.open(tmp_path / "m", os.O_RDONLY)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)  # as another overwriting save holds it
+    thread = threading.Thread(
+        target=io.save, args=(other, tmp_path / "m"), kwargs={"overwrite": True}
+    )
+    thread.start()
+    try:
+        assert written.wait(120)
+        thread.join(0.5)
+        assert thread.is_alive()  # waiting for the lock, the folder untouched
+        np.testing.assert_array_equal(io.load(tmp_path / "m").transform(X), sae.transform(X))
+    finally:
+        os.close(descriptor)
+        thread.join(120)
+    np.testing.assert_array_equal(io.load(tmp_path / "m").transform(X), other.transform(X))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs to fill (mounting one needs root), unmounted afterwards."""
+    if getattr(os, "geteuid", lambda: -1)() != 0 or shutil.which("mount") is None:
+        pytest.skip("a full disk is simulated with a small tmpfs, which needs root and mount")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", os.fspath(disk)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"could not mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", os.fspath(disk)], check=True)
+
+
+def free_bytes(folder):
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize
+
+
+@pytest.mark.parametrize("full_at", ["weights", "config"])
+@pytest.mark.parametrize("previous_save", [False, True])
+def test_save_on_a_full_disk_says_so_and_keeps_the_previous_save(
+    full_at, previous_save, small_disk, two_models, tmp_path
+):
+    sae, other, X = two_models
+    target = small_disk / "m"
+    if previous_save:
+        io.save(sae, target)
+    # tmpfs allocates whole pages: leave none, or just enough for the new weights.
+    io.save(other, tmp_path / "measured")
+    page = os.statvfs(small_disk).f_frsize
+    weights_pages = -(-(tmp_path / "measured" / "model.safetensors").stat().st_size // page)
+    leave = 0 if full_at == "weights" else weights_pages * page
+    with open(small_disk / "filler", "wb") as file:
+        file.write(bytes(free_bytes(small_disk) - leave))
+    assert free_bytes(small_disk) == leave
+    with pytest.raises(OSError) as raised:
+        io.save(other, target, overwrite=previous_save)
+    assert raised.value.errno == errno.ENOSPC
+    assert f"No space left on the disk of {small_disk} to save 'm'" in str(raised.value)
+    assert f"{target} is as it was" in str(raised.value)
+    # Nothing half-written is left, and the previous save loads as it was.
+    expected = ["filler", "m"] if previous_save else ["filler"]
+    assert sorted(p.name for p in small_disk.iterdir()) == expected
+    assert free_bytes(small_disk) == leave
+    if previous_save:
+        assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+        np.testing.assert_array_equal(io.load(target).transform(X), sae.transform(X))
 
 
 def test_saved_folder_is_readable_by_others(tmp_path):
@@ -281,16 +449,142 @@ def test_bad_files_get_clear_errors(tmp_path):
     with pytest.raises(FormatError, match="model.safetensors has no tensor 'b_dec_'"):
         io.load(folder)
     save_file({**arrays, "b_enc_": arrays["b_enc_"][:-1]}, folder / "model.safetensors")
-    with pytest.raises(FormatError, match=r"b_enc_ must have shape \(40,\)"):
+    with pytest.raises(FormatError, match=r"'b_enc_' has shape \(39,\), expected \(40,\)"):
         io.load(folder)
     save_file({**arrays, "input_mean_": arrays["input_mean_"][:3]}, folder / "model.safetensors")
-    with pytest.raises(FormatError, match=r"input_mean_ must have shape \(12,\)"):
+    with pytest.raises(FormatError, match=r"'input_mean_' has shape \(3,\), expected \(12,\)"):
         io.load(folder)
     save_file(arrays, folder / "model.safetensors")
     edited = json.loads(config)
     edited["attributes"]["n_features_in_"] = 7
     (folder / "config.json").write_text(json.dumps(edited))
     with pytest.raises(FormatError, match=r"names \['n_features_in_'\]"):
+        io.load(folder)
+
+
+@pytest.fixture(scope="module")
+def good_folders(tmp_path_factory):
+    """A saved topk model (k, random state, counters) and a jumprelu one (threshold_)."""
+    root = tmp_path_factory.mktemp("good")
+    for architecture in ("topk", "jumprelu"):
+        io.save(fitted(architecture)[0], root / architecture)
+    return root
+
+
+DELETE = object()
+
+
+# (architecture, field of config.json as a dotted path, bad value, what the error says)
+BAD_CONFIG_FIELDS = [
+    ("topk", "fit_options.k", -5, r"'fit_options.k': The 'k' parameter .* Got -5 instead"),
+    ("topk", "fit_options.k", 0, r"'fit_options.k': .*an int in the range \[1, inf\)\. Got 0"),
+    ("topk", "fit_options.k", 2.9, r"'fit_options.k': .*must be an int.* Got 2.9 instead"),
+    ("topk", "fit_options.kk", 3, "'fit_options.kk' is not a SparseAutoencoder parameter"),
+    ("topk", "params.k", -5, r"'params.k': The 'k' parameter .* Got -5 instead"),
+    ("topk", "architecture", "nope", r"'architecture': .* Got 'nope' instead"),
+    ("topk", "attributes.input_scale_", "x", "'attributes.input_scale_' is 'x', expected a pos"),
+    ("topk", "attributes.input_scale_", -1.0, "'attributes.input_scale_' is -1.0, expected a p"),
+    ("topk", "attributes.input_scale_", float("nan"), "'attributes.input_scale_' is nan, expe"),
+    ("topk", "attributes.loss_curve_", 5, "'attributes.loss_curve_' is 5, expected a list of f"),
+    ("topk", "attributes.loss_curve_", ["a"], r"'attributes.loss_curve_' is \['a'\], expected"),
+    ("topk", "attributes.n_iter_", -1, "'attributes.n_iter_' is -1, expected an integer >= 0"),
+    ("topk", "attributes.n_steps_", 2.5, "'attributes.n_steps_' is 2.5, expected an integer"),
+    ("topk", "attributes.batch_size_", 0, "'attributes.batch_size_' is 0, expected a positive"),
+    ("topk", "attributes.learning_rate_", -0.001, "'attributes.learning_rate_' is -0.001, ex"),
+    ("topk", "attributes.dead_fraction_", 2.0, r"'attributes.dead_fraction_' is 2.0, .*\[0, 1\]"),
+    ("topk", "attributes.warmup_steps_", True, "'attributes.warmup_steps_' is True, expected"),
+    ("topk", "attributes.feature_names_in_", ["a"], "'attributes.feature_names_in_' is .*12 str"),
+    ("jumprelu", "attributes.sparsity_coefficient_", "x", "'attributes.sparsity_coefficient_'"),
+    ("topk", "training_state", 5, "'training_state' is 5, expected an object"),
+    ("topk", "training_state.random_position", 9999, r"'training_state.random_position' is 9999"),
+    ("topk", "training_state.random_has_gauss", None, "'training_state.random_has_gauss' is No"),
+    ("topk", "training_state.random_cached_gaussian", "x", "'training_state.random_cached_gau"),
+    ("topk", "training_state.rows_seen", -4, "'training_state.rows_seen' is -4, expected an int"),
+    ("topk", "training_state.rows_seen", DELETE, r"'training_state' has the fields \['random_c"),
+    ("topk", "scale_from_data", "no", "'scale_from_data' is 'no', expected true or false"),
+    ("topk", "versions", 5, "'versions' is 5, expected an object of version strings"),
+    ("topk", "metadata", [1], r"'metadata' is \[1\], expected an object"),
+]
+
+
+@pytest.mark.parametrize("architecture, field, value, message", BAD_CONFIG_FIELDS)
+def test_load_refuses_a_bad_config_field(
+    architecture, field, value, message, good_folders, tmp_path
+):
+    folder = shutil.copytree(good_folders / architecture, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    *parents, name = field.split(".")
+    place = config
+    for parent in parents:
+        place = place[parent]
+    # A field of the file is corrupted, or one that it may hold is added.
+    assert name in place or field in ("fit_options.kk", "attributes.feature_names_in_")
+    if value is DELETE:
+        del place[name]
+    else:
+        place[name] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FormatError, match=f"config.json: field {message}"):
+        io.load(folder)
+
+
+# (architecture, tensor of model.safetensors, how it is corrupted, what the error says)
+BAD_TENSORS = [
+    ("topk", "latent_frequency_", lambda v: v * np.nan, ": tensor 'latent_frequency_' holds NaN"),
+    (
+        "topk",
+        "latent_frequency_",
+        lambda v: v + 1.5,
+        r": tensor 'latent_frequency_' holds va.*\[0, 1",
+    ),
+    ("topk", "input_mean_", lambda v: v + np.inf, ": tensor 'input_mean_' holds NaN or infinite"),
+    ("topk", "training.random_keys", lambda v: v[:10], r": tensor 'training.random_keys' has sh"),
+    (
+        "topk",
+        "training.random_keys",
+        lambda v: v + 0.5,
+        r": tensor 'training.random_keys' .*integers",
+    ),
+    (
+        "topk",
+        "training.rows_since_fired",
+        lambda v: -v - 1,
+        r": tensor 'training.rows_since_fired' .*>= 0",
+    ),
+    ("topk", "W_enc_", lambda v: v[0], r": tensor 'W_enc_' has shape \(40,\), expected \(n_fe"),
+    (
+        "jumprelu",
+        "threshold_",
+        lambda v: v[:3],
+        r": tensor 'threshold_' has shape \(3,\), expected \(\)",
+    ),
+    ("topk", "surplus", lambda v: np.zeros(3), r" holds tensors \['surplus'\], which skSAE does"),
+]
+
+
+@pytest.mark.parametrize("architecture, name, corrupt, message", BAD_TENSORS)
+def test_load_refuses_a_bad_tensor(architecture, name, corrupt, message, good_folders, tmp_path):
+    folder = shutil.copytree(good_folders / architecture, tmp_path / "m")
+    arrays = load_file(folder / "model.safetensors")
+    original = arrays.get(name, arrays["b_dec_"])
+    assert name in arrays or name == "surplus"
+    arrays[name] = np.ascontiguousarray(corrupt(original.astype(np.float64)))
+    save_file(arrays, folder / "model.safetensors")
+    with pytest.raises(FormatError, match=f"model.safetensors{message}"):
+        io.load(folder)
+
+
+def test_every_saved_attribute_is_checked_at_load():
+    from skSAE._estimator import SAVED_ATTRIBUTES
+
+    assert set(io._ATTRIBUTE_CHECKS) == set(SAVED_ATTRIBUTES)
+
+
+def test_deeply_nested_json_is_a_format_error(good_folders, tmp_path):
+    folder = shutil.copytree(good_folders / "topk", tmp_path / "m")
+    depth = 100_000
+    (folder / "config.json").write_text('{"metadata": ' + "[" * depth + "]" * depth + "}")
+    with pytest.raises(FormatError, match="config.json nests its JSON values too deeply"):
         io.load(folder)
 
 
@@ -764,6 +1058,34 @@ def test_dictionary_learning_bad_files(tmp_path):
     )
     with pytest.raises(FormatError, match="ae.pt is not a readable torch state dict"):
         io.load(folder)
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("k", torch.tensor(2.9), "tensor 'k' is 2.9, expected a positive integer"),
+        ("k", torch.tensor(0, dtype=torch.int), "tensor 'k' is 0, expected a positive integer"),
+        (
+            "group_sizes",
+            torch.tensor([8.5, 11.5, 20.0]),
+            r"tensor 'group_sizes' is \[8.5, 11.5, 20.0\], expected positive integer group",
+        ),
+    ],
+)
+def test_dictionary_learning_non_integers_are_refused(name, value, message, tmp_path):
+    W_enc, b_enc, W_dec, b_dec = as32(*weights(unit=True))
+    state = {
+        "W_enc": W_enc,
+        "b_enc": b_enc,
+        "W_dec": W_dec,
+        "b_dec": b_dec,
+        "k": torch.tensor(K, dtype=torch.int),
+        "threshold": torch.tensor(0.15),
+        "group_sizes": torch.tensor([8, 12, 20]),
+        name: value,
+    }
+    with pytest.raises(FormatError, match=f"ae.pt: {message}"):
+        io.load(dl_folder(tmp_path / "m", "MatryoshkaBatchTopKSAE", state))
 
 
 # --------------------------------------------------------- fine-tune and hooks
