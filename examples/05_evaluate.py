@@ -33,7 +33,7 @@ COLUMNS = [
     ("kl_divergence", "KL", ".3f"),
     ("l2_ratio", "L2 ratio", ".3f"),
     ("relative_reconstruction_bias", "rel.bias", ".3f"),
-    ("dead_fraction", "dead", ".3f"),
+    ("silent_fraction", "silent", ".3f"),
     ("dense_latents", "dense", "d"),
     ("decoder_max_cosine_mean", "dec.cos", ".3f"),
     ("probe_accuracy_top_1", "probe@1", ".3f"),

@@ -97,8 +97,8 @@ class DiagnosticsAccumulator:
             "relative_reconstruction_bias": _ratio(
                 self.reconstruction_squares, self.input_dot_reconstruction
             ),
-            "dead_latents": int((density_F == 0).sum()),
-            "dead_fraction": float((density_F == 0).mean()),
+            "silent_latents": int((density_F == 0).sum()),
+            "silent_fraction": float((density_F == 0).mean()),
             "dense_latents": int((density_F > DENSE_DENSITY).sum()),
             "dense_fraction": float((density_F > DENSE_DENSITY).mean()),
             "latent_density": density_F,
@@ -147,7 +147,10 @@ def reconstruction_diagnostics(sae, X, *, chunk_rows=None, n_bins=40):
           E||x_hat / gamma - x||^2, that is E||x_hat||^2 / E[x . x_hat] (Rajamanoharan
           et al. 2024, "Improving dictionary learning with gated sparse autoencoders",
           eq. 10); 1 when unbiased, below 1 when the reconstructions shrink;
-        - ``dead_latents`` / ``dead_fraction``: never active on ``X``;
+        - ``silent_latents`` / ``silent_fraction``: never active on ``X`` (on a few
+          thousand held-out tokens, rare latents too; not the estimator's
+          ``dead_fraction_``, the latents that did not fire in the last ``dead_window``
+          rows of training);
           ``dense_latents`` / ``dense_fraction``: active on more than 10% of rows;
         - ``decoder_max_cosine_mean`` / ``_max``: for each latent, the largest cosine
           between its decoder row and any other's, averaged / at most;

@@ -40,10 +40,13 @@ def add_arguments(parser):
     # its own texts); at 100k, 1.5-2.7 points (benchmarks/README.md, "Held-out against
     # training quality per layer").
     parser.add_argument(
-        "--tokens", type=int, default=100_000, help="training tokens to extract (about)"
+        "--tokens", type=positive_int, default=100_000, help="training tokens to extract (about)"
     )
     parser.add_argument(
-        "--held-out-tokens", type=int, default=4_000, help="held-out tokens for the metrics (about)"
+        "--held-out-tokens",
+        type=positive_int,
+        default=4_000,
+        help="held-out tokens for the metrics (about)",
     )
     parser.add_argument("--architecture", default="topk", choices=sorted(ARCHITECTURES))
     parser.add_argument("--k", type=int, default=32, help="topk, batchtopk, matryoshka")
@@ -69,6 +72,23 @@ def add_arguments(parser):
         default=None,
         help="save the fitted SAE to this folder (skSAE.io's format, with the hook metadata)",
     )
+
+
+def positive_int(value):
+    """An argparse type: an integer of at least 1 (a bad one is a usage error naming the flag).
+
+    Examples
+    --------
+    >>> positive_int("3")
+    3
+    """
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
 
 
 def _batch_size(value):

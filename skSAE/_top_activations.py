@@ -236,7 +236,7 @@ class CorpusReports(NamedTuple):
     """One `LatentReport` per latent, in the order chosen."""
     overview: dict
     """Statistics of every latent on the corpus when the latents were chosen after the
-    pass: ``n_tokens``, ``l0``, ``explained_variance``, ``dead_fraction`` and ``density``
+    pass: ``n_tokens``, ``l0``, ``explained_variance``, ``silent_fraction`` and ``density``
     (array of shape (n_components,)); None when they were given."""
 
 
@@ -332,7 +332,7 @@ def collect_reports(
             "n_tokens": measured["n_tokens"],
             "l0": measured["mean_l0"],
             "explained_variance": measured["explained_variance"],
-            "dead_fraction": measured["dead_fraction"],
+            "silent_fraction": measured["silent_fraction"],
             "density": measured["latent_density"],
         }
         latents = list(choose(overview["density"]))

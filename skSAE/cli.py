@@ -10,17 +10,23 @@ runs (`skSAE._main_job`); ``skSAE job`` names it.
 Every subcommand takes ``--quiet`` (no progress bars or step messages; the result is
 still printed), ``--json`` (the result as one JSON object on stdout; bars go to stderr)
 and ``--debug`` (a traceback on failure). Exit status: 0 done; 1 failed, with a one-line
-cause on stderr; 2 a usage error (a bad flag, value or config key); 130 interrupted,
-keeping what was done (the store resumes, the model trained so far is saved).
+cause on stderr (a trained model that could not be saved to ``--output`` is saved
+elsewhere, and the line says where); 2 a usage error (a bad flag, value or config key, or
+an ``--output`` that cannot be written, found before any work); 130 interrupted, keeping
+what was done (the store resumes, the model trained so far is saved, and with a
+checkpoint the same command continues it).
 """
 
 import argparse
 import contextlib
 import difflib
 import json
+import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -38,6 +44,7 @@ from . import (
     io,
 )
 from ._main_job import add_arguments as add_main_job_arguments
+from ._main_job import positive_int
 from ._main_job import run as run_main_job
 
 __all__ = ["COMMANDS", "UsageError", "build_parser", "main", "parameter_help", "parse_value"]
@@ -161,7 +168,14 @@ def build_parser():
     source = train.add_argument_group("data (a store, or a model and texts)")
     source.add_argument("--store", help="an HDF5 store written by `skSAE extract`")
     train.add_argument("--output", required=True, help="folder to save the SAE to")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=(
+            "replace an existing --output (not needed to replace the model that an "
+            "interrupted run of the same command, with its --checkpoint-path, saved)"
+        ),
+    )
     train.add_argument("--config", help="a TOML or JSON file of estimator parameters")
     train.add_argument("--tensorboard", metavar="DIR", help="log training metrics to DIR")
     _add_texts_arguments(train, default_split="train")
@@ -180,7 +194,9 @@ def build_parser():
         choices=corpora.LABELLED_TASKS,
         help="also probe: labelled texts of this task (sparse probing, TPP)",
     )
-    evaluate.add_argument("--per-class", type=int, default=40, help="labelled texts per class")
+    evaluate.add_argument(
+        "--per-class", type=positive_int, default=40, help="labelled texts per class"
+    )
     evaluate.add_argument("--absorption", action="store_true", help="first-letter absorption")
     evaluate.add_argument("--amortisation", action="store_true", help="encoder against OMP")
     evaluate.add_argument("--ablation", choices=("zero", "mean"), default="zero")
@@ -193,9 +209,9 @@ def build_parser():
     dashboard.add_argument("--output", required=True, help="the HTML file to write")
     _add_texts_arguments(dashboard, default_split="held-out")
     _add_loaded_extractor_arguments(dashboard)
-    dashboard.add_argument("--n-latents", type=int, default=20, help="latents to show")
+    dashboard.add_argument("--n-latents", type=positive_int, default=20, help="latents to show")
     dashboard.add_argument("--latents", type=_int_list, help="these latents (e.g. 3,17,40)")
-    dashboard.add_argument("--top", type=int, default=10, help="top examples per latent")
+    dashboard.add_argument("--top", type=positive_int, default=10, help="top examples per latent")
     dashboard.add_argument("--title", help="page title")
     dashboard.add_argument(
         "--loss-recovered", action="store_true", help="measure loss recovered for the overview"
@@ -249,10 +265,16 @@ def _add_texts_arguments(parser, default_split):
     )
     parser.set_defaults(default_split=default_split)
     group.add_argument(
-        "--tokens", type=int, default=100_000, help="training split: about this many tokens"
+        "--tokens",
+        type=positive_int,
+        default=100_000,
+        help="training split: about this many tokens",
     )
     group.add_argument(
-        "--held-out-tokens", type=int, default=4_000, help="held-out split: about this many tokens"
+        "--held-out-tokens",
+        type=positive_int,
+        default=4_000,
+        help="held-out split: about this many tokens",
     )
 
 
@@ -265,9 +287,9 @@ def _add_extractor_arguments(parser, device=True):
     group.add_argument(
         "--hook", default="resid_post", help="resid_post, attn_out, mlp_out or a module path"
     )
-    group.add_argument("--context-size", type=int, default=128, help="tokens per context")
+    group.add_argument("--context-size", type=positive_int, default=128, help="tokens per context")
     group.add_argument(
-        "--extract-batch-size", type=int, default=8, help="contexts per forward pass"
+        "--extract-batch-size", type=positive_int, default=8, help="contexts per forward pass"
     )
     group.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     group.add_argument(
@@ -288,7 +310,7 @@ def _add_loaded_extractor_arguments(parser):
     group.add_argument("--layer", type=int, help="block index (default: the SAE's)")
     group.add_argument("--hook", help="hook (default: the SAE's)")
     group.add_argument(
-        "--extract-batch-size", type=int, default=8, help="contexts per forward pass"
+        "--extract-batch-size", type=positive_int, default=8, help="contexts per forward pass"
     )
     group.add_argument("--device", default="auto", help="torch device (default: CUDA if any)")
 
@@ -364,12 +386,16 @@ def _optional_float(text):
 
 
 def _int_list(text):
+    """Latent indices: integers of at least 0, separated by commas (the SAE bounds them)."""
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
+        values = []
+    if not values or min(values) < 0:
         raise argparse.ArgumentTypeError(
-            f"expected integers separated by commas, got {text!r}"
-        ) from None
+            f"expected latent indices (integers from 0) separated by commas, got {text!r}"
+        )
+    return values
 
 
 # ------------------------------------------------------------------ the commands
@@ -416,10 +442,10 @@ def _extract(args):
 def _train(args):
     params = _estimator_params(args)
     output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
-        raise UsageError(
-            f"{output} exists; pass --overwrite to replace it, or choose another folder"
-        )
+    # Before any work: a destination that saving would refuse loses nothing yet. A model
+    # an interrupted run of this command saved is replaced by its rerun, as its hint says.
+    overwrite = args.overwrite or _saved_by_interrupted_run(output, params.get("checkpoint_path"))
+    _check_destination(output, overwrite, "--output")
     if args.tensorboard:
         from .logging import TensorBoardLogger
 
@@ -457,13 +483,23 @@ def _train(args):
 
     if dist.is_initialized() and dist.get_rank() != 0:
         return None  # rank 0 saves and reports the model every rank trained
-    io.save(sae, output, overwrite=args.overwrite, **metadata)
+    if interrupted and sae.checkpoint_path is not None:
+        # Marks the model as this run's, so that the rerun the hint below asks for may
+        # replace it without --overwrite (`_saved_by_interrupted_run`).
+        metadata = {
+            **metadata,
+            _INTERRUPTED_KEY: {"checkpoint_path": _absolute(sae.checkpoint_path)},
+        }
+    _save_keeping_the_model(sae, output, overwrite, metadata)
     if interrupted:
-        again = (
-            "; run the same command again to continue from its checkpoint"
-            if sae.checkpoint_path
-            else ""
-        )
+        again = ""
+        if sae.checkpoint_path is not None and Path(sae.checkpoint_path).exists():
+            again = "; run the same command again to continue from its checkpoint"
+        elif sae.checkpoint_path is not None:
+            again = (
+                f"; no checkpoint was written yet (every {sae.checkpoint_every} steps): the "
+                "same command again starts over"
+            )
         raise InterruptedRun(
             f"saved the model trained so far ({sae.n_steps_} steps) to {output}{again}"
         )
@@ -505,6 +541,13 @@ def _dashboard(args):
     from .dashboard import write_dashboard
 
     sae, extractor, texts = _saved_sae_and_texts(args)
+    n_components = sae.components_.shape[0]
+    outside = [latent for latent in args.latents or () if latent >= n_components]
+    if outside:
+        raise UsageError(
+            f"argument --latents: expected indices below {n_components} (the SAE's "
+            f"n_components), got {outside}"
+        )
     loss_recovered = None
     if args.loss_recovered:
         from .metrics import loss_recovered as measure
@@ -526,6 +569,7 @@ def _dashboard(args):
 
 
 def _convert(args):
+    _check_destination(Path(args.target), args.overwrite, "the target")
     kwargs = {}
     if args.norm_scaling_factor is not None:
         kwargs["norm_scaling_factor"] = args.norm_scaling_factor
@@ -729,7 +773,13 @@ def _estimator_params(args):
 def _read_config(path, valid):
     if not path.exists():
         raise UsageError(f"no config file at {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise UsageError(
+            f"{path}, line {line}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
     try:
         if path.suffix == ".toml":
             import tomllib
@@ -749,6 +799,100 @@ def _read_config(path, valid):
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise UsageError(f"{path}: {key!r} is not a SparseAutoencoder parameter{hint}")
     return config
+
+
+_INTERRUPTED_KEY = "interrupted_training"
+"""The metadata key that marks a model saved by a ``train`` stopped with Ctrl-C while it
+kept a checkpoint: ``{"checkpoint_path": the absolute path}``."""
+
+
+def _absolute(path):
+    return os.path.abspath(os.fspath(path))
+
+
+def _check_destination(path, overwrite, flag):
+    """Refuse now, before any work, a folder that saving would refuse (exit status 2)."""
+    if path.is_file():
+        raise UsageError(f"{flag} {path} is a file; it must name a folder")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise UsageError(
+                f"{flag} {path} exists; pass --overwrite to replace it, or choose another folder"
+            )
+        try:
+            io.detect_format(path)
+        except io.FormatError:
+            raise UsageError(
+                f"{flag} {path} holds files that are not an SAE, and --overwrite replaces only "
+                "an SAE folder; choose another folder"
+            ) from None
+    # Saving writes a new folder beside it (then renames it), creating missing parents:
+    # the nearest folder that exists must take a new entry.
+    parent = path.absolute().parent
+    parent = next(folder for folder in (parent, *parent.parents) if folder.exists())
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".skSAE-write-test-", dir=parent))
+    except OSError as exc:
+        raise UsageError(
+            f"{flag} {path}: cannot write in {parent} ({exc.strerror or exc}); choose another "
+            "folder"
+        ) from None
+
+
+def _saved_by_interrupted_run(output, checkpoint_path):
+    """Whether ``output`` holds the model a ``train`` with this checkpoint saved when stopped."""
+    if checkpoint_path is None:
+        return False
+    try:
+        config = json.loads((output / "config.json").read_text(encoding="utf-8"))
+        marker = config["metadata"][_INTERRUPTED_KEY]
+        return marker["checkpoint_path"] == _absolute(checkpoint_path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # no skSAE folder, or not marked: --overwrite decides
+
+
+def _save_keeping_the_model(sae, output, overwrite, metadata):
+    """``io.save``; when it fails (a full disk...), the model is saved elsewhere, and the
+    error says where, so that a finished training is never lost."""
+    try:
+        io.save(sae, output, overwrite=overwrite, **metadata)
+    except Exception as exc:
+        kept = _save_elsewhere(sae, output, metadata)
+        if kept is None:
+            where = "and it could not be saved anywhere else either (the disks are full?)"
+        elif kept.suffix == ".joblib":
+            where = f"the trained model is kept in {kept} instead (joblib.load reads it)"
+        else:
+            where = (
+                f"the trained model is kept in {kept} instead (skSAE.io.load and `skSAE "
+                "evaluate` read it; move it where you want it)"
+            )
+        raise RuntimeError(f"could not save to {output} ({_one_line(exc)}); {where}") from exc
+
+
+def _save_elsewhere(sae, output, metadata):
+    """Save to a new folder beside ``output``, else in the system's temporary folder (as an
+    SAE folder, else a joblib file); returns the path, or None when nothing could be written."""
+    import joblib
+
+    for base in (output.absolute().parent, Path(tempfile.gettempdir())):
+        try:
+            folder = Path(tempfile.mkdtemp(prefix=f"{output.name}.unsaved-", dir=base))
+        except OSError:
+            continue
+        try:
+            io.save(sae, folder / "sae", **metadata)
+            return folder / "sae"
+        except Exception:
+            pass  # the same fault as the first save: try the plain pickle
+        try:
+            joblib.dump(sae, folder / "sae.joblib")
+            return folder / "sae.joblib"
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+    return None
 
 
 def _say(args, message):

@@ -261,7 +261,8 @@ def read_texts(paths, *, pattern="*.txt"):
     FileNotFoundError
         If a path does not exist.
     ValueError
-        If a folder holds no matching file, or a JSON Lines line has no ``"text"``.
+        If a folder holds no matching file, or a JSON Lines file is not UTF-8 or has a
+        line that is not a JSON object with a ``"text"`` (named by file and line).
     """
     import json
 
@@ -279,11 +280,25 @@ def read_texts(paths, *, pattern="*.txt"):
             if file.suffix != ".jsonl":
                 texts.append(file.read_text(encoding="utf-8", errors="replace"))
                 continue
-            lines = file.read_text(encoding="utf-8").splitlines()
+            data = file.read_bytes()
+            try:
+                # Lines end at "\n" only: str.splitlines also cuts at U+2028 and other
+                # separators that JSON strings may hold unescaped.
+                lines = data.decode("utf-8").split("\n")
+            except UnicodeDecodeError as exc:
+                line = data[: exc.start].count(b"\n") + 1
+                raise ValueError(
+                    f"{file}, line {line}: not UTF-8 text ({exc.reason} at byte {exc.start})."
+                ) from None
             for number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:  # its line is 1: the line of the file
+                    raise ValueError(
+                        f"{file}, line {number}: not valid JSON ({exc.msg} at column {exc.colno})."
+                    ) from None
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                     raise ValueError(f"{file}, line {number}: expected an object with a 'text'.")
                 texts.append(record["text"])

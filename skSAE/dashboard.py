@@ -28,7 +28,7 @@ _REQUIRED_OVERVIEW_KEYS = (
     "n_tokens",
     "l0",
     "explained_variance",
-    "dead_fraction",
+    "silent_fraction",
     "density",
     "n_components",
 )
@@ -72,11 +72,12 @@ def write_dashboard(
     """Write a self-contained HTML dashboard of an SAE's latents on some texts.
 
     The page has an overview (tokens, mean L0, variance explained, loss recovered when
-    given, dead fraction and a histogram of latent densities) and one panel per latent:
-    density, max activation, top-activating examples with every token shaded by its
-    activation, samples from lower activation quantiles, a histogram of the latent's
-    activations, and the tokens its decoder direction most promotes and suppresses. A
-    search box filters latents by index or by the text of their examples.
+    given, the fraction of latents silent on the texts, a histogram of latent densities)
+    and one panel per latent: density, max activation, top-activating examples with
+    every token shaded by its activation, samples from lower activation quantiles, a
+    histogram of the latent's activations, and the tokens its decoder direction most
+    promotes and suppresses. A search box filters latents by index or by the text of
+    their examples.
 
     Parameters
     ----------
@@ -89,9 +90,9 @@ def write_dashboard(
     path : str or path-like
         HTML file to write; missing parent folders are created.
     latents : int or list of int, default=None
-        Latents to show. ``None`` picks `n_latents` alive latents spread over densities:
-        the most frequent half, then evenly spaced ranks of the rest down to the rarest
-        (deterministic).
+        Latents to show. ``None`` picks `n_latents` latents active on `texts`, spread
+        over densities: the most frequent half, then evenly spaced ranks of the rest
+        down to the rarest (deterministic).
     n_latents : int, default=20
         Number of latents picked when `latents` is None.
     k : int, default=10
@@ -194,7 +195,8 @@ def render_dashboard(reports, overview, title):
         `skSAE.interpret.top_activating_examples`).
     overview : dict
         ``"n_tokens"`` (int), ``"l0"`` (float), ``"explained_variance"`` (float),
-        ``"dead_fraction"`` (float), ``"density"`` (array of shape (n_components,), the
+        ``"silent_fraction"`` (float, latents never active on these tokens), ``"density"``
+        (array of shape (n_components,), the
         firing frequency of every latent), ``"n_components"`` (int), and optionally
         ``"loss_recovered"`` (float or None), ``"model"``, ``"hook"`` and ``"layer"``.
     title : str or None
@@ -218,7 +220,7 @@ def render_dashboard(reports, overview, title):
     --------
     >>> import numpy as np
     >>> overview = {"n_tokens": 4, "l0": 1.5, "explained_variance": 0.9,
-    ...             "dead_fraction": 0.5, "density": np.array([0.5, 0.0]), "n_components": 2}
+    ...             "silent_fraction": 0.5, "density": np.array([0.5, 0.0]), "n_components": 2}
     >>> page = render_dashboard({}, overview, "<empty>")
     >>> page.startswith("<!DOCTYPE html>"), "&lt;empty&gt;" in page
     (True, True)
@@ -235,7 +237,7 @@ def render_dashboard(reports, overview, title):
     items = "".join(_latent_item(report, i == 0) for i, report in enumerate(reports.values()))
     panels = "".join(_latent_panel(report, i == 0) for i, report in enumerate(reports.values()))
     if not reports:
-        items = '<li class="empty">No latent to show (all dead?).</li>'
+        items = '<li class="empty">No latent to show (all silent on these texts?).</li>'
     return _PAGE.format(
         title=_e(title),
         style=_STYLE,
@@ -343,7 +345,7 @@ def _stat(label, value, hint):
 
 def _overview(overview):
     density = np.asarray(overview["density"], dtype=np.float64)
-    n_dead = int(np.sum(density == 0))
+    n_silent = int(np.sum(density == 0))
     stats = "".join(
         [
             _stat("tokens", f"{int(overview['n_tokens']):,}", "rows the metrics were measured on"),
@@ -358,7 +360,11 @@ def _overview(overview):
                 _number(overview.get("loss_recovered"), ".3f"),
                 "(CE_ablated - CE_sae) / (CE_ablated - CE_clean); — when not computed",
             ),
-            _stat("dead latents", _percent(overview["dead_fraction"]), "never active here"),
+            _stat(
+                "silent latents",
+                _percent(overview["silent_fraction"]),
+                "never active on these tokens (not the training dead_fraction_)",
+            ),
         ]
     )
     alive = density[density > 0]
@@ -370,14 +376,14 @@ def _overview(overview):
         chart = _svg_histogram(
             counts,
             edges,
-            xlabel="density of alive latents (log scale)",
+            xlabel="density of active latents (log scale)",
             width=520,
             height=150,
             xticks=decades,
         )
     else:
         chart = '<p class="muted">No latent is active on these texts.</p>'
-    caption = f"{len(alive)} alive, {n_dead} dead of {density.size} latents"
+    caption = f"{density.size} latents: {len(alive)} active, {n_silent} silent on these tokens"
     return (
         f'<section class="overview"><div class="stats">{stats}</div>'
         f'<figure class="density">{chart}<figcaption>Latent density: '

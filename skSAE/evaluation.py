@@ -102,7 +102,8 @@ def evaluate(sae, extractor, texts, labelled=None, *, absorption=False, amortisa
     Returns
     -------
     report : dict
-        The scalars of `reconstruction_diagnostics`; ``loss_recovered``,
+        The scalars of `reconstruction_diagnostics` (``silent_fraction``: the latents
+        never active on ``texts``, not the training ``dead_fraction_``); ``loss_recovered``,
         ``kl_divergence`` (mean KL(clean || spliced) per token), ``ce_clean``,
         ``ce_sae``, ``ce_ablated``; with labels, the ``probe_accuracy_*`` of
         `probe_scores`, ``probe_texts`` and ``tpp``, ``tpp_own_drop``,

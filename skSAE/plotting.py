@@ -96,7 +96,7 @@ def plot_training_curves(sae, ax=None, path=None):
     prefer_skip_nested_validation=True,
 )
 def plot_density_histogram(density_or_codes, ax=None, path=None):
-    """Histogram of log10 latent firing densities, with the dead latents counted.
+    """Histogram of log10 latent firing densities, with the silent latents counted.
 
     Parameters
     ----------
@@ -120,7 +120,8 @@ def plot_density_histogram(density_or_codes, ax=None, path=None):
 
     Notes
     -----
-    Dead latents (density 0) have no logarithm; they are counted in the title instead.
+    Silent latents (density 0: never active on the rows the densities were measured
+    on) have no logarithm; they are counted in the title instead.
 
     Examples
     --------
@@ -129,7 +130,7 @@ def plot_density_histogram(density_or_codes, ax=None, path=None):
     >>> from skSAE.plotting import plot_density_histogram
     >>> ax = plot_density_histogram([0.0, 0.01, 0.1, 0.1])
     >>> ax.get_title()
-    '1 of 4 latents dead (25.0%)'
+    '1 of 4 latents silent (25.0%)'
     """
     plt = _pyplot("plot_density_histogram")
     caller = "plot_density_histogram"
@@ -153,7 +154,7 @@ def plot_density_histogram(density_or_codes, ax=None, path=None):
         )
     if len(density) == 0:
         raise invalid_parameter("density_or_codes", caller, "at least one latent (column)", "none")
-    n_dead = int((density == 0).sum())
+    n_silent = int((density == 0).sum())
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))
     alive = density[density > 0]
@@ -161,7 +162,8 @@ def plot_density_histogram(density_or_codes, ax=None, path=None):
         ax.hist(np.log10(alive), bins=min(50, max(1, len(alive))), color="tab:blue")
     ax.set_xlabel("log10 firing density")
     ax.set_ylabel("latents")
-    ax.set_title(f"{n_dead} of {len(density)} latents dead ({100 * n_dead / len(density):.1f}%)")
+    share = 100 * n_silent / len(density)
+    ax.set_title(f"{n_silent} of {len(density)} latents silent ({share:.1f}%)")
     return _finish(ax, path)
 
 

@@ -6,12 +6,16 @@ API makes of the same inputs.
 """
 
 import contextlib
+import errno
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +25,7 @@ import pytest
 import torch
 from conftest import make_char_tokenizer, make_tiny_model
 
-from skSAE import ActivationExtractor, SparseAutoencoder, cli, io
+from skSAE import ActivationExtractor, SparseAutoencoder, cli, corpora, io
 from skSAE.evaluation import evaluate
 
 WORDS = "the quick brown fox jumps over lazy dog sparse autoencoders find directions".split()
@@ -141,7 +145,7 @@ def test_evaluate_prints_the_api_metrics(workdir):
         "mean_l0",
         "loss_recovered",
         "kl_divergence",
-        "dead_fraction",
+        "silent_fraction",
     ):
         assert report[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
     assert report["texts"] == 6
@@ -171,7 +175,8 @@ def test_convert_round_trips_through_saelens(workdir):
     original, back = io.load(root / "sae"), io.load(root / "back")
     np.testing.assert_allclose(back.components_, original.components_, rtol=1e-6)
     refused = skSAE("convert", "as_saelens", "back", cwd=root, check=False)
-    assert refused.returncode == 1 and "overwrite" in refused.stderr
+    assert refused.returncode == 2 and "pass --overwrite" in refused.stderr
+    assert "overwrite=True" not in refused.stderr  # the Python API's spelling
 
 
 def test_a_bad_flag_is_a_usage_error(workdir):
@@ -295,6 +300,279 @@ def test_an_interrupted_train_saves_the_model_trained_so_far(workdir, tmp_path):
     sae = io.load(tmp_path / "sae")
     assert 0 < sae.n_steps_ < 500 * -(-extracted["rows"] // 16)
     assert sae.n_steps_ % 32 == 0  # stopped at a progress check, where the loop expects it
+
+
+def train_args(root, output, *extra):
+    """``skSAE train`` on the workdir's store with TRAIN_PARAMS, quiet, into ``output``."""
+    params = [f"--{key.replace('_', '-')}={value}" for key, value in TRAIN_PARAMS.items()]
+    args = ["train", "--store", root / "acts.h5", "--output", output, "--quiet", *params, *extra]
+    return [str(arg) for arg in args]
+
+
+QUICK = ("--max-iter=1", "--batch-size=2048")  # 8 steps: a model to save, soon
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Records a training or an extraction started (a refused --output must start none)."""
+    started = []
+
+    def recorder(name):
+        def method(self, *args, **kwargs):
+            started.append(name)
+            raise AssertionError(f"{name} started")
+
+        return method
+
+    monkeypatch.setattr(SparseAutoencoder, "fit", recorder("training"))
+    monkeypatch.setattr(ActivationExtractor, "transform", recorder("extraction"))
+    return started
+
+
+def mount_tmpfs(folder, options):
+    """Mount a tmpfs on ``folder`` (root with mount), else skip the test."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and the mount command")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nothing can be written in: a read-only tmpfs as root, else mode 0o555."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mount_tmpfs(folder, "size=64k,ro")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A folder on a 256 kB tmpfs filled to its last byte (skipped where none mounts)."""
+    folder = tmp_path / "full"
+    folder.mkdir()
+    mount_tmpfs(folder, "size=256k")
+    try:
+        with contextlib.suppress(OSError), open(folder / "filler", "wb", buffering=0) as file:
+            while True:
+                file.write(bytes(4096))
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("case", ["exists", "not an SAE", "a file", "under a file"])
+def test_train_refuses_an_output_it_cannot_save_to_before_any_work(
+    workdir, tmp_path, no_work, capsys, case
+):
+    root = workdir[0]
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "readme.txt").write_text("mine")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    output, extra, expected = {
+        "exists": (root / "sae", [], "exists; pass --overwrite to replace it"),
+        "not an SAE": (notes, ["--overwrite"], "holds files that are not an SAE"),
+        "a file": (a_file, [], "is a file; it must name a folder"),
+        "under a file": (a_file / "sae", [], f"{a_file} is a file, not a folder"),
+    }[case]
+    assert cli.main(train_args(root, output, *extra)) == 2
+    err = capsys.readouterr().err
+    assert f"skSAE train: error: --output {output}" in err and expected in err
+    assert no_work == []
+    assert (notes / "readme.txt").read_text() == "mine" and a_file.read_text() == "mine"
+
+
+def test_train_refuses_an_output_before_extracting(workdir, tmp_path, no_work, capsys):
+    root = workdir[0]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("mine")
+    args = [
+        "train", "--model", root / "model", "--layer", "1", "--texts", root / "held_out",
+        "--output", tmp_path / "notes", "--overwrite", "--quiet",
+    ]  # fmt: skip
+    assert cli.main([str(arg) for arg in args]) == 2
+    assert "holds files that are not an SAE" in capsys.readouterr().err
+    assert no_work == []
+
+
+def test_train_refuses_an_output_in_a_folder_it_cannot_write(
+    workdir, read_only_folder, no_work, capsys
+):
+    root = workdir[0]
+    output = read_only_folder / "sae"
+    assert cli.main(train_args(root, output)) == 2
+    err = capsys.readouterr().err
+    assert f"--output {output}: cannot write in {read_only_folder}" in err
+    assert no_work == []
+
+
+def test_train_keeps_the_model_when_saving_fails(workdir, tmp_path, monkeypatch, capsys):
+    root = workdir[0]
+    real_save, saved_to = io.save, []
+
+    def first_save_finds_the_disk_full(sae, path, *args, **kwargs):
+        saved_to.append(Path(path))
+        if len(saved_to) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(sae, path, *args, **kwargs)
+
+    monkeypatch.setattr(io, "save", first_save_finds_the_disk_full)
+    output = tmp_path / "sae"
+    assert cli.main(train_args(root, output, *QUICK)) == 1
+    err = capsys.readouterr().err
+    kept = saved_to[-1]
+    assert saved_to[0] == output and kept.parent.parent == tmp_path  # beside --output
+    assert (
+        f"could not save to {output} ([Errno 28] No space left on device); the trained model "
+        f"is kept in {kept} instead"
+    ) in err
+    sae = io.load(kept)
+    assert sae.n_iter_ == 1 and sae.metadata_["layer"] == 1
+    assert not output.exists()
+
+
+def test_train_keeps_the_model_when_the_disk_fills(
+    workdir, tmp_path, full_disk, monkeypatch, capsys
+):
+    root = workdir[0]
+    elsewhere = tmp_path / "system_tmp"
+    elsewhere.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))
+    output = full_disk / "sae"
+    assert cli.main(train_args(root, output, *QUICK)) == 1
+    err = capsys.readouterr().err
+    assert f"could not save to {output} (" in err
+    kept = Path(re.search(r"the trained model is kept in (\S+) instead", err).group(1))
+    assert kept.parent.parent == elsewhere  # the full disk took nothing: the system's tmp
+    assert io.load(kept).n_iter_ == 1
+    assert sorted(path.name for path in full_disk.iterdir()) == ["filler"]
+
+
+def test_an_interrupted_train_resumes_with_the_same_command(workdir, tmp_path, monkeypatch, capsys):
+    root = workdir[0]
+    # 30 steps a pass; progress checks (where Ctrl-C stops) at steps 30, 32 and 60.
+    args = train_args(
+        root, tmp_path / "sae", "--batch-size=512",
+        "--checkpoint-path", tmp_path / "run.ckpt", "--checkpoint-every=16",
+    )  # fmt: skip
+    log = cli._StoppingLogger.log
+
+    def ctrl_c_at_step_32(self, metrics, step):
+        if step >= 32:
+            self._stop.requested = True  # what the SIGINT handler does
+        log(self, metrics, step)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cli._StoppingLogger, "log", ctrl_c_at_step_32)
+        assert cli.main(args) == 130
+    err = capsys.readouterr().err
+    assert "saved the model trained so far (32 steps)" in err
+    assert "run the same command again to continue from its checkpoint" in err
+    # Another command (another checkpoint) may not replace the interrupted model.
+    other = train_args(root, tmp_path / "sae", "--checkpoint-path", tmp_path / "other.ckpt")
+    assert cli.main(other) == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert io.load(tmp_path / "sae").n_steps_ == 32
+
+    assert cli.main(args) == 0, capsys.readouterr().err  # the hint, as printed
+    resumed = io.load(tmp_path / "sae")
+    assert cli.main(train_args(root, tmp_path / "whole", "--batch-size=512")) == 0
+    whole = io.load(tmp_path / "whole")
+    assert resumed.n_steps_ == whole.n_steps_ == 60
+    np.testing.assert_allclose(resumed.components_, whole.components_, rtol=1e-6, atol=1e-7)
+    assert not (tmp_path / "run.ckpt").exists()  # the completed fit removed it
+
+
+def test_a_texts_file_that_is_not_utf8_or_not_json_is_named_with_its_line(tmp_path, capsys):
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "ab"}\n{"text": "caf\xe9"}\n')
+    # A JSON string may hold U+2028 unescaped: it ends no line of the file.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a\u2028b"}\n\n{"text": "cd"}\n{"text": "x",}\n', encoding="utf-8")
+    for path, expected in (
+        (latin, f"{latin}, line 2: not UTF-8 text (invalid continuation byte at byte 28)"),
+        (bad, f"{bad}, line 4: not valid JSON (Expecting property name"),
+    ):
+        store = tmp_path / "x.h5"
+        assert cli.main(["extract", "--texts", str(path), "--store", str(store), "--quiet"]) == 1
+        assert expected in capsys.readouterr().err
+        assert not store.exists()
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "a\u2028b"}\n{"text": "cd"}\n', encoding="utf-8")
+    assert corpora.read_texts([good]) == ["a\u2028b", "cd"]
+
+
+def test_a_config_that_is_not_utf8_is_named(workdir, tmp_path, capsys):
+    root = workdir[0]
+    config = tmp_path / "sae.json"
+    config.write_bytes(b'{"k": 4,\n "note": "caf\xe9"}')
+    assert cli.main(train_args(root, tmp_path / "x", "--config", config)) == 2
+    assert f"{config}, line 2: not UTF-8 text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command, flag, value",
+    [
+        ("dashboard", "--top", "0"),
+        ("dashboard", "--n-latents", "-3"),
+        ("dashboard", "--latents", "-1"),
+        ("dashboard", "--latents", "3,99"),
+        ("evaluate", "--per-class", "0"),
+        ("evaluate", "--held-out-tokens", "0"),
+        ("evaluate", "--held-out-tokens", "-5"),
+        ("extract", "--tokens", "0"),
+    ],
+)
+def test_a_bad_count_is_a_usage_error_naming_the_flag(
+    workdir, tmp_path, capsys, command, flag, value
+):
+    root = workdir[0]
+    args = {
+        "dashboard": ["dashboard", root / "sae", "--output", tmp_path / "d.html"],
+        "evaluate": ["evaluate", root / "sae", "--labelled", "shakespeare_play"],
+        "extract": ["extract", "--store", tmp_path / "x.h5"],
+    }[command]
+    args += [
+        "--model", root / "model", "--texts", root / "held_out", "--split", "held-out",
+        "--device", "cpu", "--quiet", f"{flag}={value}",
+    ]  # fmt: skip
+    assert cli.main([str(arg) for arg in args]) == 2
+    err = capsys.readouterr().err
+    assert f"skSAE {command}: error: argument {flag}: expected" in err, err
+    assert "parameter of" not in err  # the Python API's wording
+    assert not (tmp_path / "d.html").exists() and not (tmp_path / "x.h5").exists()
+
+
+def test_train_and_evaluate_name_dead_and_silent_latents_apart(workdir, tmp_path, capsys):
+    root, _, trained, _ = workdir
+    # train: the latents dead in training (sae.dead_fraction_).
+    assert "dead_fraction" in trained and "silent_fraction" not in trained
+    # evaluate and the dashboard: the latents never active on the texts they read.
+    common = [
+        "--model", root / "model", "--texts", root / "held_out", "--device", "cpu", "--quiet",
+    ]  # fmt: skip
+    assert cli.main([str(arg) for arg in ["evaluate", root / "sae", *common, "--json"]]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0 <= report["silent_fraction"] <= 1 and not [key for key in report if "dead" in key]
+    page = tmp_path / "d.html"
+    args = ["dashboard", root / "sae", "--output", page, "--n-latents", "2", "--top", "2", *common]
+    assert cli.main([str(arg) for arg in args]) == 0
+    text = page.read_text(encoding="utf-8")
+    assert "silent latents" in text and "dead latents" not in text
 
 
 def test_parse_value_reads_numbers_lists_and_words():

@@ -55,7 +55,7 @@ def make_overview(**changes):
         "l0": 7.25,
         "explained_variance": 0.8125,
         "loss_recovered": 0.9375,
-        "dead_fraction": 0.25,
+        "silent_fraction": 0.25,
         "density": density,
         "model": "tiny-gpt2",
         "hook": "resid_post",
@@ -95,7 +95,9 @@ def test_render_dashboard_shows_overview_numbers():
     page = render_dashboard(make_reports(), make_overview(), "test")
     for shown in ("12,345", "7.2", "0.812", "0.938", "25%", "tiny-gpt2", "resid_post, layer 1"):
         assert shown in page
-    assert "6 alive, 2 dead of 8 latents" in page
+    assert "8 latents: 6 active, 2 silent on these tokens" in page
+    # Never active on these tokens, not the training dead_fraction_: named apart.
+    assert "silent latents" in page and "dead" not in page.replace("dead_fraction_", "")
 
 
 def test_render_dashboard_without_loss_recovered_shows_dash():
@@ -341,7 +343,7 @@ def test_write_dashboard_overview_equals_the_metrics_of_the_whole_extraction(
     slack = code_statistics_slack(sae, activations)
     assert shown["n_tokens"] == len(codes)
     assert shown["l0"] == pytest.approx(mean_l0(codes), rel=1e-12, abs=slack["l0"])
-    assert abs(shown["dead_fraction"] - dead_fraction(codes)) <= slack["dead_fraction"]
+    assert abs(shown["silent_fraction"] - dead_fraction(codes)) <= slack["dead_fraction"]
     assert (np.abs(shown["density"] - latent_density(codes)) <= slack["density"]).all()
     assert shown["explained_variance"] == pytest.approx(
         sae.score(activations), rel=1e-6, abs=slack["explained_variance"]

@@ -43,7 +43,7 @@ def reference_diagnostics(sae, X, chunk_rows):
         "cosine_similarity": np.mean((X * X_hat).sum(1) / (norms * hat_norms)),
         "l2_ratio": np.mean(hat_norms / norms),
         "relative_reconstruction_bias": (hat_norms**2).sum() / (X * X_hat).sum(),
-        "dead_fraction": np.mean(density == 0),
+        "silent_fraction": np.mean(density == 0),
         "dense_fraction": np.mean(density > 0.1),
         "decoder_max_cosine_mean": gram.max(axis=1).mean(),
         "decoder_max_cosine_max": gram.max(),
@@ -62,9 +62,9 @@ def test_streamed_diagnostics_equal_a_float64_reference(fitted_and_X, tmp_path):
     for name, expected in reference.items():
         np.testing.assert_allclose(streamed[name], expected, rtol=1e-6, atol=1e-9, err_msg=name)
     assert streamed["n_tokens"] == 3000
-    assert streamed["dead_latents"] == round(reference["dead_fraction"] * 48)
+    assert streamed["silent_latents"] == round(reference["silent_fraction"] * 48)
     counts, edges = streamed["density_histogram"]
-    assert counts.sum() == 48 - streamed["dead_latents"]
+    assert counts.sum() == 48 - streamed["silent_latents"]
     assert edges[0] == pytest.approx(np.log10(1 / 3000)) and edges[-1] == 0.0
 
 

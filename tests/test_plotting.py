@@ -53,13 +53,13 @@ def test_plot_training_curves_needs_a_fitted_sae(close_figures):
         plot_training_curves(SparseAutoencoder())
 
 
-def test_plot_density_histogram_counts_alive_latents_and_names_dead(tmp_path, close_figures):
+def test_plot_density_histogram_counts_alive_latents_and_names_silent(tmp_path, close_figures):
     density = np.array([0.0, 0.0, 1e-3, 1e-2, 1e-2, 0.5])
     path = tmp_path / "density.png"
     ax = plot_density_histogram(density, path=path)
     heights = [patch.get_height() for patch in ax.patches]
     assert sum(heights) == 4  # the 4 alive latents, in log10 bins
-    assert ax.get_title() == "2 of 6 latents dead (33.3%)"
+    assert ax.get_title() == "2 of 6 latents silent (33.3%)"
     assert ax.get_xlabel() == "log10 firing density"
     lows = [patch.get_x() for patch in ax.patches]
     assert min(lows) == pytest.approx(-3) and max(lows) < np.log10(0.5)
@@ -73,7 +73,7 @@ def test_plot_density_histogram_accepts_codes(sparse, close_figures):
     codes[:1, 1] = 2.0
     ax = plot_density_histogram(sp.csr_matrix(codes) if sparse else codes)
     assert sum(patch.get_height() for patch in ax.patches) == 2
-    assert ax.get_title().startswith("3 of 5 latents dead")
+    assert ax.get_title().startswith("3 of 5 latents silent")
 
 
 def test_plot_density_histogram_all_dead_draws_no_bar(close_figures):
