@@ -191,7 +191,7 @@ def _measure(sae, algorithm, data, chunk_rows, sample_rows=False):
     n_rows = data.n_rows
     wanted = np.unique(np.linspace(0, n_rows - 1, min(n_rows, _CALIBRATION_ROWS)).astype(int))
     sample, nonzero, cosine_sum, start = [], 0, 0.0, 0
-    accumulator = ExplainedVarianceAccumulator(shift=sae.b_dec_)
+    accumulator = ExplainedVarianceAccumulator()
     for x_HD in data.blocks(chunk_rows, torch.device("cpu")):
         block = x_HD.numpy()
         codes_HF = sae.transform(block)

@@ -207,17 +207,11 @@ class ExplainedVarianceAccumulator:
     around its own mean and merged exactly (Chan, Golub and LeVeque 1979), so offset
     inputs lose no precision and constant columns have a variance of exactly zero:
     ``sum(x**2) - n * mean**2`` left float64 rounding there, and a score of -6e15 for an
-    imperfect reconstruction of constant rows.
-
-    Parameters
-    ----------
-    shift : array-like of shape (n_features,), default=None
-        Ignored: the sums no longer need the inputs shifted near their mean. Accepted
-        so that existing calls keep working.
+    imperfect reconstruction of constant rows. (Until then it took a ``shift``, the
+    decoder bias, subtracted to limit that cancellation; the merge needs none.)
     """
 
-    def __init__(self, shift=None):
-        self.shift = shift
+    def __init__(self):
         self.n_rows = 0
         self.mean_D = None
         self.squared_deviations_D = None

@@ -33,7 +33,7 @@ class DiagnosticsAccumulator:
         check_is_fitted(sae)
         self.sae = sae
         self.n_rows = 0
-        self.explained = ExplainedVarianceAccumulator(sae.b_dec_)
+        self.explained = ExplainedVarianceAccumulator()
         self.fires_F = np.zeros(sae.components_.shape[0], np.int64)
         self.cosine_sum = 0.0
         self.norm_ratio_sum = 0.0
