@@ -24,6 +24,9 @@ from .cache import StoredRows, check_complete, iter_chunks
 # Bytes of one chunk read from disk.
 CHUNK_BYTES = 64 * 2**20
 
+# Bytes of float32 rows hashed as one piece by the data fingerprint.
+FINGERPRINT_BYTES = 16 * 2**20
+
 
 def validated_data(estimator, X, *, reset, device):
     """Check ``X`` for ``estimator`` and wrap it for training or inference.
@@ -98,8 +101,10 @@ class InMemoryData:
 
     @functools.cached_property
     def fingerprint(self):
-        """Shape and a hash of sampled rows: what a checkpoint must have been trained on."""
-        return _fingerprint(self.n_rows, self.X_ND.shape[1], lambda rows: self.X_ND[rows].cpu())
+        """Shape and a hash of all rows: what a checkpoint must have been trained on."""
+        return _fingerprint(
+            self.n_rows, self.X_ND.shape[1], lambda start, stop: self.X_ND[start:stop].cpu()
+        )
 
     def blocks(self, block_rows, device):
         """The rows in order, in blocks of ``block_rows``."""
@@ -177,10 +182,8 @@ class StreamedData:
 
     @functools.cached_property
     def fingerprint(self):
-        """Shape and a hash of sampled rows: what a checkpoint must have been trained on."""
-        return _fingerprint(
-            self.n_rows, self.n_features, lambda rows: torch.from_numpy(np.asarray(self.X[rows]))
-        )
+        """Shape and a hash of all rows: what a checkpoint must have been trained on."""
+        return _fingerprint(self.n_rows, self.n_features, lambda start, stop: self.X[start:stop])
 
     def _read_block(self, block):
         """Chunk number ``block``, read and validated (in the read-ahead thread)."""
@@ -213,13 +216,32 @@ def _read_ahead(read, keys):
 
 
 def _fingerprint(n_rows, n_features, read_rows):
-    """``n_rows``, ``n_features`` and the SHA-256 of up to 256 evenly spaced rows (float32)."""
-    rows = np.unique(np.linspace(0, n_rows - 1, min(n_rows, 256)).astype(np.int64))
-    sample = read_rows(rows).to(torch.float32).contiguous().numpy()
+    """``n_rows``, ``n_features`` and a SHA-256 of every row (as float32).
+
+    ``read_rows(start, stop)`` gives rows ``start:stop`` (an array or a CPU tensor). The
+    rows are hashed in pieces of `FINGERPRINT_BYTES`, on up to 8 threads (hashlib
+    releases the GIL), and the pieces' digests are hashed in order: a value changed in
+    any row changes the fingerprint. It is computed once per training call that has a
+    ``checkpoint_path``, before the first step. Measured on a shared 2-core CPU (under
+    load): 6.2 s per million rows of 768 features (0.5 GB/s; more free cores, more
+    threads), where one training pass over them takes 1,730 s on that CPU (6,144
+    latents, k=32, batch 4,096): 0.4%. A GPU trains such a pass in seconds, so there
+    the hash can cost about as much as one pass, once per call (not measured).
+    """
+    piece_rows = max(1, FINGERPRINT_BYTES // (4 * n_features))
+
+    def digest(start):
+        stop = min(start + piece_rows, n_rows)
+        piece = np.ascontiguousarray(read_rows(start, stop), dtype=np.float32)
+        return hashlib.sha256(piece).digest()
+
+    threads = max(1, min(8, torch.get_num_threads()))
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="skSAE-fingerprint") as pool:
+        digests = b"".join(pool.map(digest, range(0, n_rows, piece_rows)))
     return {
         "n_rows": int(n_rows),
         "n_features": int(n_features),
-        "rows_sha256": hashlib.sha256(sample.tobytes()).hexdigest(),
+        "rows_sha256": hashlib.sha256(digests).hexdigest(),
     }
 
 

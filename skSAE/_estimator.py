@@ -39,7 +39,9 @@ from ._array_metrics import ExplainedVarianceAccumulator
 from ._checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointMismatchError,
+    CheckpointWriteError,
     check_fingerprint,
+    checkpoint_lock,
     fingerprint_params,
     from_plain,
     read_checkpoint,
@@ -153,6 +155,24 @@ class TrainingDivergedError(ValueError):
 
 class TrainingInterruptedWarning(UserWarning):
     """Training was interrupted (`KeyboardInterrupt`); the weights trained so far are kept."""
+
+
+def _holding_checkpoint_lock(train):
+    """`_train`, holding the lock of ``checkpoint_path`` when it is set (`checkpoint_lock`).
+
+    The process that writes the file holds it (rank 0 of a data-parallel fit, whose
+    other ranks only read the file), so a second run on the path is refused before it
+    trains or writes.
+    """
+
+    def locked(sae, *args, **kwargs):
+        parallel = data_parallel() if sae.checkpoint_path is not None else None
+        if sae.checkpoint_path is None or (parallel is not None and parallel.rank != 0):
+            return train(sae, *args, **kwargs)
+        with checkpoint_lock(sae.checkpoint_path):
+            return train(sae, *args, **kwargs)
+
+    return locked
 
 
 class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -315,8 +335,14 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         and calibration, dead-latent counters, random states, position in the pass),
         written atomically every `checkpoint_every` steps. Running the same `fit` again
         after a crash (or a Ctrl-C) continues from it, and ends with the model an
-        uninterrupted run makes; a checkpoint of other data or other parameters is
-        refused. `fit` removes the file when it completes. A loop of `partial_fit`
+        uninterrupted run makes; a checkpoint of other data (every row is hashed) or
+        other parameters is refused, and so is a file damaged after it was written (it
+        carries the SHA-256 of its content). One process at a time trains with a path
+        (a lock file beside it, held during each `fit` or `partial_fit` call); a second
+        is refused with `CheckpointInUseError`. When a checkpoint cannot be written (a
+        full disk), training stops with `CheckpointWriteError` (an `OSError`): the
+        previous checkpoint is whole, and the estimator keeps the model trained so far.
+        `fit` removes the file when it completes. A loop of `partial_fit`
         calls shares one file: rerun on a new estimator with the same blocks in the
         same order, the calls the file holds return at once (each block checked
         against the one it recorded), the call it stopped in continues where it
@@ -889,6 +915,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             self._compiled_loss = compiled
         return compiled[1]
 
+    @_holding_checkpoint_lock
     def _train(self, data, n_epochs, device, whole_fit=False, in_progress=None):
         """Train for ``n_epochs`` passes over ``data``: `_minibatch_step` per batch, with
         a `_check` every `_CHECK_EVERY` steps and at the end of each pass.
@@ -910,6 +937,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             checkpoints = _Checkpoints(self, run, data, n_epochs, start, in_progress)
         resume = None if checkpoints is None else checkpoints.restore()
         completed = True
+        write_error = None
         progress = tqdm(
             total=run.total_steps,
             initial=self.n_steps_ - run.steps_before,
@@ -958,13 +986,30 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                 raise
             self._keep_interrupted(run)
             completed = False  # its checkpoint stays, to continue from
+        except CheckpointWriteError as error:
+            # A full disk: stop, and keep the steps trained so far (the write comes
+            # right after a progress check, so the run's state is whole).
+            write_error = error
+            completed = False
         finally:
             progress.close()
             if hasattr(self.logger, "close"):
                 self.logger.close()
         self._finish(run)
         if checkpoints is not None and completed:
-            checkpoints.completed()
+            try:
+                checkpoints.completed()
+            except CheckpointWriteError as error:
+                write_error = error
+        if write_error is not None:
+            # As after a Ctrl-C: this call trained, so a partial_fit replay has ended.
+            self.__dict__.pop("_checkpoint_replay", None)
+            raise CheckpointWriteError(
+                f"{write_error} The estimator keeps the model trained so far "
+                f"({self.n_steps_} steps): save it elsewhere with skSAE.io.save.",
+                errno=write_error.errno,
+                kept_weights=True,
+            ) from write_error.__cause__
         return completed
 
     def _start_run(self, data, n_epochs, device, whole_fit):
@@ -1327,7 +1372,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         try:
             yield
         except BaseException as error:
-            if isinstance(error, TrainingDivergedError) and error.kept_weights:
+            if isinstance(error, (TrainingDivergedError, CheckpointWriteError)) and (
+                error.kept_weights
+            ):
                 raise
             self.__dict__.clear()
             self.__dict__.update(saved)

@@ -1,17 +1,26 @@
 """Resumable training: `fit` with ``checkpoint_path`` survives a SIGKILL, bit for bit."""
 
+import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 
 import numpy as np
 import pytest
 
+import skSAE._checkpoint
 from skSAE import SparseAutoencoder
-from skSAE._checkpoint import CheckpointMismatchError
+from skSAE._checkpoint import (
+    CheckpointCorruptError,
+    CheckpointInUseError,
+    CheckpointMismatchError,
+    CheckpointWriteError,
+)
 
 CONFIGS = {
     "topk": {"architecture": "topk", "k": 4},
@@ -112,7 +121,7 @@ def test_unreadable_checkpoint_gets_a_clear_error(tmp_path):
 
 CHILD = textwrap.dedent(
     """
-    import os, signal, sys, warnings
+    import os, signal, sys, time, warnings
     import numpy as np
     from skSAE import SparseAutoencoder
     import skSAE._checkpoint as checkpoint
@@ -137,6 +146,13 @@ CHILD = textwrap.dedent(
             with open(source, "r+b") as file:
                 file.truncate(os.path.getsize(source) // 2)
             os.kill(os.getpid(), signal.SIGKILL)
+        # Paused in the middle of its first write, until the test says go.
+        if mode == "pause" and not os.path.exists(path + ".ready"):
+            open(path + ".ready", "w").close()
+            for _ in range(1200):
+                if os.path.exists(path + ".go"):
+                    break
+                time.sleep(0.05)
         return original_replace(source, target)
 
     SparseAutoencoder._minibatch_step = step
@@ -156,12 +172,16 @@ CHILD = textwrap.dedent(
 )
 
 
-def run_child(tmp_path, kill_at, mode, architecture, call="fit"):
+def child_command(tmp_path, kill_at, mode, architecture, call="fit"):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     path = str(tmp_path / "run.ckpt")
+    return [sys.executable, str(script), str(kill_at), mode, path, architecture, call]
+
+
+def run_child(tmp_path, kill_at, mode, architecture, call="fit"):
     return subprocess.run(
-        [sys.executable, str(script), str(kill_at), mode, path, architecture, call],
+        child_command(tmp_path, kill_at, mode, architecture, call),
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
@@ -414,3 +434,172 @@ def test_sigkill_inside_a_partial_fit_loop_then_rerun_equals_an_uninterrupted_lo
     assert int(result["steps"]) == reference.n_steps_ == 48
     # Checkpoints at the ends of the calls (steps 16 and 32): the rerun starts there.
     assert int(result["first_step"]) == (16 if kill_at < 32 else 32)
+
+
+# ------------------------------------------------------------- faults and races
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``mount(kib)``: a folder on a tmpfs of that size (root only), unmounted at the end."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mounted = []
+
+    def mount(kib, remount=False):
+        if os.name != "posix" or os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("filling a disk needs a tmpfs of its own: mounting one needs root")
+        options = f"remount,size={kib}k" if remount else f"size={kib}k"
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_full_disk_stops_with_a_clear_error_keeping_the_model_and_the_checkpoint(
+    tmp_path, small_disk, monkeypatch
+):
+    X = data()
+    params = {**COMMON, "k": 4}
+    reference = SparseAutoencoder(**params).fit(X)
+    # The size of one checkpoint, written at step 32 on an ordinary disk.
+    sized = tmp_path / "sized.ckpt"
+    crash_at(monkeypatch, 33)
+    with pytest.raises(SimulatedCrashError):
+        SparseAutoencoder(**params, checkpoint_path=sized, checkpoint_every=32).fit(X)
+    monkeypatch.undo()
+    size = sized.stat().st_size
+    # Room for one checkpoint, not for the next one beside it (written at step 64).
+    disk = small_disk(size * 3 // 2 // 1024)
+    path = disk / "run.ckpt"
+    sae = SparseAutoencoder(**params, checkpoint_path=path, checkpoint_every=32)
+    with pytest.raises(CheckpointWriteError) as raised:
+        sae.fit(X)
+    error = raised.value
+    assert isinstance(error, OSError) and error.errno == errno.ENOSPC
+    message = str(error)
+    assert f"could not write the checkpoint to checkpoint_path={str(path)!r}" in message
+    assert "the disk is full" in message and "previous checkpoint there is whole" in message
+    assert "keeps the model trained so far (64 steps)" in message
+    assert sorted(os.listdir(disk)) == ["run.ckpt"]  # no partial file, no lock left
+    # The model of step 64 is kept, usable, and can be saved elsewhere.
+    assert sae.n_steps_ == 64 and np.isfinite(sae.components_).all()
+    assert sae.transform(X[:5]).shape == (5, 64)
+    # Free space and run again: it continues from the checkpoint of step 32.
+    small_disk(size * 4 // 1024, remount=True)
+    steps = count_steps(monkeypatch)
+    resumed = SparseAutoencoder(**params, checkpoint_path=path, checkpoint_every=32).fit(X)
+    assert steps[0] == 32
+    assert_same_model(resumed, reference)
+
+
+def test_a_second_fit_on_a_checkpoint_path_in_use_is_refused_and_the_first_goes_on(tmp_path):
+    path = tmp_path / "run.ckpt"
+    # A fit in another process, paused inside its first checkpoint write.
+    child = subprocess.Popen(
+        child_command(tmp_path, -1, "pause", "topk"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run.ckpt.ready").exists():
+            assert child.poll() is None, child.communicate()[1]
+            assert time.monotonic() < deadline, "the child never reached its first checkpoint"
+            time.sleep(0.05)
+        in_flight = [p for p in tmp_path.iterdir() if p.name.startswith(".run.ckpt.partial-")]
+        assert len(in_flight) == 1
+        second = SparseAutoencoder(**COMMON, k=4, target_l0=4, checkpoint_path=path)
+        with pytest.raises(
+            CheckpointInUseError,
+            match=rf"checkpoint_path={str(path)!r} is in use: process {child.pid} trains",
+        ):
+            second.fit(data())
+        assert not hasattr(second, "components_")  # refused before any step
+        assert in_flight[0].exists()  # the first run's write is untouched
+    finally:
+        (tmp_path / "run.ckpt.go").touch()
+        _, stderr = child.communicate(timeout=300)
+    assert child.returncode == 0, stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = SparseAutoencoder(**COMMON, k=4, target_l0=4).fit(data())
+    result = np.load(tmp_path / "run.ckpt.result.npz")
+    np.testing.assert_array_equal(result["components"], reference.components_)
+    assert not any(p.name.startswith(".run.ckpt") for p in tmp_path.iterdir())  # nor a lock
+
+
+def test_a_file_system_without_locks_trains_with_a_warning(tmp_path, monkeypatch):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(skSAE._checkpoint.fcntl, "flock", no_locks)
+    path = tmp_path / "run.ckpt"
+    with pytest.warns(RuntimeWarning, match="does not support locks"):
+        SparseAutoencoder(**PARTIAL, k=4, max_iter=1, checkpoint_path=path).fit(BLOCKS[0])
+
+
+def crashed_fit_checkpoint(path, X, monkeypatch):
+    """The bytes of the checkpoint (of step 32) a fit on ``X`` left when it crashed."""
+    crash_at(monkeypatch, 40)
+    with pytest.raises(SimulatedCrashError):
+        SparseAutoencoder(**COMMON, k=4, checkpoint_path=path, checkpoint_every=32).fit(X)
+    monkeypatch.undo()
+    return path.read_bytes()
+
+
+def test_a_damaged_checkpoint_is_refused_as_corrupt(tmp_path, monkeypatch):
+    path = tmp_path / "run.ckpt"
+    written = crashed_fit_checkpoint(path, data(), monkeypatch)
+    rng = np.random.default_rng(0)
+    damaged = bytearray(written)
+    # 64 low bits flipped in the middle half, where the tensors' bytes lie: without a
+    # checksum, such a file resumed silently into other weights.
+    middle = np.arange(len(written) // 4, len(written) * 3 // 4, 4)
+    for position in rng.choice(middle, 64, replace=False):
+        damaged[position] ^= 0x01
+    for content in (bytes(damaged), written[: len(written) - 100]):  # damaged, cut short
+        path.write_bytes(content)
+        with pytest.raises(CheckpointCorruptError, match=rf"{str(path)!r} is corrupt"):
+            SparseAutoencoder(**COMMON, k=4, checkpoint_path=path).fit(data())
+        assert path.read_bytes() == content  # refused, never overwritten or deleted
+
+
+# None of these rows is among 256 evenly spaced ones (the sample hashed before).
+@pytest.mark.parametrize("container, row", [("array", 1), ("array", 700), ("memmap", 1497)])
+def test_a_checkpoint_of_data_with_one_other_row_is_refused(container, row, tmp_path, monkeypatch):
+    X = data()
+    if container == "memmap":
+        memmap = np.lib.format.open_memmap(
+            tmp_path / "X.npy", mode="w+", dtype=np.float32, shape=X.shape
+        )
+        memmap[:] = X
+        X = memmap
+    path = tmp_path / "run.ckpt"
+    crashed_fit_checkpoint(path, X, monkeypatch)
+    X[row, 3] = np.nextafter(X[row, 3], np.float32(np.inf))  # one value, one ulp
+    with pytest.raises(CheckpointMismatchError, match="rows_sha256 differ"):
+        SparseAutoencoder(**COMMON, k=4, checkpoint_path=path).fit(X)
+
+
+def test_a_partial_fit_block_with_one_other_row_is_refused(tmp_path, monkeypatch):
+    params = {**PARTIAL, "k": 4}
+    path = tmp_path / "run.ckpt"
+    crashed_partial_fits(params, path, monkeypatch, 47)  # holds calls 1 and 2
+    sae = SparseAutoencoder(**params, checkpoint_path=path)
+    sae.partial_fit(BLOCKS[0])
+    block = BLOCKS[1].copy()
+    block[5, 0] = np.nextafter(block[5, 0], np.float32(np.inf))
+    with pytest.raises(CheckpointMismatchError, match="partial_fit call 2 had other data"):
+        sae.partial_fit(block)
