@@ -157,24 +157,6 @@ class TrainingInterruptedWarning(UserWarning):
     """Training was interrupted (`KeyboardInterrupt`); the weights trained so far are kept."""
 
 
-def _holding_checkpoint_lock(train):
-    """`_train`, holding the lock of ``checkpoint_path`` when it is set (`checkpoint_lock`).
-
-    The process that writes the file holds it (rank 0 of a data-parallel fit, whose
-    other ranks only read the file), so a second run on the path is refused before it
-    trains or writes.
-    """
-
-    def locked(sae, *args, **kwargs):
-        parallel = data_parallel() if sae.checkpoint_path is not None else None
-        if sae.checkpoint_path is None or (parallel is not None and parallel.rank != 0):
-            return train(sae, *args, **kwargs)
-        with checkpoint_lock(sae.checkpoint_path):
-            return train(sae, *args, **kwargs)
-
-    return locked
-
-
 class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Sparse autoencoder: an overcomplete, sparse dictionary of activation vectors.
 
@@ -639,7 +621,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             data = validated_data(self, X, reset=not continuing, device=device)
             if not continuing or self._fit_architecture != self.architecture:
                 self._initialize(data, device)
-            self._train(data, n_epochs=self.max_iter, device=device, whole_fit=True)
+            with self._checkpoint_lock():
+                self._train(data, n_epochs=self.max_iter, device=device, whole_fit=True)
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -695,7 +678,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                 return self  # this call's steps are in the checkpoint already
             if not self._is_fitted():
                 self._initialize(data, device)
-            completed = self._train(data, n_epochs=1, device=device, in_progress=in_progress)
+            with self._checkpoint_lock():
+                completed = self._train(data, n_epochs=1, device=device, in_progress=in_progress)
             self.__dict__.pop("_checkpoint_replay", None)  # the call it stopped in is done
         if not completed and self.checkpoint_path is not None:
             # A checkpointed loop must not go on to the next block: the file would then
@@ -751,6 +735,22 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                 del self._checkpoint_replay
             return True, None
         return False, replay.in_progress  # the replay ends when this call completes
+
+    @contextmanager
+    def _checkpoint_lock(self):
+        """Hold the lock of ``checkpoint_path`` when it is set (`checkpoint_lock`).
+
+        The process that writes the file holds it (rank 0 of a data-parallel fit, whose
+        other ranks only read the file), so a second run on the path is refused before
+        it trains or writes. A ``with`` block, not a wrapper of `_train`: the warnings'
+        stack levels count the frames up to the user's call.
+        """
+        parallel = data_parallel() if self.checkpoint_path is not None else None
+        if self.checkpoint_path is None or (parallel is not None and parallel.rank != 0):
+            yield
+            return
+        with checkpoint_lock(self.checkpoint_path):
+            yield
 
     def _checkpointed_state(self):
         """The estimator's own state between calls (not the torch objects), to save.
@@ -915,7 +915,6 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             self._compiled_loss = compiled
         return compiled[1]
 
-    @_holding_checkpoint_lock
     def _train(self, data, n_epochs, device, whole_fit=False, in_progress=None):
         """Train for ``n_epochs`` passes over ``data``: `_minibatch_step` per batch, with
         a `_check` every `_CHECK_EVERY` steps and at the end of each pass.
