@@ -466,7 +466,7 @@ def _train(args):
         n_rows = cache.n_rows
         _say(args, f"training on {n_rows} rows of {cache.path}")
         with cache.open() as file:
-            _fit_stopping_on_interrupt(sae, file["activations"])
+            checkpoint_error = _fit_keeping_the_model(sae, file["activations"])
     else:
         texts = _texts(args)
         extractor = _extractor(args, params.get("device", "auto"))
@@ -474,7 +474,7 @@ def _train(args):
         metadata = extractor.hook_metadata()
         n_rows = X.shape[0]
         _say(args, f"extracted {n_rows} rows; training")
-        _fit_stopping_on_interrupt(sae, X)
+        checkpoint_error = _fit_keeping_the_model(sae, X)
     seconds = time.perf_counter() - started
     interrupted = any(
         issubclass(caught.category, TrainingInterruptedWarning) for caught in args.caught_warnings
@@ -491,6 +491,11 @@ def _train(args):
             _INTERRUPTED_KEY: {"checkpoint_path": _absolute(sae.checkpoint_path)},
         }
     _save_keeping_the_model(sae, output, overwrite, metadata)
+    if checkpoint_error is not None:
+        raise RuntimeError(
+            f"{_one_line(checkpoint_error)} The model trained so far ({sae.n_steps_} steps) "
+            f"is saved to {output}."
+        ) from checkpoint_error
     if interrupted:
         again = ""
         if sae.checkpoint_path is not None and Path(sae.checkpoint_path).exists():
@@ -851,6 +856,19 @@ def _saved_by_interrupted_run(output, checkpoint_path):
         return marker["checkpoint_path"] == _absolute(checkpoint_path)
     except (OSError, ValueError, KeyError, TypeError):
         return False  # no skSAE folder, or not marked: --overwrite decides
+
+
+def _fit_keeping_the_model(sae, X):
+    """Fit, stopping on Ctrl-C; returns the error of a checkpoint that could not be written
+    (a full disk) when the estimator kept the model trained so far, for `_train` to save
+    it before it reports the error (None otherwise)."""
+    try:
+        _fit_stopping_on_interrupt(sae, X)
+    except OSError as exc:
+        if not getattr(exc, "kept_weights", False):
+            raise
+        return exc
+    return None
 
 
 def _save_keeping_the_model(sae, output, overwrite, metadata):

@@ -463,6 +463,29 @@ def test_train_keeps_the_model_when_the_disk_fills(
     assert sorted(path.name for path in full_disk.iterdir()) == ["filler"]
 
 
+def test_train_keeps_the_model_when_a_checkpoint_cannot_be_written(
+    workdir, tmp_path, full_disk, capsys
+):
+    # Room for the lock file beside the checkpoint, not for a checkpoint.
+    filler = full_disk / "filler"
+    os.truncate(filler, filler.stat().st_size - 16384)
+    output = tmp_path / "sae"
+    args = train_args(
+        workdir[0], output, "--max-iter=2", "--batch-size=512",
+        "--checkpoint-path", full_disk / "run.ckpt", "--checkpoint-every=16",
+    )  # fmt: skip
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "could not write the checkpoint" in err and "the disk is full" in err
+    steps = int(
+        re.search(
+            rf"The model trained so far \((\d+) steps\) is saved to {re.escape(str(output))}\.", err
+        )[1]
+    )
+    assert steps >= 16 and io.load(output).n_steps_ == steps  # trained before the write, kept
+    assert sorted(path.name for path in full_disk.iterdir()) == ["filler"]
+
+
 def test_an_interrupted_train_resumes_with_the_same_command(workdir, tmp_path, monkeypatch, capsys):
     root = workdir[0]
     # 30 steps a pass; progress checks (where Ctrl-C stops) at steps 30, 32 and 60.
