@@ -190,7 +190,9 @@ def run_child(tmp_path, kill_at, mode, architecture, call="fit"):
 
 @pytest.mark.parametrize("architecture", ["topk", "relu"])
 def test_sigkill_at_a_random_step_then_rerun_equals_an_uninterrupted_fit(architecture, tmp_path):
-    kill_at = int(np.random.default_rng().integers(45, 140))  # 47 steps a pass, 141 in all
+    # 47 steps a pass, 141 in all; the first checkpoint is written at the check that ends
+    # pass 1 (step 47, the first check at or past checkpoint_every=40): kill after it.
+    kill_at = int(np.random.default_rng().integers(48, 140))
     killed = run_child(tmp_path, kill_at, "step", architecture)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert (tmp_path / "run.ckpt").exists()
