@@ -1,6 +1,8 @@
 """Shared fixtures and test configuration."""
 
 import os
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -369,3 +371,19 @@ TEXTS = [
     "a",
     "sparse autoencoders find directions in activation space, one latent at a time.",
 ]
+
+
+def mount_tmpfs(folder, options):
+    """Mount a tmpfs on ``folder`` with ``options`` (root with mount), else skip the test.
+
+    The disk-full tests fill a small tmpfs of their own; the caller unmounts it.
+    """
+    if os.name != "posix" or os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("filling a disk needs a tmpfs of its own: mounting one needs root")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")

@@ -2,7 +2,6 @@
 
 import errno
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import mount_tmpfs
 
 import skSAE._checkpoint
 from skSAE import SparseAutoencoder
@@ -449,16 +449,8 @@ def small_disk(tmp_path):
     mounted = []
 
     def mount(kib, remount=False):
-        if os.name != "posix" or os.geteuid() != 0 or shutil.which("mount") is None:
-            pytest.skip("filling a disk needs a tmpfs of its own: mounting one needs root")
         options = f"remount,size={kib}k" if remount else f"size={kib}k"
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mount_tmpfs(folder, options)
         mounted.append(folder)
         return folder
 

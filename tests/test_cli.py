@@ -11,7 +11,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import make_char_tokenizer, make_tiny_model
+from conftest import make_char_tokenizer, make_tiny_model, mount_tmpfs
 
 from skSAE import ActivationExtractor, SparseAutoencoder, cli, corpora, io
 from skSAE.evaluation import evaluate
@@ -327,19 +326,6 @@ def no_work(monkeypatch):
     monkeypatch.setattr(SparseAutoencoder, "fit", recorder("training"))
     monkeypatch.setattr(ActivationExtractor, "transform", recorder("extraction"))
     return started
-
-
-def mount_tmpfs(folder, options):
-    """Mount a tmpfs on ``folder`` (root with mount), else skip the test."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and the mount command")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
 
 
 @pytest.fixture
